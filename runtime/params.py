@@ -95,6 +95,9 @@ class ModelParams:
         _require(self.rotary_dim <= self.head_dim,
                  f"{path}.rotary_dim={self.rotary_dim} exceeds head_dim={self.head_dim} "
                  f"(hidden_size/num_heads); use at most {self.head_dim}")
+        _require(self.use_parallel_residual or self.use_untied_layer_norm,
+                 f"{path}.use_parallel_residual=false needs {path}.use_untied_layer_norm=true "
+                 "(the sequential block normalises attention and MLP inputs separately)")
         for name in ("embedding_dropout_rate", "attention_dropout_rate", "residual_dropout_rate"):
             rate = getattr(self, name)
             _require(0.0 <= rate < 1.0, f"{path}.{name}={rate} must be in [0, 1)")

@@ -1,0 +1,154 @@
+"""Convert a Hugging Face GPT-J / GPT-NeoX checkpoint to a TF checkpoint plus params.yaml.
+
+    python -m checkpoint_utils.convert_hf --source EleutherAI/gpt-j-6b --output-dir converted/gptj6b
+    python -m checkpoint_utils.convert_hf --source /path/to/hf_dir --output-dir converted/mine
+
+Tensors are read, transformed and written one group at a time (see checkpoint_utils.tf_checkpoint),
+so peak memory stays near the largest tensor, not the model. The output directory gets
+`ckpt-0.*` + `checkpoint` (for --checkpoint_path), `params.yaml` (the `model:` section derived
+from config.json) and `conversion.json` (where it came from).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import yaml
+from tqdm import tqdm
+
+from checkpoint_utils.hf_config import params_from_hf_config
+from checkpoint_utils.hf_mapping import IGNORED_HF_TENSORS, tensor_groups
+from checkpoint_utils.hf_source import HFWeights, read_config, resolve_source
+from checkpoint_utils.output_dir import atomic_directory
+from checkpoint_utils.tf_checkpoint import write_checkpoint, write_checkpoint_state
+from model import weight_shapes
+from runtime.params import ModelParams
+from runtime.schema import from_dict, to_dict
+
+CHECKPOINT_NAME = "ckpt-0"
+
+
+class ConversionError(ValueError):
+    """The source checkpoint does not match what its config.json describes."""
+
+
+def _describe_names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_tensors(weights: HFWeights, groups, model: ModelParams) -> None:
+    """Every tensor the config implies is present with its shape, and nothing else is there."""
+    expected = {name: shape for g in groups for name, shape in zip(g.hf_names, g.hf_shapes)}
+    present = {n for n in weights.names() if not IGNORED_HF_TENSORS.match(n)}
+    if model.share_embedding_weights:  # tied checkpoints may still store the head's copy
+        present -= {"lm_head.weight", "embed_out.weight"}
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise ConversionError(f"{weights.directory}: tensors that config.json implies are missing: "
+                              f"{_describe_names(missing)}; the checkpoint is incomplete or its "
+                              "config.json describes another model")
+    extra = sorted(present - set(expected))
+    if extra:
+        raise ConversionError(f"{weights.directory}: unexpected tensors not used by a {model.rotary_style} "
+                              f"model with this config: {_describe_names(extra)}; check that "
+                              "config.json belongs to these weights")
+    for name, shape in expected.items():
+        actual = weights.shape(name)
+        if tuple(actual) != tuple(shape):
+            raise ConversionError(f"{weights.directory}: tensor {name} has shape {list(actual)} but "
+                                  f"config.json implies {list(shape)}")
+
+
+def _converted_tensors(weights: HFWeights, groups, shapes: dict, progress: bool):
+    total = sum(4 * int(math.prod(shapes[p])) for g in groups for p in g.paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress,
+              file=sys.stderr) as bar:
+        for group in groups:
+            arrays = group.to_ours([weights.read(name) for name in group.hf_names])
+            for path, array in zip(group.paths, arrays):
+                if tuple(array.shape) != shapes[path]:  # a bug in the mapping, not in the input
+                    raise AssertionError(f"{path}: converted shape {array.shape} != {shapes[path]}")
+                bar.update(array.nbytes)
+                yield path, array
+
+
+def _existing_model(directory: str, model: ModelParams) -> str | None:
+    params_file = os.path.join(directory, "params.yaml")
+    if not os.path.isfile(params_file):
+        return "files that are not a converted model (no params.yaml)"
+    with open(params_file, encoding="utf-8") as f:
+        existing = (yaml.safe_load(f) or {}).get("model")
+    if existing != to_dict(model):
+        return "a different converted model (its params.yaml model section differs)"
+    return None
+
+
+def convert(source: str, output_dir: str, revision: str | None = None, vocab_size: int | None = None,
+            fused_qkv: bool = False, progress: bool = True) -> ModelParams:
+    """Convert `source` (hub id or directory) into `output_dir`; returns the model params."""
+    local = resolve_source(source, revision)
+    hf_config = read_config(local)
+    model = params_from_hf_config(hf_config, vocab_size)
+    if fused_qkv:
+        model = dataclasses.replace(model, fused_qkv=True)
+    weights = HFWeights(local)
+    groups = tensor_groups(model, hf_vocab_size=hf_config["vocab_size"])
+    check_tensors(weights, groups, model)
+    shapes = weight_shapes(model)
+    with atomic_directory(output_dir, lambda d: _existing_model(d, model)) as work:
+        keys = write_checkpoint(os.path.join(work, CHECKPOINT_NAME),
+                                _converted_tensors(weights, groups, shapes, progress))
+        if len(keys) != len(shapes):
+            raise AssertionError(f"wrote {len(keys)} variables, the model has {len(shapes)}")
+        write_checkpoint_state(work, CHECKPOINT_NAME)
+        with open(os.path.join(work, "params.yaml"), "w", encoding="utf-8") as f:
+            f.write(f"# model: section converted from {source} ({hf_config['model_type']}).\n"
+                    "# Merge it into a training params file, and pass this directory as "
+                    "--checkpoint_path to warm start.\n")
+            yaml.safe_dump({"model": to_dict(model)}, f, sort_keys=False)
+        with open(os.path.join(work, "conversion.json"), "w", encoding="utf-8") as f:
+            json.dump({"source": source, "revision": revision, "resolved_path": os.path.abspath(local),
+                       "model_type": hf_config["model_type"], "hf_tensors": len(weights.names()),
+                       "variables": len(keys), "hf_config": hf_config}, f, indent=2)
+    return model
+
+
+def load_converted_params(directory: str) -> ModelParams:
+    with open(os.path.join(directory, "params.yaml"), encoding="utf-8") as f:
+        return from_dict(ModelParams, yaml.safe_load(f)["model"], "model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True,
+                        help="hub id (e.g. EleutherAI/gpt-j-6b) or a local HF checkpoint directory")
+    parser.add_argument("--output-dir", required=True, help="directory to write the TF checkpoint to")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="pad the vocabulary to this size (e.g. a multiple of 64); default: as in config.json")
+    parser.add_argument("--fused-qkv", action="store_true",
+                        help="store attention q/k/v as one fused kernel (model.fused_qkv)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        model = convert(args.source, args.output_dir, args.revision, args.vocab_size, args.fused_qkv,
+                        progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n_params = sum(int(math.prod(s)) for s in weight_shapes(model).values())
+    print(f"converted {args.source} -> {args.output_dir}: {n_params:,} parameters, "
+          f"{model.num_hidden_layers} layers, in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

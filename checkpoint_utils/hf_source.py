@@ -1,0 +1,128 @@
+"""Find a Hugging Face checkpoint (hub id or local directory) and read its tensors one by one.
+
+Supported weight files, in order of preference: sharded safetensors (with
+`model.safetensors.index.json`), `model.safetensors`, sharded or single `pytorch_model.bin`
+(needs torch; loaded memory-mapped).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from checkpoint_utils.safetensors_reader import SafetensorsFile
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else is meant as a local path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def resolve_source(source: str, revision: str | None = None, cache_dir: str | None = None) -> str:
+    """A local directory holding config.json and the weights; hub ids are downloaded
+    (or taken from the huggingface_hub cache) with huggingface_hub. A path never touches the network."""
+    expanded = os.path.expanduser(source)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded) or _looks_like_path(source):
+        raise FileNotFoundError(f"--source {source!r} is not a directory; pass the directory that "
+                                "holds config.json and the weight files, or a hub id like EleutherAI/gpt-j-6b")
+    from huggingface_hub import list_repo_files, snapshot_download
+    files = set(list_repo_files(source, revision=revision))
+    if SAFETENSORS_INDEX in files or SAFETENSORS_SINGLE in files:
+        patterns = ["config.json", "*.safetensors", SAFETENSORS_INDEX]
+    elif BIN_INDEX in files or BIN_SINGLE in files:
+        patterns = ["config.json", "pytorch_model*.bin", BIN_INDEX]
+    else:
+        raise FileNotFoundError(f"hub repo {source!r} (revision {revision or 'main'}) has no "
+                                "safetensors or pytorch_model.bin weights")
+    return snapshot_download(source, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no config.json; a Hugging Face checkpoint "
+                                "directory needs it to know the architecture")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class HFWeights:
+    """Tensor names, shapes and one-at-a-time float32 reads over a checkpoint's weight files."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._bin_cache: tuple[str, dict] | None = None
+        self._safetensors_files: dict[str, SafetensorsFile] = {}
+        listing = set(os.listdir(directory))
+        if SAFETENSORS_INDEX in listing:
+            self.kind, self.file_of = "safetensors", self._index(SAFETENSORS_INDEX)
+        elif SAFETENSORS_SINGLE in listing:
+            self.kind = "safetensors"
+            self.file_of = {n: SAFETENSORS_SINGLE for n in self._safetensors(SAFETENSORS_SINGLE).keys()}
+        elif BIN_INDEX in listing:
+            self.kind, self.file_of = "bin", self._index(BIN_INDEX)
+        elif BIN_SINGLE in listing:
+            self.kind = "bin"
+            self.file_of = {n: BIN_SINGLE for n in self._bin(BIN_SINGLE)}
+        else:
+            raise FileNotFoundError(
+                f"{directory} holds no weights: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+                f"{BIN_SINGLE} or {BIN_INDEX}")
+
+    def _index(self, name: str) -> dict[str, str]:
+        with open(os.path.join(self.directory, name), encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{os.path.join(self.directory, name)} has no weight_map")
+        missing = sorted({v for v in weight_map.values()
+                          if not os.path.isfile(os.path.join(self.directory, v))})
+        if missing:
+            raise FileNotFoundError(f"{self.directory}: shard(s) listed in {name} are missing: "
+                                    f"{', '.join(missing)}; re-download the checkpoint")
+        return dict(weight_map)
+
+    def _safetensors(self, filename: str) -> SafetensorsFile:
+        if filename not in self._safetensors_files:
+            self._safetensors_files[filename] = SafetensorsFile(os.path.join(self.directory, filename))
+        return self._safetensors_files[filename]
+
+    def _bin(self, filename: str) -> dict:
+        if self._bin_cache is None or self._bin_cache[0] != filename:
+            try:
+                import torch
+            except ImportError:
+                raise RuntimeError(f"{filename} is a PyTorch file and torch is not installed: "
+                                   "pip install torch (CPU build), or convert a safetensors checkpoint") from None
+            path = os.path.join(self.directory, filename)
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            self._bin_cache = (filename, state)
+        return self._bin_cache[1]
+
+    def names(self) -> list[str]:
+        return sorted(self.file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        filename = self.file_of[name]
+        if self.kind == "safetensors":
+            return self._safetensors(filename).shape(name)
+        return tuple(self._bin(filename)[name].shape)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32 (our variables are float32; fp16/bf16 widen exactly)."""
+        filename = self.file_of[name]
+        if self.kind == "safetensors":
+            array = self._safetensors(filename).read(name)
+        else:
+            array = self._bin(filename)[name].float().numpy()
+        return array.astype(np.float32, copy=False)

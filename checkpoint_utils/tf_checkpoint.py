@@ -1,0 +1,146 @@
+"""Write and read TF2 object-based checkpoints one tensor at a time.
+
+`tf.train.Checkpoint.write` needs every variable in memory at once. To convert a model
+larger than RAM we write the same on-disk format piecewise: each group of tensors goes
+to its own temporary shard with `SaveV2`, `MergeV2Checkpoints` joins the shards' indexes
+into one checkpoint (the data files are renamed, not copied), and the object graph that
+`tf.train.Checkpoint(model=...).restore` matches against is built from the key paths.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def checkpoint_key(root: str, path: str) -> str:
+    """`model`, `blocks/0/attn/q_proj/kernel` -> the key tf.train.Checkpoint(model=...) uses."""
+    return f"{root}/{path}{VALUE_SUFFIX}"
+
+
+def object_graph_proto(keys: Iterable[str]) -> bytes:
+    """The TrackableObjectGraph of a tree of objects whose leaves are variables at `keys`."""
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    root = graph.nodes.add()
+    node_ids: dict[tuple[str, ...], int] = {(): 0}
+    for key in sorted(keys):
+        parts = tuple(key.removesuffix(VALUE_SUFFIX).split("/"))
+        for depth in range(1, len(parts) + 1):
+            prefix = parts[:depth]
+            if prefix in node_ids:
+                continue
+            node_ids[prefix] = len(graph.nodes)
+            graph.nodes.add()
+            parent = graph.nodes[node_ids[prefix[:-1]]]
+            child = parent.children.add()
+            child.node_id = node_ids[prefix]
+            child.local_name = prefix[-1]
+        leaf = graph.nodes[node_ids[parts]]
+        attribute = leaf.attributes.add()
+        attribute.name = "VARIABLE_VALUE"
+        attribute.full_name = parts[-1]
+        attribute.checkpoint_key = key
+    for node in graph.nodes:
+        node.has_checkpoint_values.value = True
+    del root
+    return graph.SerializeToString()
+
+
+def _save_shard(prefix: str, names: list[str], values: list) -> None:
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
+                      tensors=values)
+
+
+def write_checkpoint(prefix: str, tensors: Iterable[tuple[str, np.ndarray]], root: str = "model",
+                     group_bytes: int = 64 << 20) -> list[str]:
+    """Write (path, array) pairs as a checkpoint at `prefix` holding `root`'s variables.
+
+    Small tensors are grouped up to `group_bytes` per shard; a large tensor gets its own,
+    so peak memory stays near the largest tensor. Returns the checkpoint keys written."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(directory, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".shards-", dir=directory)
+    shard_prefixes, keys = [], []
+    pending_names, pending_values, pending_bytes = [], [], 0
+
+    def flush():
+        nonlocal pending_names, pending_values, pending_bytes
+        if pending_names:
+            shard = os.path.join(work, f"part-{len(shard_prefixes):05d}")
+            _save_shard(shard, pending_names, pending_values)
+            shard_prefixes.append(shard)
+        pending_names, pending_values, pending_bytes = [], [], 0
+
+    try:
+        for path, array in tensors:
+            key = checkpoint_key(root, path)
+            if key in keys:
+                raise ValueError(f"tensor {path!r} was given twice")
+            keys.append(key)
+            if pending_bytes and pending_bytes + array.nbytes > group_bytes:
+                flush()
+            pending_names.append(key)
+            pending_values.append(tf.convert_to_tensor(array))
+            pending_bytes += array.nbytes
+            if pending_bytes >= group_bytes:
+                flush()
+        # tf.train.Checkpoint keeps a save counter beside its objects; write one so a restore
+        # into a fresh Checkpoint binds every object (assert_consumed passes).
+        counter_key = f"save_counter{VALUE_SUFFIX}"
+        pending_names += [counter_key, OBJECT_GRAPH_KEY]
+        pending_values += [tf.constant(1, tf.int64), tf.constant(object_graph_proto(keys + [counter_key]))]
+        flush()
+        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=shard_prefixes, destination_prefix=prefix,
+                                      delete_old_dirs=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return keys
+
+
+def write_checkpoint_state(directory: str, checkpoint_name: str) -> None:
+    """The `checkpoint` file that lets tf.train.latest_checkpoint(directory) find `checkpoint_name`
+    (a path relative to `directory`, so the directory stays movable)."""
+    text = (f'model_checkpoint_path: "{checkpoint_name}"\n'
+            f'all_model_checkpoint_paths: "{checkpoint_name}"\n')
+    tmp = os.path.join(directory, ".checkpoint.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(directory, "checkpoint"))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a prefix or a directory holding a `checkpoint` state file."""
+    if os.path.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path!r} holds no TF checkpoint (no `checkpoint` file or "
+                                    "*.index); pass a checkpoint prefix or a converted model directory")
+        return latest
+    if not os.path.exists(path + ".index"):
+        raise FileNotFoundError(f"no TF checkpoint at {path!r} ({path}.index is missing)")
+    return path
+
+
+def read_variables(prefix: str, root: str = "model") -> Iterator[tuple[str, np.ndarray]]:
+    """(path, array) for every variable under `root`, one at a time, sorted by path."""
+    reader = tf.train.load_checkpoint(prefix)
+    start = f"{root}/"
+    for key in sorted(reader.get_variable_to_shape_map()):
+        if key.startswith(start) and key.endswith(VALUE_SUFFIX):
+            yield key[len(start):-len(VALUE_SUFFIX)], reader.get_tensor(key)
+
+
+def variable_shapes(prefix: str, root: str = "model") -> dict[str, list[int]]:
+    reader = tf.train.load_checkpoint(prefix)
+    start = f"{root}/"
+    return {key[len(start):-len(VALUE_SUFFIX)]: shape
+            for key, shape in reader.get_variable_to_shape_map().items()
+            if key.startswith(start) and key.endswith(VALUE_SUFFIX)}

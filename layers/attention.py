@@ -1,0 +1,79 @@
+"""Causal multi-head self-attention with rotary positions and an optional key/value cache."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import tensorflow as tf
+
+from layers.base import Layer
+from layers.dense import Dense
+from layers.dropout import dropout
+from layers.rotary import apply_rotary
+from runtime.params import ModelParams
+
+# (keys, values), each [b, cache_len, h, head_dim] in the compute dtype.
+KVCache = tuple[tf.Tensor, tf.Tensor]
+
+
+def write_cache(cache: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """Place new [b, s, h, d] at slots [index, index + s) of cache [b, L, h, d].
+
+    Written as a select over the static cache length rather than a dynamic slice, so the
+    shape stays static (one compiled decode step serves every position)."""
+    cache_len, new_len = cache.shape[1], tf.shape(new)[1]
+    offsets = tf.range(cache_len) - tf.cast(index, tf.int32)             # [L]
+    inside = tf.logical_and(offsets >= 0, offsets < new_len)            # [L]
+    placed = tf.gather(new, tf.clip_by_value(offsets, 0, new_len - 1), axis=1)  # [b, L, h, d]
+    return tf.where(inside[None, :, None, None], tf.cast(placed, cache.dtype), cache)
+
+
+class SelfAttention(Layer):
+    def __init__(self, config: ModelParams, kernel_init: Callable, output_init: Callable,
+                 name: str | None = None):
+        super().__init__(name=name)
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.rotary_style = config.rotary_style
+        self.dropout_rate = config.attention_dropout_rate
+        qkv_bias = config.use_projection_bias_in_attention
+        self.fused_qkv = config.fused_qkv
+        if config.fused_qkv:
+            # One [D, 3D] kernel whose columns are [q | k | v]: one matmul instead of three.
+            self.qkv_proj = Dense(d, 3 * d, qkv_bias, kernel_init, name="qkv_proj")
+        else:
+            self.q_proj = Dense(d, d, qkv_bias, kernel_init, name="q_proj")
+            self.k_proj = Dense(d, d, qkv_bias, kernel_init, name="k_proj")
+            self.v_proj = Dense(d, d, qkv_bias, kernel_init, name="v_proj")
+        self.out_proj = Dense(d, d, config.use_ffn_bias_in_attention, output_init, name="out_proj")
+
+    def _project_qkv(self, weights: dict, x: tf.Tensor):
+        if self.fused_qkv:
+            return tf.split(self.qkv_proj.forward(weights["qkv_proj"], x), 3, axis=-1)
+        return (self.q_proj.forward(weights["q_proj"], x), self.k_proj.forward(weights["k_proj"], x),
+                self.v_proj.forward(weights["v_proj"], x))
+
+    def forward(self, weights: dict, x: tf.Tensor, sin: tf.Tensor, cos: tf.Tensor,
+                bias: tf.Tensor, cache: KVCache | None = None, cache_index: tf.Tensor | None = None,
+                dropout_seed: tf.Tensor | None = None) -> tuple[tf.Tensor, KVCache | None]:
+        """x [b, s, D]; sin/cos [b, s, 1, r]; bias [b, 1, s, s_k] -> ([b, s, D], updated cache)."""
+        batch, length = tf.shape(x)[0], tf.shape(x)[1]
+        heads = [tf.reshape(t, [batch, length, self.num_heads, self.head_dim])
+                 for t in self._project_qkv(weights, x)]                   # 3 x [b, s, h, hd]
+        q, k, v = heads
+        q = apply_rotary(q, sin, cos, self.rotary_style)
+        k = apply_rotary(k, sin, cos, self.rotary_style)
+        new_cache = None
+        if cache is not None:
+            k = write_cache(cache[0], k, cache_index)                      # [b, L, h, hd]
+            v = write_cache(cache[1], v, cache_index)
+            new_cache = (k, v)
+        # Scores and softmax in float32 (fp16 q.k overflows easily), as the reference does.
+        scores = tf.einsum("bqhd,bkhd->bhqk", tf.cast(q, tf.float32), tf.cast(k, tf.float32))
+        scores = scores / math.sqrt(self.head_dim) + bias                   # [b, h, s, s_k]
+        probs = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
+        probs = dropout(probs, self.dropout_rate, dropout_seed, salt=1)
+        context = tf.einsum("bhqk,bkhd->bqhd", probs, v)                    # [b, s, h, hd]
+        context = tf.reshape(context, [batch, length, self.num_heads * self.head_dim])
+        return self.out_proj.forward(weights["out_proj"], context), new_cache

@@ -1,0 +1,162 @@
+"""GPT-J (and GPT-NeoX, by config switches): the one model definition for training,
+evaluation, weight streaming and generation.
+
+    token ids [b, s] -> embedding -> N x DecoderBlock -> final LayerNorm -> LM head -> logits [b, s, V]
+
+Variables are float32; under `model.mixed_precision` the math runs in float16/bfloat16 with
+LayerNorm, attention softmax and logits in float32.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from layers import initializers
+from layers.attention import KVCache
+from layers.base import Layer
+from layers.decoder_block import DecoderBlock
+from layers.dense import Dense
+from layers.dropout import dropout
+from layers.embedding import TokenEmbedding
+from layers.layer_norm import LayerNorm
+from layers.masks import causal_attention_bias
+from layers.rotary import rotary_sin_cos
+from runtime.params import ModelParams
+
+
+class ModelOutput(NamedTuple):
+    logits: tf.Tensor                       # [b, s, V] float32
+    cache: tuple[KVCache, ...] | None       # one (keys, values) per block, when a cache was given
+
+
+class GPTJModel(Layer):
+    def __init__(self, config: ModelParams, seed: int = 0, name: str = "gptj"):
+        super().__init__(name=name)
+        self.config = config
+        seeds = initializers.SeedStream(seed)
+        kernel_init = initializers.Initializer(config.initializer, seeds)
+        output_init = initializers.Initializer(config.output_layer_initializer, seeds)
+        embedding_init = initializers.Initializer(config.embedding_initializer, seeds)
+        self.embedding = TokenEmbedding(config.vocab_size, config.hidden_size, embedding_init,
+                                        name="embedding")
+        self.blocks = [DecoderBlock(config, kernel_init, output_init, name=f"block_{i}")
+                       for i in range(config.num_hidden_layers)]
+        self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon, name="ln_f")
+        if not config.share_embedding_weights:
+            self.lm_head = Dense(config.hidden_size, config.vocab_size, config.use_bias_in_output,
+                                 kernel_init, name="lm_head")
+        elif config.use_bias_in_output:
+            self.lm_head_bias = tf.Variable(initializers.zeros([config.vocab_size]), name="lm_head_bias")
+
+    @property
+    def compute_dtype(self) -> tf.DType:
+        return tf.as_dtype(self.config.compute_dtype)
+
+    # The pieces below are what weight streaming runs one at a time; `forward` chains them.
+
+    def embed(self, weights: dict, input_ids: tf.Tensor, dropout_seed: tf.Tensor | None = None) -> tf.Tensor:
+        """input_ids [b, s] -> hidden [b, s, D] in the compute dtype. weights: {"embedding": ...}."""
+        hidden = self.embedding.forward(weights["embedding"], input_ids, self.compute_dtype)
+        return dropout(hidden, self.config.embedding_dropout_rate, dropout_seed, salt=0)
+
+    def head_weight_names(self) -> tuple[str, ...]:
+        """Top-level weight entries the LM head reads (the tied head reads the embedding)."""
+        if self.config.share_embedding_weights:
+            return ("ln_f", "embedding") + (("lm_head_bias",) if self.config.use_bias_in_output else ())
+        return ("ln_f", "lm_head")
+
+    def head(self, weights: dict, hidden: tf.Tensor) -> tf.Tensor:
+        """hidden [b, s, D] -> logits [b, s, V] float32. weights: the entries named by head_weight_names."""
+        hidden = self.ln_f.forward(weights["ln_f"], hidden)
+        if self.config.share_embedding_weights:
+            logits = TokenEmbedding.attend(weights["embedding"], hidden)
+            if "lm_head_bias" in weights:
+                logits = logits + tf.cast(weights["lm_head_bias"], logits.dtype)
+        else:
+            logits = self.lm_head.forward(weights["lm_head"], hidden)
+        return tf.cast(logits, tf.float32)
+
+    def positions(self, position_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """position_ids [b, s] -> rotary (sin, cos), each [b, s, 1, rotary_dim]."""
+        c = self.config
+        return rotary_sin_cos(position_ids, c.rotary_dim, c.rotary_base, c.rotary_style)
+
+    @staticmethod
+    def block_seed(dropout_seed: tf.Tensor | None, index: int) -> tf.Tensor | None:
+        if dropout_seed is None:
+            return None
+        return tf.random.experimental.stateless_fold_in(dropout_seed, index + 1)
+
+    def forward(self, weights: dict, input_ids: tf.Tensor, position_ids: tf.Tensor | None = None,
+                attention_mask: tf.Tensor | None = None, cache: tuple[KVCache, ...] | None = None,
+                cache_index: tf.Tensor | int = 0, dropout_seed: tf.Tensor | None = None) -> ModelOutput:
+        """Logits for input_ids [b, s].
+
+        position_ids [b, s]: default cache_index + 0..s-1.
+        attention_mask [b, s_k]: 1 for real tokens; s_k = s without a cache, the cache length with one.
+        cache: per-block (keys, values) [b, L, h, hd]; the new tokens are written at slots
+            [cache_index, cache_index + s) and attend to every valid earlier slot.
+        dropout_seed [2] int: enables dropout (training) with masks derived from it.
+        """
+        batch, length = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
+        query_slots = tf.range(length) + tf.cast(cache_index, tf.int32)            # [s]
+        if position_ids is None:
+            position_ids = tf.broadcast_to(query_slots[None, :], [batch, length])   # [b, s]
+        if attention_mask is None:
+            key_length = length if cache is None else tf.shape(cache[0][0])[1]
+            attention_mask = tf.ones([batch, key_length], tf.int32)
+        bias = causal_attention_bias(query_slots, attention_mask)                  # [b, 1, s, s_k]
+        sin, cos = self.positions(position_ids)
+        hidden = self.embed(weights, input_ids, dropout_seed)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            hidden, block_cache = block.forward(
+                weights["blocks"][i], hidden, sin, cos, bias,
+                None if cache is None else cache[i], cache_index, self.block_seed(dropout_seed, i))
+            new_cache.append(block_cache)
+        logits = self.head({name: weights[name] for name in self.head_weight_names()}, hidden)
+        return ModelOutput(logits, None if cache is None else tuple(new_cache))
+
+    def empty_cache(self, batch_size: int, cache_length: int) -> tuple[KVCache, ...]:
+        """Zeroed per-block (keys, values), each [b, L, h, hd] in the compute dtype."""
+        c = self.config
+        shape = [batch_size, cache_length, c.num_heads, c.head_dim]
+        return tuple((tf.zeros(shape, self.compute_dtype), tf.zeros(shape, self.compute_dtype))
+                     for _ in self.blocks)
+
+
+def weight_shapes(config: ModelParams) -> dict[str, tuple[int, ...]]:
+    """{weight path: shape} of GPTJModel(config), computed without allocating it (conversion and
+    checkpoint checks use it on models larger than memory; a test keeps it equal to the model)."""
+    d, f, v = config.hidden_size, config.filter_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"embedding/embeddings": (v, d)}
+
+    def dense(path: str, in_dim: int, out_dim: int, bias: bool) -> None:
+        shapes[f"{path}/kernel"] = (in_dim, out_dim)
+        if bias:
+            shapes[f"{path}/bias"] = (out_dim,)
+
+    def layer_norm(path: str) -> None:
+        shapes[f"{path}/gamma"] = shapes[f"{path}/beta"] = (d,)
+
+    for i in range(config.num_hidden_layers):
+        block = f"blocks/{i}"
+        layer_norm(f"{block}/ln_1")
+        if config.use_untied_layer_norm:
+            layer_norm(f"{block}/ln_2")
+        qkv_bias = config.use_projection_bias_in_attention
+        if config.fused_qkv:
+            dense(f"{block}/attn/qkv_proj", d, 3 * d, qkv_bias)
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                dense(f"{block}/attn/{name}", d, d, qkv_bias)
+        dense(f"{block}/attn/out_proj", d, d, config.use_ffn_bias_in_attention)
+        dense(f"{block}/mlp/fc_in", d, f, config.use_ffn_bias)
+        dense(f"{block}/mlp/fc_out", f, d, config.use_ffn_bias)
+    layer_norm("ln_f")
+    if not config.share_embedding_weights:
+        dense("lm_head", d, v, config.use_bias_in_output)
+    elif config.use_bias_in_output:
+        shapes["lm_head_bias"] = (v,)
+    return shapes

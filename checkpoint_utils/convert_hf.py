@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from checkpoint_utils.hf_config import params_from_hf_config
-from checkpoint_utils.hf_mapping import IGNORED_HF_TENSORS, tensor_groups
+from checkpoint_utils.hf_mapping import HF_NAME_ALIASES, IGNORED_HF_TENSORS, tensor_groups
 from checkpoint_utils.hf_source import HFWeights, read_config, resolve_source
 from checkpoint_utils.output_dir import atomic_directory
 from checkpoint_utils.tf_checkpoint import write_checkpoint, write_checkpoint_state
@@ -98,6 +98,7 @@ def convert(source: str, output_dir: str, revision: str | None = None, vocab_siz
     if fused_qkv:
         model = dataclasses.replace(model, fused_qkv=True)
     weights = HFWeights(local)
+    weights.use_aliases(HF_NAME_ALIASES.get(hf_config["model_type"], {}))
     groups = tensor_groups(model, hf_vocab_size=hf_config["vocab_size"])
     check_tensors(weights, groups, model)
     shapes = weight_shapes(model)

@@ -26,6 +26,10 @@ IGNORED_HF_TENSORS = re.compile(
 
 Shape = tuple[int, ...]
 
+# Names some writers use for a tensor the table knows by its canonical (hub) name:
+# transformers 5 calls GPT-NeoX's head `lm_head` in memory; checkpoints call it `embed_out`.
+HF_NAME_ALIASES = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}
+
 
 @dataclass(frozen=True)
 class TensorGroup:

@@ -61,6 +61,7 @@ class HFWeights:
         self.directory = directory
         self._bin_cache: tuple[str, dict] | None = None
         self._safetensors_files: dict[str, SafetensorsFile] = {}
+        self._stored_name: dict[str, str] = {}
         listing = set(os.listdir(directory))
         if SAFETENSORS_INDEX in listing:
             self.kind, self.file_of = "safetensors", self._index(SAFETENSORS_INDEX)
@@ -109,20 +110,27 @@ class HFWeights:
             self._bin_cache = (filename, state)
         return self._bin_cache[1]
 
+    def use_aliases(self, aliases: dict[str, str]) -> None:
+        """Know tensors stored under an alias by their canonical name (when the canonical is absent)."""
+        for alias, canonical in aliases.items():
+            if alias in self.file_of and canonical not in self.file_of:
+                self._stored_name[canonical] = alias
+                self.file_of[canonical] = self.file_of.pop(alias)
+
     def names(self) -> list[str]:
         return sorted(self.file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        filename = self.file_of[name]
+        filename, stored = self.file_of[name], self._stored_name.get(name, name)
         if self.kind == "safetensors":
-            return self._safetensors(filename).shape(name)
-        return tuple(self._bin(filename)[name].shape)
+            return self._safetensors(filename).shape(stored)
+        return tuple(self._bin(filename)[stored].shape)
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as float32 (our variables are float32; fp16/bf16 widen exactly)."""
-        filename = self.file_of[name]
+        filename, stored = self.file_of[name], self._stored_name.get(name, name)
         if self.kind == "safetensors":
-            array = self._safetensors(filename).read(name)
+            array = self._safetensors(filename).read(stored)
         else:
-            array = self._bin(filename)[name].float().numpy()
+            array = self._bin(filename)[stored].float().numpy()
         return array.astype(np.float32, copy=False)

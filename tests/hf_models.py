@@ -1,6 +1,8 @@
 """Tiny random Hugging Face GPT-J / GPT-NeoX models, built offline, as parity oracles."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 GPTJ_SHAPES = {
@@ -48,12 +50,32 @@ def make_hf_model(kind: str, seed: int = 0):
     return model.eval()
 
 
-def save_hf_model(model, directory: str, safe_serialization: bool = True,
-                  max_shard_size: str | None = None) -> str:
-    kwargs = {"safe_serialization": safe_serialization}
-    if max_shard_size:
-        kwargs["max_shard_size"] = max_shard_size
+def save_hf_model(model, directory: str, max_shard_size: str | None = None) -> str:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def save_pytorch_bin(model, directory: str, shards: int = 1) -> str:
+    """The legacy pytorch_model.bin layout (transformers 5 only writes safetensors)."""
+    import json
+
+    import torch
+    os.makedirs(directory, exist_ok=True)
+    model.config.to_json_file(os.path.join(directory, "config.json"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+        return directory
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        filename = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = names[i::shards]
+        torch.save({n: state[n] for n in part}, os.path.join(directory, filename))
+        weight_map.update({n: filename for n in part})
+    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
     return directory
 
 

@@ -1,0 +1,87 @@
+"""Check a converted checkpoint against the Hugging Face model it came from.
+
+    python -m checkpoint_utils.verify --source HF_DIR_OR_HUB_ID --converted OUT
+
+Runs both models on the same token ids (random ones, and any given with --ids) and prints
+the max absolute logit difference per case; exits 1 when any exceeds --tolerance. Needs
+torch and transformers (the `dev` extra): they are the reference, not a runtime dependency.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from checkpoint_utils.convert_hf import load_converted_params
+from checkpoint_utils.hf_source import read_config, resolve_source
+from checkpoint_utils.load import load_model
+
+
+def _hf_model(source: str):
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise RuntimeError("verify needs torch and transformers as the reference: "
+                           "pip install -e '.[dev]'") from None
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return model.eval(), torch
+
+
+def compare(source: str, converted: str, cases: dict[str, np.ndarray]) -> dict[str, float]:
+    """{case: max |logits_ours - logits_hf|} over the HF vocabulary."""
+    import tensorflow as tf
+    hf, torch = _hf_model(source)
+    ours = load_model(load_converted_params(converted), converted)
+    results = {}
+    for name, ids in cases.items():
+        with torch.no_grad():
+            reference = hf(torch.tensor(ids)).logits.float().numpy()
+        logits = ours(tf.constant(ids)).logits.numpy()[..., :reference.shape[-1]]
+        results[name] = float(np.abs(logits - reference).max())
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, help="the HF checkpoint (directory or hub id)")
+    parser.add_argument("--converted", required=True, help="the directory convert_hf wrote")
+    parser.add_argument("--ids", default=None, help="comma-separated token ids to also compare")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.converted):
+        print(f"error: --converted {args.converted} is not a directory", file=sys.stderr)
+        return 2
+    vocab = load_converted_params(args.converted).vocab_size
+    hf_vocab = read_config(resolve_source(args.source))["vocab_size"]
+    rng = np.random.default_rng(args.seed)
+    cases = {"random": rng.integers(0, min(vocab, hf_vocab), size=(args.batch, args.length))}
+    if args.ids:
+        try:
+            cases["given"] = np.array([[int(t) for t in args.ids.split(",")]])
+        except ValueError:
+            print(f"error: --ids {args.ids!r} must be comma-separated integers", file=sys.stderr)
+            return 2
+        if cases["given"].max() >= hf_vocab or cases["given"].min() < 0:
+            print(f"error: --ids must lie in [0, {hf_vocab})", file=sys.stderr)
+            return 2
+    try:
+        results = compare(args.source, args.converted, cases)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    worst = max(results.values())
+    for name, diff in results.items():
+        print(f"{name:>8}: max |logits diff| = {diff:.3e}")
+    verdict = "OK" if worst <= args.tolerance else "FAILED"
+    print(f"{verdict}: worst {worst:.3e} vs tolerance {args.tolerance:.1e}")
+    return 0 if worst <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

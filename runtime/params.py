@@ -270,10 +270,9 @@ def parse_params(raw: dict, source: str = "params") -> Params:
         raise ParamsError(f"{source}: the top level must be a mapping with sections "
                           "train_input, eval_input, model, optimizer, runconfig")
     try:
-        params = from_dict(Params, raw, "params")
+        return from_dict(Params, raw, "")
     except ParamsError as err:
-        raise ParamsError(f"{source}: {str(err).removeprefix('params.')}") from None
-    return params
+        raise ParamsError(f"{source}: {err}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

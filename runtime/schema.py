@@ -33,6 +33,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _same_kind(value: Any, tp: Any) -> bool:
+    if get_origin(tp) in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return dataclasses.is_dataclass(tp) and isinstance(value, dict)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Return `value` as type `tp`, or raise ParamsError naming `path`."""
     origin = get_origin(tp)
@@ -50,7 +60,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _convert(value, option, path)
             except ParamsError as err:
-                errors.append(err)
+                errors.append((option, err))
+        # A value of the right kind (a list for a list option, a mapping for a section) failed
+        # inside: that inner error names the actual problem.
+        for option, err in errors:
+            if _same_kind(value, option):
+                raise err
         raise ParamsError(f"{path}={value!r} has the wrong type; expected {_type_name(tp)}")
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -100,12 +115,12 @@ def from_dict(cls: type, data: dict, path: str) -> Any:
     if unknown:
         key = unknown[0]
         hint = difflib.get_close_matches(str(key), list(fields), n=1)
-        extra = f"; did you mean {path}.{hint[0]}?" if hint else ""
+        extra = f"; did you mean {_join(path, hint[0])}?" if hint else ""
         raise ParamsError(
-            f"{path}.{key} is not a known key{extra} (known keys: {', '.join(sorted(fields))})")
+            f"{_join(path, key)} is not a known key{extra} (known keys: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, field in fields.items():
-        key_path = f"{path}.{name}"
+        key_path = _join(path, name)
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], key_path)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:

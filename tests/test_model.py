@@ -1,0 +1,139 @@
+"""GPTJModel: structure, KV cache, masks, mixed precision, dropout."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from checkpoint_utils.hf_mapping import flatten_weights
+from layers.masks import causal_attention_bias
+from model import GPTJModel, weight_shapes
+from runtime.params import ModelParams
+
+TINY = ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, rotary_dim=4,
+                   filter_size=64, max_position_embeddings=64)
+VARIANTS = {
+    "gptj": TINY,
+    "neox_fused": dataclasses.replace(TINY, rotary_style="neox", use_untied_layer_norm=True, fused_qkv=True,
+                                      use_projection_bias_in_attention=True, use_ffn_bias_in_attention=True,
+                                      use_bias_in_output=False, nonlinearity="gelu"),
+    "sequential": dataclasses.replace(TINY, use_parallel_residual=False, use_untied_layer_norm=True),
+    "tied_with_bias": dataclasses.replace(TINY, share_embedding_weights=True, num_hidden_layers=3),
+    "tied_no_bias": dataclasses.replace(TINY, share_embedding_weights=True, use_bias_in_output=False),
+}
+
+
+def ids(batch, length, seed=0, vocab=97):
+    return tf.constant(np.random.default_rng(seed).integers(0, vocab, (batch, length)), tf.int32)
+
+
+def randomized(config, seed=0):
+    """A model whose LayerNorms and biases are random too, so every weight affects the output."""
+    model = GPTJModel(config, seed=seed)
+    rng = np.random.default_rng(seed)
+    for variable in model.trainable_variables:
+        if variable.shape.rank == 1:
+            variable.assign(variable + rng.standard_normal(variable.shape).astype(np.float32) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_weight_shapes_match_the_built_model(name):
+    config = VARIANTS[name]
+    model = GPTJModel(config)
+    built = {path: tuple(v.shape) for path, v in flatten_weights(model.weights_tree()).items()}
+    assert built == weight_shapes(config)
+    assert len(model.trainable_variables) == len(built)
+
+
+def test_initialization_is_deterministic_per_seed():
+    a, b, c = GPTJModel(TINY, seed=1), GPTJModel(TINY, seed=1), GPTJModel(TINY, seed=2)
+    for va, vb, vc in zip(a.trainable_variables, b.trainable_variables, c.trainable_variables):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    assert not np.array_equal(a.blocks[0].attn.q_proj.kernel.numpy(), c.blocks[0].attn.q_proj.kernel.numpy())
+    std = float(np.std(a.blocks[0].mlp.fc_in.kernel.numpy()))
+    assert 0.015 < std < 0.025  # truncated normal, stddev 0.02
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cached_decoding_equals_full_forward(name):
+    model = randomized(VARIANTS[name], seed=3)
+    tokens = ids(2, 9, seed=4)
+    full = model(tokens).logits.numpy()
+    cache = model.empty_cache(batch_size=2, cache_length=12)
+    valid = np.zeros((2, 12), np.int32)
+    valid[:, :5] = 1
+    out = model(tokens[:, :5], attention_mask=tf.constant(valid), cache=cache, cache_index=0)
+    steps = [out.logits.numpy()]
+    for t in range(5, 9):
+        valid[:, t] = 1
+        out = model(tokens[:, t:t + 1], attention_mask=tf.constant(valid), cache=out.cache, cache_index=t)
+        steps.append(out.logits.numpy())
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_left_padding_with_position_ids_equals_unpadded():
+    model = randomized(TINY, seed=5)
+    tokens = ids(1, 6, seed=6)
+    alone = model(tokens).logits.numpy()
+    padded = tf.concat([tf.zeros([1, 3], tf.int32), tokens], axis=1)
+    mask = tf.constant([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    positions = tf.constant([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
+    out = model(padded, attention_mask=mask, position_ids=positions).logits.numpy()
+    np.testing.assert_allclose(out[:, 3:], alone, atol=1e-5)
+    assert np.all(np.isfinite(out))  # fully masked padding rows stay finite
+
+
+def test_attention_bias_shape_and_values():
+    bias = causal_attention_bias(tf.constant([2, 3]), tf.constant([[1, 1, 1, 1], [0, 1, 1, 1]])).numpy()
+    assert bias.shape == (2, 1, 2, 4)
+    assert (bias[0, 0] == 0).tolist() == [[True, True, True, False], [True, True, True, True]]
+    assert (bias[1, 0] == 0).tolist() == [[False, True, True, False], [False, True, True, True]]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 0.08), ("float16", 0.01)])
+def test_mixed_precision_close_to_float32(dtype, tolerance):
+    model = randomized(TINY, seed=7)
+    tokens = ids(2, 10, seed=8)
+    reference = model(tokens).logits.numpy()
+    model.config = dataclasses.replace(TINY, mixed_precision=True, mixed_precision_dtype=dtype)
+    logits = model(tokens).logits
+    assert logits.dtype == tf.float32
+    assert all(v.dtype == tf.float32 for v in model.trainable_variables)
+    scale = np.abs(reference).max()
+    assert np.abs(logits.numpy() - reference).max() <= tolerance * scale
+    assert np.abs(logits.numpy() - reference).max() > 0  # the low-precision path really ran
+
+
+def test_dropout_is_seeded_and_off_without_seed():
+    config = dataclasses.replace(TINY, embedding_dropout_rate=0.1, attention_dropout_rate=0.1,
+                                 residual_dropout_rate=0.1)
+    model = randomized(config, seed=9)
+    tokens = ids(2, 8)
+    plain = model(tokens).logits.numpy()
+    seed = tf.constant([1, 2], tf.int64)
+    a = model(tokens, dropout_seed=seed).logits.numpy()
+    b = model(tokens, dropout_seed=seed).logits.numpy()
+    c = model(tokens, dropout_seed=tf.constant([1, 3], tf.int64)).logits.numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, plain) and not np.allclose(a, c)
+    no_dropout = GPTJModel(TINY)
+    no_dropout_logits = no_dropout(tokens).logits.numpy()
+    np.testing.assert_array_equal(no_dropout(tokens, dropout_seed=seed).logits.numpy(), no_dropout_logits)
+
+
+def test_forward_traces_once_in_tf_function():
+    model = randomized(TINY)
+    traces = []
+
+    @tf.function(reduce_retracing=True)
+    def step(tokens):
+        traces.append(1)
+        return model(tokens).logits
+
+    first = step(ids(2, 8)).numpy()
+    step(ids(2, 8, seed=1))
+    np.testing.assert_allclose(first, model(ids(2, 8)).logits.numpy(), atol=1e-5)
+    assert len(traces) == 1

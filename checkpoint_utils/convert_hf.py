@@ -76,6 +76,9 @@ def _converted_tensors(weights: HFWeights, groups, shapes: dict, progress: bool)
                     raise AssertionError(f"{path}: converted shape {array.shape} != {shapes[path]}")
                 bar.update(array.nbytes)
                 yield path, array
+            # Drop this group before reading the next: holding it would add one more
+            # largest-tensor copy to the peak.
+            arrays = array = None
 
 
 def _existing_model(directory: str, model: ModelParams) -> str | None:

@@ -90,6 +90,7 @@ def write_checkpoint(prefix: str, tensors: Iterable[tuple[str, np.ndarray]], roo
             pending_names.append(key)
             pending_values.append(tf.convert_to_tensor(array))
             pending_bytes += array.nbytes
+            del array  # the tensor holds the data now; keep one copy, not two
             if pending_bytes >= group_bytes:
                 flush()
         # tf.train.Checkpoint keeps a save counter beside its objects; write one so a restore

@@ -1,0 +1,156 @@
+"""The TFRecord format of the pipeline: feature names, Example encoding, and file checks.
+
+Each record is a `tf.train.Example` with three int64 features of length S
+(`max_sequence_length`): `input_ids`, `labels` (input shifted by one) and `input_mask`
+(1 where the label at that position is a real token whose loss counts, 0 on padding;
+docs/data.md is the reference).
+
+Examples are encoded here by hand (protobuf varints with NumPy) rather than through
+`tf.train.Example`, because the packed token payload of a window is then a slice of the
+encoded token stream and preprocessing spends its time tokenizing, not serializing. The
+encoding is checked against `tf.train.Example` parsing in the tests.
+
+`scan_tfrecord` walks the record framing (length, length CRC, payload, payload CRC)
+without reading payloads, so the processor can count records and catch a truncated or
+garbled file up front, naming it, instead of failing later inside tf.data.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["FEATURE_NAMES", "encode_varints", "serialize_example", "serialize_payloads",
+           "RecordScan", "scan_tfrecord", "read_record", "masked_crc32c"]
+
+FEATURE_NAMES = ("input_ids", "input_mask", "labels")
+
+
+def encode_varints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Protobuf varint bytes of non-negative `values` and each value's byte offset.
+
+    Returns (encoded uint8 [total_bytes], offsets int64 [n + 1]): value i occupies
+    encoded[offsets[i]:offsets[i + 1]].
+    """
+    values = np.asarray(values, dtype=np.uint64).ravel()
+    if values.size and int(values.max()) >= 1 << 63:
+        raise ValueError("encode_varints takes non-negative int64 values")
+    lengths = np.ones(values.size, dtype=np.int64)
+    for shift in range(7, 64, 7):                       # 7 payload bits per byte
+        lengths += values >= np.uint64(1 << shift)
+    offsets = np.zeros(values.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    encoded = np.empty(int(offsets[-1]), dtype=np.uint8)
+    max_length = int(lengths.max()) if values.size else 0
+    for byte in range(max_length):
+        has = lengths > byte
+        seven = (values[has] >> np.uint64(7 * byte)) & np.uint64(0x7F)
+        more = (lengths[has] > byte + 1).astype(np.uint64) << np.uint64(7)  # continuation bit
+        encoded[offsets[:-1][has] + byte] = (seven | more).astype(np.uint8)
+    return encoded, offsets
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint((field_number << 3) | 2) + _varint(len(payload)) + payload
+
+
+def _feature_entry(name: str, packed: bytes) -> bytes:
+    """One `features` map entry holding an Int64List whose packed varints are `packed`."""
+    int64_list = _length_delimited(1, packed)          # Int64List.value (packed)
+    feature = _length_delimited(3, int64_list)         # Feature.int64_list
+    entry = _length_delimited(1, name.encode()) + _length_delimited(2, feature)
+    return _length_delimited(1, entry)                 # Features.feature (map entry)
+
+
+def serialize_payloads(input_ids: bytes, input_mask: bytes, labels: bytes) -> bytes:
+    """A serialized Example from the packed varint bytes of its three features."""
+    features = (_feature_entry("input_ids", input_ids) + _feature_entry("input_mask", input_mask)
+                + _feature_entry("labels", labels))
+    return _length_delimited(1, features)              # Example.features
+
+
+def serialize_example(input_ids, labels, input_mask) -> bytes:
+    """A serialized Example from three int arrays of equal length."""
+    return serialize_payloads(encode_varints(input_ids)[0].tobytes(),
+                              encode_varints(input_mask)[0].tobytes(),
+                              encode_varints(labels)[0].tobytes())
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C; pure Python, used on the 8-byte length headers only."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class RecordScan:
+    """What the framing walk of one file found."""
+    path: str
+    size: int
+    records: int                 # well-framed records before any problem
+    first_record_offset: int     # byte offset of the first payload (-1 if none)
+    first_record_length: int
+    problem: str | None          # None when the file ends exactly after its last record
+
+
+def scan_tfrecord(path: str) -> RecordScan:
+    """Walk the record headers of `path`: count records, check length CRCs, detect truncation."""
+    size = os.path.getsize(path)
+    records, position = 0, 0
+    first = (-1, 0)
+    problem = None
+    with open(path, "rb") as f:
+        while position < size:
+            header = f.read(12)
+            if len(header) < 12:
+                problem = f"truncated: {size - position} stray bytes after record {records}"
+                break
+            length, length_crc = struct.unpack("<QI", header)
+            if masked_crc32c(header[:8]) != length_crc:
+                problem = (f"corrupt header of record {records} at byte {position} "
+                           "(length checksum mismatch; not a TFRecord file?)")
+                break
+            end = position + 12 + length + 4
+            if end > size:
+                problem = (f"truncated: record {records} at byte {position} needs {12 + length + 4} "
+                           f"bytes, only {size - position} remain")
+                break
+            if records == 0:
+                first = (position + 12, length)
+            records += 1
+            position = end
+            f.seek(position)
+    return RecordScan(path, size, records, first[0], first[1], problem)
+
+
+def read_record(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)

@@ -1,0 +1,324 @@
+"""Pile-style text to GPT-J TFRecords: tokenize, join with EOS, pack into windows, shard.
+
+    python -m input.scripts.pile.preprocess --input data/pile/train --tokenizer EleutherAI/gpt-j-6b \
+        --output-dir data/tfrecords --max-sequence-length 2048 --val-fraction 0.01
+
+Inputs are `*.jsonl.zst` (Pile shards, streamed), `*.jsonl` and `*.txt` (one document per
+file), given as files, directories or globs, read in sorted order. Each kept document is
+tokenized (in `--workers` processes) and followed by EOS; the stream is cut into windows of
+S + 1 tokens that overlap by one token (input/packing.py), and each window becomes a record
+with fixed-length int64 features:
+
+    input_ids  = window[:-1]
+    labels     = window[1:]             (input_ids shifted by one)
+    input_mask[i] = 1 where labels[i] is a real token whose loss counts, 0 on padding
+
+The last short window is padded with the EOS id (mask 0) or dropped (`--drop-last`).
+
+Output layout: `<output-dir>/<split>/<split>-00000.tfrecord`, ... plus `stats.json`
+(documents, tokens, examples, padded tokens, per-subset counts, shard sizes). With
+`--val-fraction f` each document goes to `val` with probability f, decided by a seeded
+hash of its text (so the split is stable and duplicates never straddle it), and the two
+splits are written in two passes over the input.
+
+Re-running the same command resumes: finished shards are kept, reading restarts right after
+them, and the bytes written are the same as an uninterrupted run's. Documents are not
+shuffled here (the input pipeline shuffles records); `--seed` only drives the val split.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from input.errors import InputDataError
+from input.packing import StreamPacker, Window
+from input.readers import Document, ReadCounters, expand_inputs, read_documents
+from input.records import encode_varints, serialize_payloads
+from input.shards import ProgressLog, ShardWriter, write_json_atomic
+from input.tokenize_pool import TokenizePool
+from input.tokenizer import EOS_TOKEN, GptTokenizer, load_tokenizer
+
+__all__ = ["preprocess", "main", "in_val_split"]
+
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_BYTES = 1 << 20      # text per task sent to a worker
+
+
+def in_val_split(text: str, fraction: float, seed: int) -> bool:
+    """Whether a document belongs to the val split: a seeded hash of its text, below `fraction`."""
+    if fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
+                             key=seed.to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(digest, "little") < fraction * 2.0 ** 64
+
+
+class InputTally:
+    """Running input-side counts of one split; `snapshot()` is what a progress record stores."""
+
+    def __init__(self, snapshot: dict | None = None):
+        snapshot = snapshot or {"documents": 0, "tokens": 0, "characters": 0, "subsets": {}}
+        self.documents = snapshot["documents"]
+        self.tokens = snapshot["tokens"]
+        self.characters = snapshot["characters"]
+        self.subsets = {k: dict(v) for k, v in snapshot["subsets"].items()}
+
+    def add(self, subset: str, tokens: int, characters: int) -> None:
+        self.documents += 1
+        self.tokens += tokens
+        self.characters += characters
+        entry = self.subsets.setdefault(subset, {"documents": 0, "tokens": 0})
+        entry["documents"] += 1
+        entry["tokens"] += tokens
+
+    def snapshot(self) -> dict:
+        return {"documents": self.documents, "tokens": self.tokens, "characters": self.characters,
+                "subsets": {k: dict(v) for k, v in self.subsets.items()}}
+
+
+@dataclass(frozen=True)
+class DocTag:
+    """Where a document came from and the counts before it: what resuming at it needs."""
+    file_index: int
+    record_index: int
+    token_offset: int    # tokens of this document already packed before the run resumed here
+    before: dict         # InputTally snapshot + ReadCounters before this document
+
+
+@dataclass(frozen=True)
+class SplitJob:
+    name: str
+    directory: str
+    select: Callable[[Document], bool]
+    settings: dict
+
+
+def _batches(documents: Iterator[Document], chunk_bytes: int) -> Iterator[tuple[list, list[str]]]:
+    """Group documents into (metadata list, texts) tasks of about `chunk_bytes` of text."""
+    metas, texts, size = [], [], 0
+    for doc in documents:
+        metas.append((doc.file_index, doc.record_index, doc.subset, len(doc.text), doc.raw_bytes_done))
+        texts.append(doc.text)
+        size += len(doc.text)
+        if size >= chunk_bytes:
+            yield metas, texts
+            metas, texts, size = [], [], 0
+    if texts:
+        yield metas, texts
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                smoothing=0.05, disable=not enabled, dynamic_ncols=True)
+
+
+def _run_split(job: SplitJob, paths: list[str], tokenizer: GptTokenizer, *, seq_len: int, shard_size: int,
+               drop_last: bool, subsets: Sequence[str] | None, skip_bad_files: bool, workers: int,
+               overwrite: bool, progress: bool, chunk_bytes: int) -> dict:
+    os.makedirs(job.directory, exist_ok=True)
+    log = ProgressLog(job.directory)
+    log.check_settings(job.settings, overwrite)
+    stats_path = os.path.join(job.directory, "stats.json")
+    done, last = log.resume_point(job.name)
+    if last is not None and last["next"] is None and os.path.isfile(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
+            return json.load(f)                      # finished earlier: nothing to redo
+
+    if last is None:
+        cursor, token_offset, state = (0, 0), 0, None
+    elif last["next"] is None:
+        cursor, token_offset, state = (len(paths), 0), 0, last["state"]
+    else:
+        cursor = (last["next"]["file_index"], last["next"]["record_index"])
+        token_offset, state = last["next"]["token_offset"], last["state"]
+    tally = InputTally(state["input"] if state else None)
+    counters = ReadCounters.from_dict(state["reader"]) if state else ReadCounters()
+    examples = state["examples"] if state else 0
+    padded = state["padded_tokens"] if state else 0
+    dropped = state["dropped_labels"] if state else 0
+    shards = [{k: r[k] for k in ("file", "examples", "bytes")} for r in done]
+
+    packer = StreamPacker(seq_len, pad_id=tokenizer.eos_id)
+    writer = ShardWriter(job.directory, job.name, shard_size, first_index=len(done))
+    full_mask = b"\x01" * seq_len
+    sizes = [os.path.getsize(p) for p in paths]
+    bar = _progress_bar(sum(sizes), sum(sizes[:cursor[0]]), job.name, progress)
+    bar_position = bar.n
+    started, tokens_before = time.perf_counter(), tally.tokens
+
+    def state_now(before: dict | None) -> dict:
+        """What a progress record stores; `before` is the counts before the next window's document."""
+        return {**(before or {"input": tally.snapshot(), "reader": counters.to_dict()}),
+                "examples": examples, "padded_tokens": padded, "dropped_labels": dropped}
+
+    def write(window: Window) -> None:
+        nonlocal examples
+        if window.num_real == seq_len:
+            mask = full_mask
+        else:
+            mask = encode_varints(np.arange(seq_len) < window.num_real)[0].tobytes()
+        info = writer.write(serialize_payloads(window.payloads[0], mask, window.payloads[1]))
+        examples += 1
+        if info is not None:
+            shards.append(info.to_dict())
+            if window.next_start is None:
+                next_start, before = None, None
+            else:
+                tag, offset = window.next_start
+                next_start = {"file_index": tag.file_index, "record_index": tag.record_index,
+                              "token_offset": tag.token_offset + offset}
+                before = tag.before
+            log.record(info, next_start, state_now(before))
+
+    documents = (d for d in read_documents(paths, start=cursor, subsets=subsets, skip_bad=skip_bad_files,
+                                           counters=counters) if job.select(d))
+    try:
+        with TokenizePool(tokenizer, workers) as pool:
+            for metas, tokens, lengths in pool.map(_batches(documents, chunk_bytes)):
+                encoded, offsets = encode_varints(tokens)
+                ends = np.cumsum(lengths)
+                for (file_index, record_index, subset, text_chars, raw_done), end, length in zip(
+                        metas, ends.tolist(), lengths.tolist()):
+                    start = end - length
+                    skip = 0
+                    if token_offset and (file_index, record_index) == cursor:
+                        skip, token_offset = token_offset, 0     # the part already in earlier shards
+                    before = {"input": tally.snapshot(), "reader": counters.to_dict()}
+                    tally.add(subset, length, text_chars)
+                    tag = DocTag(file_index, record_index, skip, before)
+                    for window in packer.add(tokens[start + skip:end], tag,
+                                             (encoded[offsets[start + skip]:offsets[end]],
+                                              offsets[start + skip:end + 1])):
+                        write(window)
+                    bar.update(raw_done - bar_position)
+                    bar_position = raw_done
+                rate = (tally.tokens - tokens_before) / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(tokens=f"{rate / 1e3:.0f}k/s", refresh=False)
+            final = packer.finish()
+            if final is not None:
+                if drop_last:
+                    dropped = final.num_real
+                else:
+                    padded = seq_len - final.num_real
+                    write(final)          # its next_start is None: the record marks the end
+            info = writer.close()
+            if info is not None:
+                shards.append(info.to_dict())
+                log.record(info, None, state_now(None))
+        bar.update(bar.total - bar.n)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+
+    stats = {
+        "split": job.name, **tally.snapshot(), **counters.to_dict(),
+        "examples": examples, "padded_tokens": padded, "dropped_labels": dropped,
+        "shards": shards, "settings": job.settings,
+    }
+    write_json_atomic(stats_path, stats)
+    return stats
+
+
+def preprocess(inputs: Sequence[str], output_dir: str, tokenizer: GptTokenizer | str, *,
+               max_sequence_length: int = 2048, shard_size: int = 10000, split: str = "train",
+               val_fraction: float = 0.0, seed: int = 0, pile_set_names: Sequence[str] | None = None,
+               drop_last: bool = False, skip_bad_files: bool = False, workers: int | None = None,
+               overwrite: bool = False, progress: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               ) -> dict[str, dict]:
+    """Write `<output_dir>/<split>/` (and `<output_dir>/val/` when val_fraction > 0); return stats per split."""
+    if max_sequence_length < 1 or shard_size < 1:
+        raise ValueError("max_sequence_length and shard_size must be positive")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if val_fraction > 0 and split == "val":
+        raise ValueError("--split val with --val-fraction would write both splits to one place; "
+                         "use another --split name")
+    if not isinstance(tokenizer, GptTokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    paths = expand_inputs(inputs)
+    common = {
+        "format": FORMAT_VERSION, "inputs": [[p, os.path.getsize(p)] for p in paths],
+        "tokenizer": tokenizer.fingerprint, "eos_id": tokenizer.eos_id,
+        "max_sequence_length": max_sequence_length, "shard_size": shard_size, "drop_last": drop_last,
+        "pile_set_names": sorted(pile_set_names) if pile_set_names else None,
+        "val_fraction": val_fraction, "seed": seed, "skip_bad_files": skip_bad_files,
+    }
+    jobs = [SplitJob(split, os.path.join(output_dir, split),
+                     lambda d: not in_val_split(d.text, val_fraction, seed), {**common, "split": split})]
+    if val_fraction > 0:
+        jobs.append(SplitJob("val", os.path.join(output_dir, "val"),
+                             lambda d: in_val_split(d.text, val_fraction, seed), {**common, "split": "val"}))
+    return {job.name: _run_split(job, paths, tokenizer, seq_len=max_sequence_length, shard_size=shard_size,
+                                 drop_last=drop_last, subsets=pile_set_names, skip_bad_files=skip_bad_files,
+                                 workers=workers, overwrite=overwrite, progress=progress,
+                                 chunk_bytes=chunk_bytes)
+            for job in jobs}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m input.scripts.pile.preprocess",
+        description="Tokenize Pile-style text (jsonl.zst, jsonl, txt) into packed GPT-J TFRecords.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="input files, directories (searched recursively) or globs")
+    parser.add_argument("--output-dir", required=True, help="shards go to <output-dir>/<split>/")
+    parser.add_argument("--tokenizer", required=True,
+                        help="directory with tokenizer.json or vocab.json+merges.txt, a tokenizer.json, "
+                             "or a hub id such as EleutherAI/gpt-j-6b")
+    parser.add_argument("--eos-token", default=EOS_TOKEN, help="token that ends every document")
+    parser.add_argument("--max-sequence-length", type=int, default=2048, help="tokens per example (S)")
+    parser.add_argument("--shard-size", type=int, default=10000, help="examples per shard file")
+    parser.add_argument("--split", default="train", help="name of the split (folder and shard prefix)")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="fraction of documents written to <output-dir>/val instead")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the val split's hash")
+    parser.add_argument("--pile-set-name", action="append", default=None, metavar="NAME",
+                        help="keep only documents whose meta.pile_set_name is NAME (repeatable)")
+    parser.add_argument("--drop-last", action="store_true",
+                        help="drop the final short window instead of padding it with EOS (mask 0)")
+    parser.add_argument("--skip-bad-files", action="store_true",
+                        help="skip unreadable files/lines (counted in stats.json) instead of stopping")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="tokenizer processes (0: tokenize in this process)")
+    parser.add_argument("--overwrite", action="store_true", help="discard shards of an earlier run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer, eos_token=args.eos_token)
+        results = preprocess(args.input, args.output_dir, tokenizer,
+                             max_sequence_length=args.max_sequence_length, shard_size=args.shard_size,
+                             split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+                             pile_set_names=args.pile_set_name, drop_last=args.drop_last,
+                             skip_bad_files=args.skip_bad_files, workers=args.workers,
+                             overwrite=args.overwrite, progress=not args.no_progress)
+    except (InputDataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, stats in results.items():
+        skipped = len(stats["bad_files"])
+        print(f"{name}: {stats['documents']} documents, {stats['tokens']} tokens, {stats['examples']} "
+              f"examples in {len(stats['shards'])} shards, {stats['padded_tokens']} padded tokens"
+              + (f", {skipped} bad files and {stats['bad_lines']} bad lines skipped" if skipped or
+                 stats["bad_lines"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -93,9 +93,9 @@ def _existing_model(directory: str, model: ModelParams) -> str | None:
 
 
 def convert(source: str, output_dir: str, revision: str | None = None, vocab_size: int | None = None,
-            fused_qkv: bool = False, progress: bool = True) -> ModelParams:
+            fused_qkv: bool = False, progress: bool = True, cache_dir: str | None = None) -> ModelParams:
     """Convert `source` (hub id or directory) into `output_dir`; returns the model params."""
-    local = resolve_source(source, revision)
+    local = resolve_source(source, revision, cache_dir)
     hf_config = read_config(local)
     model = params_from_hf_config(hf_config, vocab_size)
     if fused_qkv:
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="hub id (e.g. EleutherAI/gpt-j-6b) or a local HF checkpoint directory")
     parser.add_argument("--output-dir", required=True, help="directory to write the TF checkpoint to")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--cache-dir", default=None, help="huggingface_hub cache (default: HF_HUB_CACHE)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="pad the vocabulary to this size (e.g. a multiple of 64); default: as in config.json")
     parser.add_argument("--fused-qkv", action="store_true",
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         model = convert(args.source, args.output_dir, args.revision, args.vocab_size, args.fused_qkv,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, cache_dir=args.cache_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

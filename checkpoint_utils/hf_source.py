@@ -33,16 +33,16 @@ def resolve_source(source: str, revision: str | None = None, cache_dir: str | No
     if os.path.exists(expanded) or _looks_like_path(source):
         raise FileNotFoundError(f"--source {source!r} is not a directory; pass the directory that "
                                 "holds config.json and the weight files, or a hub id like EleutherAI/gpt-j-6b")
-    from huggingface_hub import list_repo_files, snapshot_download
-    files = set(list_repo_files(source, revision=revision))
-    if SAFETENSORS_INDEX in files or SAFETENSORS_SINGLE in files:
-        patterns = ["config.json", "*.safetensors", SAFETENSORS_INDEX]
-    elif BIN_INDEX in files or BIN_SINGLE in files:
-        patterns = ["config.json", "pytorch_model*.bin", BIN_INDEX]
-    else:
-        raise FileNotFoundError(f"hub repo {source!r} (revision {revision or 'main'}) has no "
-                                "safetensors or pytorch_model.bin weights")
-    return snapshot_download(source, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+    from huggingface_hub import snapshot_download
+    # Safetensors when the repo has them, else PyTorch bins; only config + weights are fetched.
+    # With HF_HUB_OFFLINE=1 both calls resolve from the local huggingface_hub cache.
+    for patterns in (["config.json", "*.safetensors", SAFETENSORS_INDEX],
+                     ["config.json", "pytorch_model*.bin", BIN_INDEX]):
+        local = snapshot_download(source, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+        if any(name.endswith((".safetensors", ".bin")) for name in os.listdir(local)):
+            return local
+    raise FileNotFoundError(f"hub repo {source!r} (revision {revision or 'main'}) has no "
+                            "safetensors or pytorch_model.bin weights")
 
 
 def read_config(directory: str) -> dict:

@@ -237,3 +237,22 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert convert_hf.main(["--source", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"),
                             "--no-progress"]) == 2
     assert "error: --source" in capsys.readouterr().err
+
+
+def test_hub_id_resolves_through_the_huggingface_hub_cache(hf_dirs, tmp_path):
+    """A hub id goes through huggingface_hub; offline, it is served from the local cache."""
+    import shutil
+    hf_model, hf_dir = hf_dirs["gptj_basic"]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--tiny-org--tiny-gptj"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(hf_dir, repo / "snapshots" / commit)
+    from checkpoint_utils.hf_source import resolve_source
+    resolved = resolve_source("tiny-org/tiny-gptj", cache_dir=str(tmp_path / "cache"))
+    assert resolved == str(repo / "snapshots" / commit)
+    convert("tiny-org/tiny-gptj", str(tmp_path / "tf"), cache_dir=str(tmp_path / "cache"), progress=False)
+    with pytest.raises(Exception, match="(?i)cannot find .*cached snapshot"):
+        resolve_source("tiny-org/absent", cache_dir=str(tmp_path / "cache"))
+    ids = random_ids(101, 1, 5)
+    assert np.abs(_ours_logits(str(tmp_path / "tf"), ids) - hf_logits(hf_model, ids)).max() <= TOLERANCE

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from checkpoint_utils.hf_config import model_type_of
+from checkpoint_utils.host_arrays import aligned_copy
 from runtime.params import ModelParams
 
 Arrays = list[np.ndarray]
@@ -41,7 +42,7 @@ class TensorGroup:
 
 
 def _transpose(arrays: Arrays) -> Arrays:
-    return [np.ascontiguousarray(a.T) for a in arrays]
+    return [aligned_copy(a.T) for a in arrays]
 
 
 def _identity(arrays: Arrays) -> Arrays:

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from checkpoint_utils.host_arrays import aligned_copy
 from checkpoint_utils.safetensors_reader import SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -133,4 +134,4 @@ class HFWeights:
             array = self._safetensors(filename).read(stored)
         else:
             array = self._bin(filename)[stored].float().numpy()
-        return array.astype(np.float32, copy=False)
+        return array if array.dtype == np.float32 else aligned_copy(array, np.float32)

@@ -15,6 +15,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from checkpoint_utils.host_arrays import aligned_empty
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -62,7 +64,7 @@ class SafetensorsFile:
     def read(self, name: str) -> np.ndarray:
         entry = self.entries[name]
         begin, end = entry["data_offsets"]
-        array = np.empty(self.shape(name), dtype=self.dtype(name))
+        array = aligned_empty(self.shape(name), self.dtype(name))
         if array.nbytes != end - begin:
             raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape "
                              f"{list(array.shape)} {entry['dtype']}; the file is corrupt")

@@ -17,6 +17,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from checkpoint_utils.host_arrays import as_tensor
+
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -88,7 +90,7 @@ def write_checkpoint(prefix: str, tensors: Iterable[tuple[str, np.ndarray]], roo
             if pending_bytes and pending_bytes + array.nbytes > group_bytes:
                 flush()
             pending_names.append(key)
-            pending_values.append(tf.convert_to_tensor(array))
+            pending_values.append(as_tensor(array))
             pending_bytes += array.nbytes
             del array  # the tensor holds the data now; keep one copy, not two
             if pending_bytes >= group_bytes:

@@ -74,8 +74,8 @@ class GptTfRecordsProcessor:
             lost = tf.strings.as_string(expected - read)
             if skip_corrupt:
                 def report():
-                    tf.print("skip_corrupt_records: skipped", lost, "unreadable records (checksum mismatch) of",
-                             path, output_stream=sys.stderr)
+                    tf.print(tf.strings.join(["skip_corrupt_records: skipped ", lost, " unreadable records "
+                                              "(checksum mismatch) at the end of ", path]), output_stream=sys.stderr)
                     return tf.constant(True)
 
                 with tf.control_dependencies([tf.cond(complete, lambda: tf.constant(True), report)]):
@@ -127,7 +127,7 @@ class GptTfRecordsProcessor:
             first = tf.argmax(tf.cast(bad, tf.int32))
             message = tf.strings.join([
                 tf.gather(paths, first), ": a record has ", tf.strings.as_string(tf.gather(lengths, first)),
-                f" values of feature '{name}' (0: the feature is missing) but {self.key}.max_sequence_length="
+                f" values of feature {name} (0: the feature is missing) but {self.key}.max_sequence_length="
                 f"{seq_len}; re-run preprocessing with --max-sequence-length {seq_len} or fix the setting"])
             checks.append(_check(tf.logical_not(tf.reduce_any(bad)), message))
         with tf.control_dependencies(checks):
@@ -138,7 +138,7 @@ class GptTfRecordsProcessor:
             first = tf.argmax(tf.cast(out_of_range, tf.int32))
             message = tf.strings.join([
                 tf.gather(paths, first), ": token id ", tf.strings.as_string(tf.reduce_max(tf.gather(dense[name], first))),
-                f" in '{name}' is outside model.vocab_size={vocab}; the data was made with another tokenizer: "
+                f" in {name} is outside model.vocab_size={vocab}; the data was made with another tokenizer: "
                 "re-run preprocessing with the model's tokenizer or raise model.vocab_size"])
             checks.append(_check(tf.logical_not(tf.reduce_any(out_of_range)), message))
         with tf.control_dependencies(checks):

@@ -41,16 +41,19 @@ class ReadCounters:
     """What the reader dropped; filled as it goes so a progress record can snapshot it."""
     filtered_out: int = 0         # documents of another pile_set_name
     empty_documents: int = 0
+    repaired_documents: int = 0   # lone UTF-16 surrogates (from JSON escapes) replaced by U+FFFD
     bad_lines: int = 0
     bad_files: list = field(default_factory=list)   # [{"file", "error"}]
 
     def to_dict(self) -> dict:
         return {"filtered_out": self.filtered_out, "empty_documents": self.empty_documents,
-                "bad_lines": self.bad_lines, "bad_files": list(self.bad_files)}
+                "repaired_documents": self.repaired_documents, "bad_lines": self.bad_lines,
+                "bad_files": list(self.bad_files)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReadCounters":
-        return cls(data["filtered_out"], data["empty_documents"], data["bad_lines"], list(data["bad_files"]))
+        return cls(data["filtered_out"], data["empty_documents"], data["repaired_documents"], data["bad_lines"],
+                   list(data["bad_files"]))
 
 
 def _has_input_suffix(path: str) -> bool:
@@ -115,6 +118,18 @@ def _zst_lines(handle) -> Iterator[tuple[bytes, int]]:
         yield pending, handle.tell()
 
 
+def _valid_unicode(text: str, counters: ReadCounters) -> str:
+    """`text` with lone surrogates (which JSON can escape but UTF-8 cannot hold) replaced by U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        counters.repaired_documents += 1
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _plain_lines(handle) -> Iterator[tuple[bytes, int]]:
     position = 0
     for line in handle:
@@ -170,7 +185,8 @@ def read_file_records(path: str, *, start_record: int = 0, skip_bad: bool = Fals
                     counters.bad_lines += 1
                     yield index, None, UNSPECIFIED_SUBSET, position
                     continue
-                yield index, text, str(subset) if subset is not None else UNSPECIFIED_SUBSET, position
+                yield (index, _valid_unicode(text, counters), str(subset) if subset is not None else UNSPECIFIED_SUBSET,
+                       position)
     except (zstandard.ZstdError, EOFError, OSError) as err:
         where = f"after line {index + 1}" if index >= 0 else "at the start"
         if not skip_bad:

@@ -1,9 +1,8 @@
 """The TFRecord format of the pipeline: feature names, Example encoding, and file checks.
 
 Each record is a `tf.train.Example` with three int64 features of length S
-(`max_sequence_length`): `input_ids`, `labels` (input shifted by one) and `input_mask`
-(1 where the label at that position is a real token whose loss counts, 0 on padding;
-docs/data.md is the reference).
+(`max_sequence_length`): `input_ids`, `labels` and `input_mask`; their meaning is defined
+once, in docs/data.md (and the preprocess module docstring).
 
 Examples are encoded here by hand (protobuf varints with NumPy) rather than through
 `tf.train.Example`, because the packed token payload of a window is then a slice of the

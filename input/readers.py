@@ -20,7 +20,7 @@ import zstandard
 from input.errors import InputDataError
 
 __all__ = ["INPUT_SUFFIXES", "UNSPECIFIED_SUBSET", "Document", "ReadCounters", "expand_inputs",
-           "read_documents", "read_file_records"]
+           "read_documents", "read_file_records", "repair_unicode"]
 
 INPUT_SUFFIXES = (".jsonl.zst", ".jsonl", ".txt")
 UNSPECIFIED_SUBSET = "unspecified"     # subset name of .txt files and lines without meta
@@ -34,26 +34,25 @@ class Document:
     file_index: int        # position of its file in the expanded input list
     record_index: int      # line (jsonl) or 0 (txt) in that file: the resume cursor
     raw_bytes_done: int    # on-disk bytes of all inputs consumed so far (for the progress bar)
+    repaired: bool = False  # lone UTF-16 surrogates (from JSON escapes) were replaced by U+FFFD
 
 
 @dataclass
 class ReadCounters:
-    """What the reader dropped; filled as it goes so a progress record can snapshot it."""
+    """What the reader dropped, filled as it goes. Only records that yield no document change it,
+    so a snapshot taken when a document is yielded is exact for resuming at that document."""
     filtered_out: int = 0         # documents of another pile_set_name
     empty_documents: int = 0
-    repaired_documents: int = 0   # lone UTF-16 surrogates (from JSON escapes) replaced by U+FFFD
     bad_lines: int = 0
     bad_files: list = field(default_factory=list)   # [{"file", "error"}]
 
     def to_dict(self) -> dict:
         return {"filtered_out": self.filtered_out, "empty_documents": self.empty_documents,
-                "repaired_documents": self.repaired_documents, "bad_lines": self.bad_lines,
-                "bad_files": list(self.bad_files)}
+                "bad_lines": self.bad_lines, "bad_files": list(self.bad_files)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReadCounters":
-        return cls(data["filtered_out"], data["empty_documents"], data["repaired_documents"], data["bad_lines"],
-                   list(data["bad_files"]))
+        return cls(data["filtered_out"], data["empty_documents"], data["bad_lines"], list(data["bad_files"]))
 
 
 def _has_input_suffix(path: str) -> bool:
@@ -118,7 +117,7 @@ def _zst_lines(handle) -> Iterator[tuple[bytes, int]]:
         yield pending, handle.tell()
 
 
-def _valid_unicode(text: str, counters: ReadCounters) -> str:
+def repair_unicode(text: str) -> str:
     """`text` with lone surrogates (which JSON can escape but UTF-8 cannot hold) replaced by U+FFFD."""
     if text.isascii():
         return text
@@ -126,7 +125,6 @@ def _valid_unicode(text: str, counters: ReadCounters) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        counters.repaired_documents += 1
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
@@ -185,8 +183,7 @@ def read_file_records(path: str, *, start_record: int = 0, skip_bad: bool = Fals
                     counters.bad_lines += 1
                     yield index, None, UNSPECIFIED_SUBSET, position
                     continue
-                yield (index, _valid_unicode(text, counters), str(subset) if subset is not None else UNSPECIFIED_SUBSET,
-                       position)
+                yield index, text, str(subset) if subset is not None else UNSPECIFIED_SUBSET, position
     except (zstandard.ZstdError, EOFError, OSError) as err:
         where = f"after line {index + 1}" if index >= 0 else "at the start"
         if not skip_bad:
@@ -216,5 +213,6 @@ def read_documents(paths: Sequence[str], *, start: tuple[int, int] = (0, 0),
             if not text:
                 counters.empty_documents += 1
                 continue
-            yield Document(text, subset, file_index, record_index, done_before + position)
+            repaired = repair_unicode(text)
+            yield Document(repaired, subset, file_index, record_index, done_before + position, repaired is not text)
         done_before += sizes[file_index]

@@ -155,13 +155,15 @@ def _interrupt_after(monkeypatch, writes):
 
 def test_resume_after_interrupt_gives_the_same_bytes(tmp_path, tokenizer, corpus, monkeypatch):
     paths, _ = corpus
-    _run(paths, tmp_path / "reference", tokenizer)
+    subsets = ["Alpha", "unspecified"]        # some records filtered: their count must survive the resume
+    reference_stats = _run(paths, tmp_path / "reference", tokenizer, pile_set_names=subsets)["train"]
+    assert reference_stats["filtered_out"] > 0
     reference = _shard_bytes(tmp_path / "reference" / "train")
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 60)
         with pytest.raises(KeyboardInterrupt):
-            _run(paths, out, tokenizer)
+            _run(paths, out, tokenizer, pile_set_names=subsets)
     split = out / "train"
     finished = _shard_bytes(split)
     assert 0 < len(finished) < len(reference) and not (split / "stats.json").exists()
@@ -171,7 +173,7 @@ def test_resume_after_interrupt_gives_the_same_bytes(tmp_path, tokenizer, corpus
     (split / ".train-00099.tfrecord.tmp").write_bytes(b"half written")   # as if killed mid-write
     stamps = {name: os.stat(split / name).st_mtime_ns for name in finished}
 
-    stats = _run(paths, out, tokenizer)["train"]
+    stats = _run(paths, out, tokenizer, pile_set_names=subsets)["train"]
     assert _shard_bytes(split) == reference
     assert all(os.stat(split / name).st_mtime_ns == stamp for name, stamp in stamps.items())   # kept, not redone
     assert not glob.glob(str(split / ".*.tmp"))
@@ -275,3 +277,32 @@ def test_lone_surrogates_are_repaired_and_counted(tmp_path, tokenizer):
     stats = _run([str(path)], tmp_path / "out", tokenizer)["train"]
     assert stats["repaired_documents"] == 1 and stats["empty_documents"] == 1
     assert stats["tokens"] == len(_stream(tokenizer, ["x\ufffdy", "ok \U0001F600"]))
+
+
+def test_progress_records_point_exactly_at_the_next_window(tmp_path, tokenizer, corpus):
+    """Each shard's resume record = the stream position after it, checked against an independent count."""
+    paths, _ = corpus
+    records = []                              # (file index, record index, text, subset), read without our reader
+    for file_index, path in enumerate(paths):
+        if path.endswith(".txt"):
+            records.append((file_index, 0, open(path, encoding="utf-8").read(), "unspecified"))
+            continue
+        with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as reader:
+            lines = reader.read()
+        for record_index, line in enumerate(lines.splitlines()):
+            row = json.loads(line)
+            records.append((file_index, record_index, row["text"], row["meta"]["pile_set_name"]))
+    wanted = {"Alpha", "unspecified"}
+    _run(paths, tmp_path, tokenizer, pile_set_names=sorted(wanted))
+    progress = sorted(glob.glob(str(tmp_path / "train" / ".progress" / "train-*.json")))
+    assert len(progress) > 3
+    for shard_index, path in enumerate(progress[:-1]):
+        record = json.load(open(path))
+        cursor = (record["next"]["file_index"], record["next"]["record_index"])
+        before = [r for r in records if r[:2] < cursor]
+        kept = [r[2] for r in before if r[3] in wanted]
+        assert record["state"]["reader"]["filtered_out"] == sum(r[3] not in wanted for r in before)
+        assert record["state"]["input"]["documents"] == len(kept)
+        tokens_before = len(_stream(tokenizer, kept))
+        assert record["state"]["input"]["tokens"] == tokens_before
+        assert tokens_before + record["next"]["token_offset"] == (shard_index + 1) * 7 * SEQ   # next window start

@@ -65,22 +65,26 @@ class InputTally:
     """Running input-side counts of one split; `snapshot()` is what a progress record stores."""
 
     def __init__(self, snapshot: dict | None = None):
-        snapshot = snapshot or {"documents": 0, "tokens": 0, "characters": 0, "subsets": {}}
+        snapshot = snapshot or {"documents": 0, "tokens": 0, "characters": 0, "repaired_documents": 0,
+                                "subsets": {}}
         self.documents = snapshot["documents"]
         self.tokens = snapshot["tokens"]
         self.characters = snapshot["characters"]
+        self.repaired_documents = snapshot["repaired_documents"]
         self.subsets = {k: dict(v) for k, v in snapshot["subsets"].items()}
 
-    def add(self, subset: str, tokens: int, characters: int) -> None:
+    def add(self, subset: str, tokens: int, characters: int, repaired: bool) -> None:
         self.documents += 1
         self.tokens += tokens
         self.characters += characters
+        self.repaired_documents += repaired
         entry = self.subsets.setdefault(subset, {"documents": 0, "tokens": 0})
         entry["documents"] += 1
         entry["tokens"] += tokens
 
     def snapshot(self) -> dict:
         return {"documents": self.documents, "tokens": self.tokens, "characters": self.characters,
+                "repaired_documents": self.repaired_documents,
                 "subsets": {k: dict(v) for k, v in self.subsets.items()}}
 
 
@@ -101,11 +105,16 @@ class SplitJob:
     settings: dict
 
 
-def _batches(documents: Iterator[Document], chunk_bytes: int) -> Iterator[tuple[list, list[str]]]:
-    """Group documents into (metadata list, texts) tasks of about `chunk_bytes` of text."""
+def _batches(documents: Iterator[Document], counters: ReadCounters, chunk_bytes: int
+             ) -> Iterator[tuple[list, list[str]]]:
+    """Group documents into (metadata, texts) tasks of about `chunk_bytes` of text.
+
+    The reader's counters are snapshotted as each document arrives: the reader runs ahead
+    of the packing, and a resume at this document must not count later records twice.
+    """
     metas, texts, size = [], [], 0
     for doc in documents:
-        metas.append((doc.file_index, doc.record_index, doc.subset, len(doc.text), doc.raw_bytes_done))
+        metas.append((doc, counters.to_dict()))
         texts.append(doc.text)
         size += len(doc.text)
         if size >= chunk_bytes:
@@ -121,6 +130,60 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
                 smoothing=0.05, disable=not enabled, dynamic_ncols=True)
 
 
+class _SplitOutput:
+    """The writing side of one split: shards, progress records and the output counts."""
+
+    def __init__(self, job: SplitJob, log: ProgressLog, seq_len: int, shard_size: int, done: list[dict],
+                 state: dict | None):
+        self.log = log
+        self.writer = ShardWriter(job.directory, job.name, shard_size, first_index=len(done))
+        self.seq_len = seq_len
+        self.shards = [{k: r[k] for k in ("file", "examples", "bytes")} for r in done]
+        self.examples = state["examples"] if state else 0
+        self.padded = state["padded_tokens"] if state else 0
+        self.dropped = state["dropped_labels"] if state else 0
+        self._full_mask = b"\x01" * seq_len
+
+    def state(self, before: dict) -> dict:
+        """A progress record's state: input counts `before` the resume point plus the output counts."""
+        return {**before, "examples": self.examples, "padded_tokens": self.padded, "dropped_labels": self.dropped}
+
+    def write(self, window: Window, now: Callable[[], dict]) -> None:
+        """Write one window; when that completes a shard, record where the next window starts.
+
+        `now()` gives the input counts at the end of the input (for the last window only).
+        """
+        if window.num_real == self.seq_len:
+            mask = self._full_mask
+        else:
+            mask = encode_varints(np.arange(self.seq_len) < window.num_real)[0].tobytes()
+        info = self.writer.write(serialize_payloads(window.payloads[0], mask, window.payloads[1]))
+        self.examples += 1
+        if info is None:
+            return
+        self.shards.append(info.to_dict())
+        if window.next_start is None:
+            self.log.record(info, None, self.state(now()))
+            return
+        tag, offset = window.next_start
+        next_start = {"file_index": tag.file_index, "record_index": tag.record_index,
+                      "token_offset": tag.token_offset + offset}
+        self.log.record(info, next_start, self.state(tag.before))
+
+    def finish(self, final: Window | None, drop_last: bool, now: Callable[[], dict]) -> None:
+        """Pad and write (or drop) the last short window and close the open shard."""
+        if final is not None:
+            if drop_last:
+                self.dropped = final.num_real
+            else:
+                self.padded = self.seq_len - final.num_real
+                self.write(final, now)
+        info = self.writer.close()
+        if info is not None:
+            self.shards.append(info.to_dict())
+            self.log.record(info, None, self.state(now()))
+
+
 def _run_split(job: SplitJob, paths: list[str], tokenizer: GptTokenizer, *, seq_len: int, shard_size: int,
                drop_last: bool, subsets: Sequence[str] | None, skip_bad_files: bool, workers: int,
                overwrite: bool, progress: bool, chunk_bytes: int) -> dict:
@@ -132,100 +195,58 @@ def _run_split(job: SplitJob, paths: list[str], tokenizer: GptTokenizer, *, seq_
     if last is not None and last["next"] is None and os.path.isfile(stats_path):
         with open(stats_path, encoding="utf-8") as f:
             return json.load(f)                      # finished earlier: nothing to redo
-
+    state = last["state"] if last else None
     if last is None:
-        cursor, token_offset, state = (0, 0), 0, None
-    elif last["next"] is None:
-        cursor, token_offset, state = (len(paths), 0), 0, last["state"]
+        cursor, token_offset = (0, 0), 0
+    elif last["next"] is None:                       # all shards written, stats.json was not
+        cursor, token_offset = (len(paths), 0), 0
     else:
         cursor = (last["next"]["file_index"], last["next"]["record_index"])
-        token_offset, state = last["next"]["token_offset"], last["state"]
+        token_offset = last["next"]["token_offset"]
     tally = InputTally(state["input"] if state else None)
     counters = ReadCounters.from_dict(state["reader"]) if state else ReadCounters()
-    examples = state["examples"] if state else 0
-    padded = state["padded_tokens"] if state else 0
-    dropped = state["dropped_labels"] if state else 0
-    shards = [{k: r[k] for k in ("file", "examples", "bytes")} for r in done]
-
+    output = _SplitOutput(job, log, seq_len, shard_size, done, state)
     packer = StreamPacker(seq_len, pad_id=tokenizer.eos_id)
-    writer = ShardWriter(job.directory, job.name, shard_size, first_index=len(done))
-    full_mask = b"\x01" * seq_len
+
+    def now() -> dict:
+        return {"input": tally.snapshot(), "reader": counters.to_dict()}
+
     sizes = [os.path.getsize(p) for p in paths]
     bar = _progress_bar(sum(sizes), sum(sizes[:cursor[0]]), job.name, progress)
-    bar_position = bar.n
     started, tokens_before = time.perf_counter(), tally.tokens
-
-    def state_now(before: dict | None) -> dict:
-        """What a progress record stores; `before` is the counts before the next window's document."""
-        return {**(before or {"input": tally.snapshot(), "reader": counters.to_dict()}),
-                "examples": examples, "padded_tokens": padded, "dropped_labels": dropped}
-
-    def write(window: Window) -> None:
-        nonlocal examples
-        if window.num_real == seq_len:
-            mask = full_mask
-        else:
-            mask = encode_varints(np.arange(seq_len) < window.num_real)[0].tobytes()
-        info = writer.write(serialize_payloads(window.payloads[0], mask, window.payloads[1]))
-        examples += 1
-        if info is not None:
-            shards.append(info.to_dict())
-            if window.next_start is None:
-                next_start, before = None, None
-            else:
-                tag, offset = window.next_start
-                next_start = {"file_index": tag.file_index, "record_index": tag.record_index,
-                              "token_offset": tag.token_offset + offset}
-                before = tag.before
-            log.record(info, next_start, state_now(before))
-
     documents = (d for d in read_documents(paths, start=cursor, subsets=subsets, skip_bad=skip_bad_files,
                                            counters=counters) if job.select(d))
     try:
         with TokenizePool(tokenizer, workers) as pool:
-            for metas, tokens, lengths in pool.map(_batches(documents, chunk_bytes)):
-                encoded, offsets = encode_varints(tokens)
+            for metas, tokens, lengths in pool.map(_batches(documents, counters, chunk_bytes)):
+                encoded, offsets = encode_varints(tokens)               # once per batch; windows slice it
                 ends = np.cumsum(lengths)
-                for (file_index, record_index, subset, text_chars, raw_done), end, length in zip(
-                        metas, ends.tolist(), lengths.tolist()):
+                for (doc, reader_before), end, length in zip(metas, ends.tolist(), lengths.tolist()):
                     start = end - length
                     skip = 0
-                    if token_offset and (file_index, record_index) == cursor:
+                    if token_offset and (doc.file_index, doc.record_index) == cursor:
                         skip, token_offset = token_offset, 0     # the part already in earlier shards
-                    before = {"input": tally.snapshot(), "reader": counters.to_dict()}
-                    tally.add(subset, length, text_chars)
-                    tag = DocTag(file_index, record_index, skip, before)
+                    tag = DocTag(doc.file_index, doc.record_index, skip,
+                                 {"input": tally.snapshot(), "reader": reader_before})
+                    tally.add(doc.subset, length, len(doc.text), doc.repaired)
                     for window in packer.add(tokens[start + skip:end], tag,
                                              (encoded[offsets[start + skip]:offsets[end]],
                                               offsets[start + skip:end + 1])):
-                        write(window)
-                    bar.update(raw_done - bar_position)
-                    bar_position = raw_done
+                        output.write(window, now)
+                bar.update(metas[-1][0].raw_bytes_done - bar.n)
                 rate = (tally.tokens - tokens_before) / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(tokens=f"{rate / 1e3:.0f}k/s", refresh=False)
-            final = packer.finish()
-            if final is not None:
-                if drop_last:
-                    dropped = final.num_real
-                else:
-                    padded = seq_len - final.num_real
-                    write(final)          # its next_start is None: the record marks the end
-            info = writer.close()
-            if info is not None:
-                shards.append(info.to_dict())
-                log.record(info, None, state_now(None))
+            output.finish(packer.finish(), drop_last, now)
         bar.update(bar.total - bar.n)
     except BaseException:
-        writer.abort()
+        output.writer.abort()
         raise
     finally:
         bar.close()
 
-    stats = {
-        "split": job.name, **tally.snapshot(), **counters.to_dict(),
-        "examples": examples, "padded_tokens": padded, "dropped_labels": dropped,
-        "shards": shards, "settings": job.settings,
-    }
+    stats = {"split": job.name, **tally.snapshot(), **counters.to_dict(), "examples": output.examples,
+             "padded_tokens": output.padded, "dropped_labels": output.dropped, "shards": output.shards,
+             "settings": job.settings}
     write_json_atomic(stats_path, stats)
     return stats
 

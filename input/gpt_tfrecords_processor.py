@@ -36,6 +36,8 @@ from runtime.params import ModelParams, ParamsError, TrainInputParams
 
 __all__ = ["GptTfRecordsProcessor"]
 
+_FILE_BLOCK = 128      # records per bookkeeping step when reading a file
+
 def _check(condition: tf.Tensor, message: tf.Tensor) -> tf.Operation:
     """An assertion whose message is built in the graph (so it can name the file at fault)."""
     return tf.debugging.Assert(condition, [message], summarize=1, name="data_check")
@@ -62,32 +64,41 @@ class GptTfRecordsProcessor:
 
     def _read_file(self, path: tf.Tensor, expected: tf.Tensor) -> tf.data.Dataset:
         """(serialized, path) for each record of one file, failing or warning (by setting) when the
-        file yields fewer records than its framing promised."""
-        records = tf.data.TFRecordDataset(path, buffer_size=1 << 20).ignore_errors()  # a bad checksum ends the file
-        tagged = records.map(lambda r: (r, False)).concatenate(tf.data.Dataset.from_tensors((tf.constant(""), True)))
-        counted = tagged.scan(tf.constant(0, tf.int64),
-                              lambda n, x: (n + tf.cast(tf.logical_not(x[1]), tf.int64), (x[0], x[1], n)))
-        skip_corrupt = self.section.skip_corrupt_records
+        file yields fewer records than its framing promised.
 
-        def keep(record, is_end, read):
-            complete = tf.logical_or(tf.logical_not(is_end), tf.equal(read, expected))
-            lost = tf.strings.as_string(expected - read)
-            if skip_corrupt:
-                def report():
-                    tf.print(tf.strings.join(["skip_corrupt_records: skipped ", lost, " unreadable records "
-                                              "(checksum mismatch) at the end of ", path]), output_stream=sys.stderr)
-                    return tf.constant(True)
+        The bookkeeping runs on blocks of records (a tf.data function call costs microseconds;
+        per record it would cost more than the reading), then the blocks are unbatched.
+        """
+        blocks = tf.data.TFRecordDataset(path, buffer_size=1 << 20).ignore_errors().batch(_FILE_BLOCK)
+        end_marker = tf.data.Dataset.from_tensors((tf.constant([], tf.string), True))
+        flagged = blocks.map(lambda b: (b, False)).concatenate(end_marker)
+        # n = records before this block; for the end marker, the records the file yielded.
+        counted = flagged.scan(tf.constant(0, tf.int64), lambda n, x: (n + tf.size(x[0], tf.int64), (x[0], x[1], n)))
 
-                with tf.control_dependencies([tf.cond(complete, lambda: tf.constant(True), report)]):
-                    return tf.logical_not(is_end)
-            message = tf.strings.join([
+        def keep(block, is_end, read):
+            return tf.cond(is_end, lambda: self._file_end(path, read, expected), lambda: tf.constant(True))
+
+        checked = counted.filter(keep).map(lambda block, is_end, read: (block, tf.fill(tf.shape(block), path)))
+        return checked.unbatch()
+
+    def _file_end(self, path: tf.Tensor, read: tf.Tensor, expected: tf.Tensor) -> tf.Tensor:
+        """At a file's end: fail (or, with skip_corrupt_records, report) if records were lost; returns False."""
+        complete = tf.equal(read, expected)
+        if self.section.skip_corrupt_records:
+            def report():
+                tf.print(tf.strings.join(["skip_corrupt_records: skipped ", tf.strings.as_string(expected - read),
+                                          " unreadable records (checksum mismatch) at the end of ", path]),
+                         output_stream=sys.stderr)
+                return tf.constant(True)
+
+            done = tf.cond(complete, lambda: tf.constant(True), report)
+        else:
+            done = _check(complete, tf.strings.join([
                 path, ": only ", tf.strings.as_string(read), " of ", tf.strings.as_string(expected),
                 " records are readable (checksum mismatch: the file is corrupt); re-run preprocessing to "
-                "rewrite it, delete it, or set ", self.key, ".skip_corrupt_records: true to skip the rest"])
-            with tf.control_dependencies([_check(complete, message)]):
-                return tf.logical_not(is_end)
-
-        return counted.filter(keep).map(lambda record, is_end, read: (record, path))
+                "rewrite it, delete it, or set ", self.key, ".skip_corrupt_records: true to skip the rest"]))
+        with tf.control_dependencies([done]):
+            return tf.constant(False)
 
     def _epoch(self, epoch: tf.Tensor, paths: tf.Tensor, counts: tf.Tensor,
                record_shards: int, record_index: int) -> tf.data.Dataset:

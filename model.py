@@ -22,7 +22,17 @@ from layers.embedding import TokenEmbedding
 from layers.layer_norm import LayerNorm
 from layers.masks import causal_attention_bias
 from layers.rotary import rotary_sin_cos
-from runtime.params import ModelParams
+from runtime import modes
+from runtime.params import ModelParams, Params
+
+
+class ModelSpec(NamedTuple):
+    """What model_fn returns. Sums are kept beside the means so micro-batches, replicas and
+    eval batches aggregate exactly (a mean over counted tokens, not a mean of means)."""
+    loss: tf.Tensor | None          # scalar float32: cross-entropy averaged over counted tokens
+    predictions: dict               # {"logits": [b, s, V] float32, "token_ids": [b, s] int32}
+    metrics: dict                   # {"accuracy", "perplexity"}: scalars for this batch
+    sums: dict                      # {"loss", "correct", "tokens"}: scalar float32 sums
 
 
 class ModelOutput(NamedTuple):
@@ -160,3 +170,38 @@ def weight_shapes(config: ModelParams) -> dict[str, tuple[int, ...]]:
     elif config.use_bias_in_output:
         shapes["lm_head_bias"] = (v,)
     return shapes
+
+
+def loss_weights(features: dict) -> tf.Tensor:
+    """[b, s] float32 weight of each label in the loss: the record's input_mask (1 where the
+    label is a real token whose loss counts, 0 on padding; see docs/data.md)."""
+    return tf.cast(features["input_mask"], tf.float32)
+
+
+def build_model(params: Params) -> GPTJModel:
+    return GPTJModel(params.model, seed=params.runconfig.seed)
+
+
+def model_fn(features: dict, labels: tf.Tensor | None, mode: str, params: Params, model: GPTJModel,
+             dropout_seed: tf.Tensor | None = None) -> ModelSpec:
+    """Loss, predictions and metrics for one batch.
+
+    features: {"input_ids": int32 [b, s], "input_mask": int32 [b, s]}; labels: int32 [b, s].
+    TF2 variables need an owner that outlives one call, so the runtime builds the model once
+    (`build_model`) and passes it in; model_fn itself touches no optimizer, checkpoint or device.
+    dropout_seed ([2] int) turns dropout on (training).
+    """
+    logits = model(features["input_ids"], dropout_seed=dropout_seed).logits      # [b, s, V] f32
+    token_ids = tf.argmax(logits, axis=-1, output_type=tf.int32)                 # [b, s]
+    predictions = {"logits": logits, "token_ids": token_ids}
+    if mode == modes.PREDICT or labels is None:
+        return ModelSpec(None, predictions, {}, {})
+    weights = loss_weights(features)                                              # [b, s]
+    cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=logits)                         # [b, s]
+    loss_sum = tf.reduce_sum(cross_entropy * weights)
+    tokens = tf.reduce_sum(weights)
+    correct = tf.reduce_sum(tf.cast(tf.equal(token_ids, tf.cast(labels, tf.int32)), tf.float32) * weights)
+    loss = tf.math.divide_no_nan(loss_sum, tokens)
+    metrics = {"accuracy": tf.math.divide_no_nan(correct, tokens), "perplexity": tf.exp(loss)}
+    return ModelSpec(loss, predictions, metrics, {"loss": loss_sum, "correct": correct, "tokens": tokens})

@@ -18,6 +18,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from checkpoint_utils.host_arrays import as_tensor
+from runtime.files import atomic_write_text
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -111,12 +112,9 @@ def write_checkpoint(prefix: str, tensors: Iterable[tuple[str, np.ndarray]], roo
 def write_checkpoint_state(directory: str, checkpoint_name: str) -> None:
     """The `checkpoint` file that lets tf.train.latest_checkpoint(directory) find `checkpoint_name`
     (a path relative to `directory`, so the directory stays movable)."""
-    text = (f'model_checkpoint_path: "{checkpoint_name}"\n'
-            f'all_model_checkpoint_paths: "{checkpoint_name}"\n')
-    tmp = os.path.join(directory, ".checkpoint.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(directory, "checkpoint"))
+    atomic_write_text(os.path.join(directory, "checkpoint"),
+                      f'model_checkpoint_path: "{checkpoint_name}"\n'
+                      f'all_model_checkpoint_paths: "{checkpoint_name}"\n')
 
 
 def resolve_checkpoint(path: str) -> str:

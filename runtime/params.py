@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Literal
 
 import yaml
 
+from runtime.files import atomic_write_text
 from runtime.schema import ParamsError, from_dict, to_dict
 
 __all__ = [
@@ -323,16 +323,5 @@ def load_params(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 
 def save_params(params: Params, path: str | os.PathLike) -> None:
-    """Write the effective params atomically (temp file + rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".params.", suffix=".yaml", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(to_dict(params), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write the effective params atomically."""
+    atomic_write_text(os.fspath(path), yaml.safe_dump(to_dict(params), sort_keys=False))

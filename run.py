@@ -1,0 +1,99 @@
+"""Train, evaluate and predict with a GPT-J-family model from one params YAML.
+
+Examples:
+  python run.py --mode train --params configs/params_gptj_tiny.yaml --model_dir runs/tiny
+  python run.py --mode train --params configs/params_gptj_6B.yaml --model_dir runs/6b \\
+      --checkpoint_path converted/gptj6b --set optimizer.learning_rate=1e-5
+  python run.py --mode eval --params runs/tiny/params.yaml --model_dir runs/tiny --steps 50
+  python run.py --mode train_and_eval --params configs/params_gptj_tiny.yaml --model_dir runs/tiny
+  python run.py --mode predict --params runs/tiny/params.yaml --model_dir runs/tiny \\
+      --tokenizer demo_work/tokenizer --prompt "def main(" --max_new_tokens 32
+
+Re-running the same command after a crash or kill resumes from the last checkpoint in
+--model_dir. Flags override the params file; --set overrides any key (repeatable).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+MODES = ("train", "eval", "train_and_eval", "predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", required=True, choices=MODES,
+                        help="train: train to max_steps; eval: evaluate the latest checkpoint; train_and_eval: "
+                             "train, evaluating every runconfig.eval_every_steps; predict: greedy continuation "
+                             "of --prompt")
+    parser.add_argument("--params", required=True, help="params YAML (train_input, eval_input, model, "
+                                                        "optimizer, runconfig)")
+    parser.add_argument("--model_dir", default=None,
+                        help="where checkpoints, TensorBoard events, params.yaml and eval results go "
+                             "(runconfig.model_dir)")
+    parser.add_argument("--max_steps", type=int, default=None, help="train until this global step "
+                                                                    "(runconfig.max_steps)")
+    parser.add_argument("--steps", type=int, default=None, help="eval batches; default: the whole eval input "
+                                                                "(runconfig.eval_steps)")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="warm start: load model weights only from a converted HF checkpoint directory or "
+                             "another run's checkpoint, when --model_dir has no checkpoint yet")
+    parser.add_argument("--execution", choices=("standard", "weight_streaming"), default=None,
+                        help="runconfig.execution")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key, e.g. --set model.num_hidden_layers=2 (repeatable)")
+    predict = parser.add_argument_group("predict mode")
+    predict.add_argument("--prompt", default=None, help="text to continue")
+    predict.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json or hub id")
+    predict.add_argument("--max_new_tokens", type=int, default=32)
+    return parser
+
+
+def effective_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"runconfig.model_dir": args.model_dir, "runconfig.max_steps": args.max_steps,
+             "runconfig.eval_steps": args.steps, "runconfig.checkpoint_path": args.checkpoint_path,
+             "runconfig.execution": args.execution}
+    return list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.estimator import Estimator, InputExhaustedError, NonFiniteLossError
+    from runtime.params import ParamsError, load_params
+    from runtime.logging_utils import log
+    try:
+        params = load_params(args.params, effective_overrides(args))
+        model_dir = params.runconfig.model_dir
+        if not model_dir:
+            raise ParamsError("no model directory: pass --model_dir or set runconfig.model_dir")
+        if args.mode == "predict" and (not args.prompt or not args.tokenizer):
+            raise ParamsError("--mode predict needs --prompt and --tokenizer")
+        estimator = Estimator(params, model_dir)
+        if args.mode == "train":
+            estimator.train()
+        elif args.mode == "eval":
+            estimator.evaluate()
+        elif args.mode == "train_and_eval":
+            estimator.train_and_evaluate()
+        else:
+            from generation.greedy import complete_prompt
+            estimator.restore()
+            text = complete_prompt(estimator.model, args.tokenizer, args.prompt, args.max_new_tokens,
+                                   os.path.join(model_dir, "predictions.jsonl"))
+            print(text)
+    except (ParamsError, FileNotFoundError, ValueError, InputExhaustedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        log(f"error: {err}")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""`runconfig.strategy` -> a tf.distribute strategy."""
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from runtime.params import ParamsError, RunConfig
+
+
+def make_strategy(config: RunConfig) -> tf.distribute.Strategy:
+    """auto: mirrored over all GPUs when there are several, else one device (first GPU or the CPU);
+    one_device; mirrored (all local GPUs, or all logical CPUs when there is no GPU);
+    multi_worker (MultiWorkerMirroredStrategy from TF_CONFIG)."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if config.strategy == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ParamsError("runconfig.strategy=multi_worker needs the TF_CONFIG environment variable "
+                              "(cluster and task); see docs/runtime.md")
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except json.JSONDecodeError as err:
+            raise ParamsError(f"TF_CONFIG is not valid JSON ({err})") from None
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if config.strategy == "mirrored" or (config.strategy == "auto" and len(gpus) > 1):
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    device = gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name
+    return tf.distribute.OneDeviceStrategy(device)

@@ -1,0 +1,42 @@
+"""Tiny data and params for runtime tests."""
+from __future__ import annotations
+
+import copy
+import os
+
+from runtime.params import Params, parse_params
+from tests.data_helpers import make_tiny_tfrecords
+
+SEQ = 16
+VOCAB = 64
+
+
+def make_data(root: str, train_examples: int = 96, val_examples: int = 16) -> tuple[str, str]:
+    train, val = os.path.join(root, "train"), os.path.join(root, "val")
+    if not os.path.isdir(train):
+        make_tiny_tfrecords(train, num_examples=train_examples, seq_len=SEQ, vocab_size=VOCAB, shard_size=16)
+        make_tiny_tfrecords(val, num_examples=val_examples, seq_len=SEQ, vocab_size=VOCAB, shard_size=8,
+                            prefix="val", padded_last=True)
+    return train, val
+
+
+def raw_params(data_root: str, **sections) -> dict:
+    """A raw params mapping for a 2-layer d=32 GPT-J on the tiny records; `sections` update it."""
+    train, val = make_data(data_root)
+    raw = {
+        "train_input": {"data_dir": train, "batch_size": 8, "max_sequence_length": SEQ, "shuffle_seed": 3},
+        "eval_input": {"data_dir": val, "batch_size": 8, "max_sequence_length": SEQ},
+        "model": {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 4,
+                  "rotary_dim": 4, "filter_size": 64, "max_position_embeddings": 32},
+        "optimizer": {"learning_rate": 3e-3, "weight_decay_rate": 0.01, "max_gradient_norm": 1.0},
+        "runconfig": {"max_steps": 6, "log_steps": 1, "save_checkpoints_steps": 2, "save_summary_steps": 2,
+                      "deterministic": True},
+    }
+    raw = copy.deepcopy(raw)
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def tiny_params(data_root: str, **sections) -> Params:
+    return parse_params(raw_params(data_root, **sections))

@@ -1,0 +1,139 @@
+"""The estimator: training, resume, accumulation, precision, warm start, eval outputs."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import model as model_module
+from checkpoint_utils.convert_hf import convert
+from runtime.estimator import Estimator, NonFiniteLossError
+from tests.hf_models import make_hf_model, save_hf_model
+from tests.runtime_helpers import SEQ, make_data, tiny_params
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    make_data(root)
+    return root
+
+
+def losses_of(estimator, max_steps=None):
+    seen = {}
+    estimator.train(max_steps, on_step=lambda step, logs: seen.__setitem__(step, logs["loss"]))
+    return seen
+
+
+def weights_of(estimator):
+    return [v.numpy() for v in estimator.model.trainable_variables]
+
+
+def test_training_lowers_loss_and_writes_outputs(data_root, tmp_path):
+    estimator = Estimator(tiny_params(data_root, runconfig={"max_steps": 12}), str(tmp_path / "m"))
+    before = estimator.evaluate(restore=False)["loss"]
+    losses = losses_of(estimator)
+    after = estimator.evaluate()
+    assert after["loss"] < before - 0.5 and losses[12] < losses[1]
+    assert after["perplexity"] == pytest.approx(np.exp(after["loss"]))
+    files = set(os.listdir(tmp_path / "m"))
+    assert {"params.yaml", "checkpoint", "eval_results.json", "train_metrics.jsonl", "train", "eval"} <= files
+    kept = sorted(int(f[5:-6]) for f in files if f.startswith("ckpt-") and f.endswith(".index"))
+    assert kept == [4, 6, 8, 10, 12]  # every 2 steps, keep_checkpoint_max 5
+    results = json.loads((tmp_path / "m" / "eval_results.json").read_text())
+    assert results["latest"]["step"] == 12 and [h["step"] for h in results["history"]] == [0, 12]
+    # the padded last eval example counts 3 labels, not 16: the mask reaches the loss
+    assert results["latest"]["tokens"] == 15 * SEQ + 3
+    events = [f for f in os.listdir(tmp_path / "m" / "train") if "tfevents" in f]
+    assert events
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(data_root, tmp_path):
+    params = tiny_params(data_root, runconfig={"max_steps": 6})
+    straight = Estimator(params, str(tmp_path / "straight"))
+    expected = losses_of(straight)
+    first = Estimator(params, str(tmp_path / "resumed"))
+    losses_of(first, max_steps=3)  # checkpoints at 2 and 3
+    second = Estimator(params, str(tmp_path / "resumed"))
+    resumed = losses_of(second)
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]  # bit-identical
+    for a, b in zip(weights_of(straight), weights_of(second)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(data_root, tmp_path):
+    whole = Estimator(tiny_params(data_root, runconfig={"max_steps": 3}), str(tmp_path / "a"))
+    accumulated = Estimator(tiny_params(data_root, runconfig={"max_steps": 3}, optimizer={"grad_accum_steps": 4}),
+                            str(tmp_path / "b"))
+    la, lb = losses_of(whole), losses_of(accumulated)
+    np.testing.assert_allclose([la[s] for s in (1, 2, 3)], [lb[s] for s in (1, 2, 3)], rtol=1e-5)
+    for a, b in zip(weights_of(whole), weights_of(accumulated)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,scaling", [("bfloat16", 1.0), ("float16", "dynamic")])
+def test_mixed_precision_runs_finite_and_close_to_float32(data_root, tmp_path, dtype, scaling):
+    reference = losses_of(Estimator(tiny_params(data_root), str(tmp_path / "fp32")))
+    mixed = Estimator(tiny_params(data_root, model={"mixed_precision": True, "mixed_precision_dtype": dtype},
+                                  optimizer={"loss_scaling_factor": scaling}), str(tmp_path / dtype))
+    losses = losses_of(mixed)
+    assert all(np.isfinite(v) for v in losses.values())
+    np.testing.assert_allclose([losses[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)], rtol=0.03)
+    if dtype == "float16":
+        assert float(mixed.loss_scale.scale.numpy()) == 2.0 ** 15  # no overflow: scale kept
+
+
+def test_warm_start_first_loss_equals_transformers(data_root, tmp_path, capsys):
+    import torch
+    hf = make_hf_model("gptj_basic")  # vocab 101 >= our records' 64 ids
+    converted = str(tmp_path / "converted")
+    model_params = convert(save_hf_model(hf, str(tmp_path / "hf")), converted, progress=False)
+    from runtime.schema import to_dict
+    params = tiny_params(data_root, model=to_dict(model_params),
+                         runconfig={"max_steps": 1, "checkpoint_path": converted},
+                         train_input={"max_sequence_length": SEQ})
+    estimator = Estimator(params, str(tmp_path / "run"))
+    first = {}
+    dataset = iter(__import__("data").input_fn(params, "train"))
+    features, labels = next(dataset)
+    estimator.train(on_step=lambda s, logs: first.setdefault(s, logs["loss"]))
+    with torch.no_grad():
+        logits = hf(torch.tensor(features["input_ids"].numpy(), dtype=torch.long)).logits
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               torch.tensor(labels.numpy(), dtype=torch.long).reshape(-1),
+                                               reduction="none")
+        mask = torch.tensor(features["input_mask"].numpy(), dtype=torch.float32).reshape(-1)
+        reference = float((ce * mask).sum() / mask.sum())
+    assert first[1] == pytest.approx(reference, abs=1e-4)
+    assert "35 variables loaded, 0 missing (kept at initialisation), 0 skipped" in capsys.readouterr().out
+
+
+def test_warm_start_reports_and_rejects_wrong_shapes(data_root, tmp_path, capsys):
+    hf = make_hf_model("gptj_basic")
+    converted = str(tmp_path / "converted")
+    convert(save_hf_model(hf, str(tmp_path / "hf")), converted, progress=False)
+    params = tiny_params(data_root, runconfig={"checkpoint_path": converted})
+    from checkpoint_utils.load import CheckpointMismatchError
+    with pytest.raises(CheckpointMismatchError, match=r"blocks/0/mlp/fc_in/bias has shape \[128\] but model "
+                                                      r"params imply \[64\]; use the model: section"):
+        Estimator(params, str(tmp_path / "run")).restore()
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(data_root, tmp_path):
+    def poisoned_model_fn(features, labels, mode, params, model, dropout_seed=None):
+        spec = model_module.model_fn(features, labels, mode, params, model, dropout_seed)
+        poison = tf.where(tf.equal(estimator.step, 3), float("nan"), 0.0)  # the 4th step's loss
+        sums = dict(spec.sums, loss=spec.sums["loss"] + poison)
+        return spec._replace(sums=sums)
+
+    params = tiny_params(data_root, runconfig={"max_steps": 6})
+    estimator = Estimator(params, str(tmp_path / "m"), model_fn=poisoned_model_fn)
+    with pytest.raises(NonFiniteLossError, match=r"not finite at step 4 .*last good checkpoint is kept .*ckpt-2"):
+        estimator.train()
+    assert estimator.manager.latest_checkpoint.endswith("ckpt-2")
+    restored = Estimator(params, str(tmp_path / "m"))
+    assert restored.restore() == 2

@@ -1,0 +1,48 @@
+"""Mirrored over 2 logical CPU devices equals one device at the same global batch.
+
+Logical devices must be configured before TensorFlow initialises, so the comparison runs in a
+fresh interpreter."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from runtime.estimator import Estimator
+    from tests.runtime_helpers import tiny_params
+    root = sys.argv[1]
+    out = {}
+    for strategy in ("one_device", "mirrored"):
+        params = tiny_params(root, runconfig={"max_steps": 4, "strategy": strategy})
+        estimator = Estimator(params, f"{root}/{strategy}")
+        losses = {}
+        estimator.train(on_step=lambda step, logs: losses.__setitem__(step, logs["loss"]))
+        out[strategy] = {"replicas": estimator.strategy.num_replicas_in_sync,
+                         "losses": [losses[s] for s in sorted(losses)],
+                         "eval": estimator.evaluate(restore=False)["loss"],
+                         "weights": float(sum(tf.reduce_sum(tf.abs(v)) for v in estimator.model.trainable_variables))}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_mirrored_two_devices_matches_one_device(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    single, mirrored = result["one_device"], result["mirrored"]
+    assert (single["replicas"], mirrored["replicas"]) == (1, 2)
+    for a, b in zip(single["losses"], mirrored["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert abs(single["eval"] - mirrored["eval"]) <= 1e-5 * abs(single["eval"])
+    assert abs(single["weights"] - mirrored["weights"]) <= 1e-5 * single["weights"]

@@ -31,23 +31,23 @@ def encode_varints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Protobuf varint bytes of non-negative `values` and each value's byte offset.
 
     Returns (encoded uint8 [total_bytes], offsets int64 [n + 1]): value i occupies
-    encoded[offsets[i]:offsets[i + 1]].
+    encoded[offsets[i]:offsets[i + 1]], 7 bits per byte, low bits first, the high bit
+    set on every byte but the last.
     """
-    values = np.asarray(values, dtype=np.uint64).ravel()
-    if values.size and int(values.max()) >= 1 << 63:
-        raise ValueError("encode_varints takes non-negative int64 values")
-    lengths = np.ones(values.size, dtype=np.int64)
-    for shift in range(7, 64, 7):                       # 7 payload bits per byte
-        lengths += values >= np.uint64(1 << shift)
-    offsets = np.zeros(values.size + 1, dtype=np.int64)
+    values = np.asarray(values).ravel().astype(np.int64, copy=False)
+    if values.size and int(values.min()) < 0:
+        raise ValueError("encode_varints takes non-negative values")
+    width = max(1, -(-int(values.max() if values.size else 0).bit_length() // 7))   # bytes of the largest
+    lengths = np.ones(values.size, dtype=np.int64)                                   # [n]
+    for k in range(1, width):
+        lengths += values >= (1 << (7 * k))
+    offsets = np.zeros(values.size + 1, dtype=np.int64)                              # [n + 1]
     np.cumsum(lengths, out=offsets[1:])
     encoded = np.empty(int(offsets[-1]), dtype=np.uint8)
-    max_length = int(lengths.max()) if values.size else 0
-    for byte in range(max_length):
-        has = lengths > byte
-        seven = (values[has] >> np.uint64(7 * byte)) & np.uint64(0x7F)
-        more = (lengths[has] > byte + 1).astype(np.uint64) << np.uint64(7)  # continuation bit
-        encoded[offsets[:-1][has] + byte] = (seven | more).astype(np.uint8)
+    for byte in range(width):           # byte k of every value that has one
+        has = np.flatnonzero(lengths > byte) if byte else slice(None)
+        group = (values[has] >> (7 * byte)) & 0x7F
+        encoded[offsets[:-1][has] + byte] = (group | ((lengths[has] > byte + 1) << 7)).astype(np.uint8)
     return encoded, offsets
 
 

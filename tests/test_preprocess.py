@@ -11,6 +11,8 @@ import tensorflow as tf
 import zstandard
 
 from input.errors import InputDataError
+from input.packing import StreamPacker
+from input.records import encode_varints, serialize_example
 from input.scripts.pile.download import download_pile
 from input.scripts.pile.preprocess import main, preprocess
 from input.shards import ShardWriter
@@ -306,3 +308,39 @@ def test_progress_records_point_exactly_at_the_next_window(tmp_path, tokenizer, 
         tokens_before = len(_stream(tokenizer, kept))
         assert record["state"]["input"]["tokens"] == tokens_before
         assert tokens_before + record["next"]["token_offset"] == (shard_index + 1) * 7 * SEQ   # next window start
+
+
+def test_example_encoding_parses_back_with_tensorflow():
+    values = np.array([0, 1, 127, 128, 300, 16383, 16384, 2 ** 21, 2 ** 35, 2 ** 62, 50399], dtype=np.int64)
+    serialized = serialize_example(values, values[::-1], np.arange(len(values)) % 2)
+    feature = tf.train.Example.FromString(serialized).features.feature
+    assert list(feature["input_ids"].int64_list.value) == values.tolist()
+    assert list(feature["labels"].int64_list.value) == values[::-1].tolist()
+    assert list(feature["input_mask"].int64_list.value) == (np.arange(len(values)) % 2).tolist()
+    encoded, offsets = encode_varints(values)
+    assert offsets[-1] == len(encoded) and np.diff(offsets).tolist() == [1, 1, 1, 2, 2, 2, 3, 4, 6, 9, 3]
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 8])
+def test_stream_packer_windows_overlap_by_one_and_report_where_the_next_starts(seq_len):
+    rng = np.random.default_rng(seq_len)
+    docs = [rng.integers(1, 50, size=rng.integers(1, 20)) for _ in range(30)]
+    packer, windows = StreamPacker(seq_len, pad_id=0), []
+    for index, doc in enumerate(docs):
+        windows += packer.add(doc, tag=index)
+    final = packer.finish()
+    stream = np.concatenate(docs)
+    starts = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    for k, window in enumerate(windows):
+        np.testing.assert_array_equal(window.input_ids, stream[k * seq_len:(k + 1) * seq_len])
+        np.testing.assert_array_equal(window.labels, stream[k * seq_len + 1:(k + 1) * seq_len + 1])
+        doc, offset = window.next_start
+        assert starts[doc] + offset == (k + 1) * seq_len and offset < len(docs[doc])
+        assert encode_varints(window.input_ids)[0].tobytes() == window.payloads[0]
+    rest = stream[len(windows) * seq_len:]
+    if len(rest) >= 2:
+        assert final.num_real == len(rest) - 1 and final.next_start is None
+        np.testing.assert_array_equal(final.input_ids[:len(rest)], rest)
+        assert (final.labels[final.num_real:] == 0).all()
+    else:
+        assert final is None

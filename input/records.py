@@ -60,23 +60,33 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    return _varint((field_number << 3) | 2) + _varint(len(payload)) + payload
+# Protobuf tags (field number << 3 | wire type 2, length-delimited) of the fields on the path
+# Example.features -> Features.feature (map entry: key, value) -> Feature.int64_list -> Int64List.value.
+_TAG_FEATURES = _TAG_ENTRY = _TAG_KEY = _TAG_VALUES = b"\x0a"
+_TAG_ENTRY_VALUE, _TAG_INT64_LIST = b"\x12", b"\x1a"
 
 
-def _feature_entry(name: str, packed: bytes) -> bytes:
-    """One `features` map entry holding an Int64List whose packed varints are `packed`."""
-    int64_list = _length_delimited(1, packed)          # Int64List.value (packed)
-    feature = _length_delimited(3, int64_list)         # Feature.int64_list
-    entry = _length_delimited(1, name.encode()) + _length_delimited(2, feature)
-    return _length_delimited(1, entry)                 # Features.feature (map entry)
+def _feature_entry_head(name: str, packed_length: int) -> list[bytes]:
+    """The bytes before `packed` in one `features` map entry holding an Int64List (payload not copied)."""
+    key = name.encode()
+    values_head = _TAG_VALUES + _varint(packed_length)
+    list_length = len(values_head) + packed_length
+    list_head = _TAG_INT64_LIST + _varint(list_length)
+    feature_length = len(list_head) + list_length
+    key_part = _TAG_KEY + _varint(len(key)) + key
+    value_head = _TAG_ENTRY_VALUE + _varint(feature_length)
+    entry_length = len(key_part) + len(value_head) + feature_length
+    return [_TAG_ENTRY, _varint(entry_length), key_part, value_head, list_head, values_head]
 
 
 def serialize_payloads(input_ids: bytes, input_mask: bytes, labels: bytes) -> bytes:
     """A serialized Example from the packed varint bytes of its three features."""
-    features = (_feature_entry("input_ids", input_ids) + _feature_entry("input_mask", input_mask)
-                + _feature_entry("labels", labels))
-    return _length_delimited(1, features)              # Example.features
+    parts: list[bytes] = []
+    for name, packed in zip(FEATURE_NAMES, (input_ids, input_mask, labels)):
+        parts += _feature_entry_head(name, len(packed))
+        parts.append(packed)
+    features_length = sum(len(p) for p in parts)
+    return b"".join([_TAG_FEATURES, _varint(features_length)] + parts)
 
 
 def serialize_example(input_ids, labels, input_mask) -> bytes:

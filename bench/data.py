@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--read-seconds", type=float, default=10.0, help="how long to time input_fn")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (corpus, tokenizer, shards)")
     args = parser.parse_args()
 
     from input.readers import expand_inputs, read_documents
@@ -104,8 +106,10 @@ def main() -> None:
     read_tokens = batches * args.batch_size * args.seq_len
     _row("input_fn read-back (train mode)", read_seconds, None, read_tokens,
          f"{read_tokens / read_seconds / 2e6:.1f}x the 2 M tokens/s target")
-    print(f"stats: {stats['examples']} examples of {args.seq_len} tokens in {len(stats['shards'])} shards; "
-          f"work dir {work}")
+    print(f"stats: {stats['examples']} examples of {args.seq_len} tokens in {len(stats['shards'])} shards"
+          + (f"; work dir {work}" if args.keep else ""))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ __all__ = ["GptTfRecordsProcessor"]
 
 _FILE_BLOCK = 128      # records per bookkeeping step when reading a file
 
+
 def _check(condition: tf.Tensor, message: tf.Tensor) -> tf.Operation:
     """An assertion whose message is built in the graph (so it can name the file at fault)."""
     return tf.debugging.Assert(condition, [message], summarize=1, name="data_check")
@@ -181,8 +182,10 @@ class GptTfRecordsProcessor:
         total = sum(f.records for f in files)
         per_epoch = (total - record_index + record_shards - 1) // record_shards   # records this pipeline sees
         if per_epoch == 0:
-            raise InputDataError(f"{self.key}.data_dir: this input pipeline ({record_index} of {record_shards}) "
-                                 "gets no records; add data or use fewer workers")
+            pipeline = (f"input pipeline {input_context.input_pipeline_id} of {input_context.num_input_pipelines}"
+                        if input_context is not None else "the input pipeline")
+            raise InputDataError(f"{self.key}.data_dir: {pipeline} gets no records ({total} in its files); "
+                                 "add data or use fewer workers")
         consumed = data_position * batch
         first_epoch, skip = 0, consumed
         if not section.skip_corrupt_records:

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@echo "make demo: not yet - the training runtime (issue 4) has not landed; run 'make test' meanwhile."
+	$(BIN)/python -m runtime.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

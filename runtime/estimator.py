@@ -246,7 +246,7 @@ class Estimator:
             sums = self.strategy.run(replica_eval, args=(features, labels))
             return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in sums.items()}
 
-        return tf.function(eval_step)
+        return tf.function(eval_step, jit_compile=self.params.runconfig.jit_compile or None)
 
     def evaluate(self, steps: int | None = None, restore: bool = True) -> dict:
         """Loss, perplexity and token accuracy over the eval input (all of it, or `steps` batches).

@@ -72,7 +72,7 @@ def bench_torch(args) -> tuple[float, list[float]]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         stamps.append(time.perf_counter())
     seconds = stamps[-1] - stamps[args.warmup - 1]
     return args.batch * args.seq * args.steps / seconds, losses

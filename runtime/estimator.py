@@ -84,6 +84,9 @@ class Estimator:
         elif self.params.runconfig.checkpoint_path:
             report = warm_start(self.model, self.params.model, self.params.runconfig.checkpoint_path)
             log(report.summary())
+        else:
+            log(f"no checkpoint in {self.model_dir} and no runconfig.checkpoint_path: "
+                f"starting from a fresh initialisation (seed {self.params.runconfig.seed})")
         return int(self.step.numpy())
 
     def save(self) -> str:

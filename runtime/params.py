@@ -5,7 +5,6 @@ once; the result is a tree of frozen dataclasses that the rest of the code reads
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -259,9 +258,6 @@ class Params:
                 _require(section.max_sequence_length <= self.model.max_position_embeddings,
                          f"{name}.max_sequence_length={section.max_sequence_length} exceeds "
                          f"model.max_position_embeddings={self.model.max_position_embeddings}")
-
-    def replace(self, **sections) -> "Params":
-        return dataclasses.replace(self, **sections)
 
 
 def parse_params(raw: dict, source: str = "params") -> Params:

@@ -46,3 +46,16 @@ def test_mirrored_two_devices_matches_one_device(tmp_path):
         assert abs(a - b) <= 1e-5 * abs(a)
     assert abs(single["eval"] - mirrored["eval"]) <= 1e-5 * abs(single["eval"])
     assert abs(single["weights"] - mirrored["weights"]) <= 1e-5 * single["weights"]
+
+
+def test_multi_worker_needs_a_valid_tf_config(monkeypatch):
+    import pytest
+
+    from runtime.distribution import make_strategy
+    from runtime.params import ParamsError, RunConfig
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ParamsError, match="runconfig.strategy=multi_worker needs the TF_CONFIG environment variable"):
+        make_strategy(RunConfig(strategy="multi_worker"))
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ParamsError, match="TF_CONFIG is not valid JSON"):
+        make_strategy(RunConfig(strategy="multi_worker"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Callable, Iterator
 
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 import data as data_module
 import model as model_module
+from input.errors import InputDataError
 from runtime import modes
 from runtime.distribution import make_strategy
 from runtime.files import atomic_write_text
@@ -39,6 +41,16 @@ class NonFiniteLossError(RuntimeError):
 
 class InputExhaustedError(RuntimeError):
     """The training input ran out before max_steps."""
+
+
+def _next_batch(iterator):
+    """The next batch; a data check failing inside tf.data becomes one InputDataError whose
+    message is the check's own (it names the file and the fix), without TF's wrapping."""
+    try:
+        return next(iterator)
+    except tf.errors.InvalidArgumentError as err:
+        found = re.search(r"assertion failed: \[(.*?)\]\n", err.message + "\n", re.S)
+        raise InputDataError(found.group(1) if found else err.message.split("\n")[0]) from None
 
 
 class Estimator:
@@ -198,7 +210,7 @@ class Estimator:
         # them again, or need a replica context for merge_call).
         for step in range(start + 1, max_steps + 1):
             try:
-                features, labels = next(iterator)
+                features, labels = _next_batch(iterator)
             except StopIteration:
                 raise InputExhaustedError(
                     f"train input ran out at step {step} of {max_steps}; set train_input.repeat: true "
@@ -262,8 +274,13 @@ class Estimator:
         totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
         batches = 0
         start = time.time()
+        iterator = iter(self._distributed_dataset(modes.EVAL, 0))
         with self.strategy.scope():
-            for features, labels in self._distributed_dataset(modes.EVAL, 0):
+            while True:
+                try:
+                    features, labels = _next_batch(iterator)
+                except StopIteration:
+                    break
                 sums = self._eval_step(features, labels)
                 totals = {k: totals[k] + float(sums[k].numpy()) for k in totals}
                 batches += 1

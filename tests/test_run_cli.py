@@ -119,3 +119,26 @@ def test_sigkill_mid_run_then_rerun_continues_identically(params_file, tmp_path)
     after = metrics(killed)  # later lines (the resumed run's) win for steps logged twice
     expected = metrics(straight)
     assert [after[s] for s in range(resumed_from + 1, 13)] == [expected[s] for s in range(resumed_from + 1, 13)]
+
+
+def test_corrupt_tfrecord_is_one_error_naming_the_file(tmp_path, capsys):
+    """A checksum failure deep inside tf.data reaches the user as one line, not a traceback."""
+    from tests.data_helpers import make_tiny_tfrecords
+    data = tmp_path / "data"
+    make_tiny_tfrecords(str(data), num_examples=40, seq_len=16, vocab_size=64, shard_size=40)
+    shard = data / "train-00000.tfrecord"
+    raw = bytearray(shard.read_bytes())
+    offset = 0
+    for _ in range(20):  # TFRecord framing: length (8), its crc (4), data, data crc (4)
+        offset += 16 + int.from_bytes(raw[offset:offset + 8], "little")
+    data_start = offset + 12  # record 20's payload: framing intact, payload checksum broken
+    raw[data_start:data_start + 10] = bytes(b ^ 0xFF for b in raw[data_start:data_start + 10])
+    shard.write_bytes(bytes(raw))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw_params(str(tmp_path / "ok"), train_input={"data_dir": str(data)},
+                                                eval_input={"data_dir": str(data)})))
+    for mode in ("train", "eval"):
+        assert run.main(["--mode", mode, "--params", str(params), "--model_dir", str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {shard}: only ") and "records are readable (checksum mismatch" in err
+        assert "skip_corrupt_records: true" in err and "Traceback" not in err

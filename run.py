@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         log(f"error: {err}")
         return 3
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

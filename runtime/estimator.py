@@ -43,6 +43,15 @@ class InputExhaustedError(RuntimeError):
     """The training input ran out before max_steps."""
 
 
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop lines logged after the checkpoint a run resumes from: the resumed run logs them again."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(lines))
+
+
 def _next_batch(iterator):
     """The next batch; a data check failing inside tf.data becomes one InputDataError whose
     message is the check's own (it names the file and the fix), without TF's wrapping."""
@@ -203,6 +212,18 @@ class Estimator:
         flops = FlopsCounter(self.params)
         progress = ProgressLine(start, max_steps)
         metrics_path = os.path.join(self.model_dir, "train_metrics.jsonl")
+        _truncate_metrics(metrics_path, start)
+        try:
+            logs = self._train_loop(iterator, start, max_steps, flops, progress, metrics_path, on_step)
+        except KeyboardInterrupt:
+            path = self.save()
+            log(f"interrupted: saved {path} (step {int(self.step.numpy())}); the same command resumes from it")
+            raise
+        progress.close()
+        return logs
+
+    def _train_loop(self, iterator, start, max_steps, flops, progress, metrics_path, on_step) -> dict:
+        run = self.params.runconfig
         logs: dict = {}
         window_start, window_tokens = time.time(), 0.0
         # The loop runs outside strategy.scope(): in cross-replica context the Keras optimizer
@@ -242,7 +263,6 @@ class Estimator:
                 self._write_train_summaries(step, logs)
             if step % run.save_checkpoints_steps == 0 or step == max_steps:
                 self.save()
-        progress.close()
         return logs
 
     def _write_train_summaries(self, step: int, logs: dict) -> None:

@@ -137,3 +137,21 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(data_root, tmp_
     assert estimator.manager.latest_checkpoint.endswith("ckpt-2")
     restored = Estimator(params, str(tmp_path / "m"))
     assert restored.restore() == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_rerun_continues(data_root, tmp_path):
+    params = tiny_params(data_root, runconfig={"max_steps": 6, "save_checkpoints_steps": 100})
+    expected = losses_of(Estimator(params, str(tmp_path / "straight")))
+
+    def interrupt_at_3(step, logs):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    first = Estimator(params, str(tmp_path / "m"))
+    with pytest.raises(KeyboardInterrupt):
+        first.train(on_step=interrupt_at_3)
+    assert first.manager.latest_checkpoint.endswith("ckpt-3")
+    resumed = losses_of(Estimator(params, str(tmp_path / "m")))
+    assert [resumed[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "m" / "train_metrics.jsonl")]
+    assert logged == [1, 2, 4, 5, 6]  # step 3 was interrupted before its log line; no duplicates

@@ -95,9 +95,10 @@ class Estimator:
 
     # ---- state ---------------------------------------------------------------------------
 
-    def restore(self) -> int:
+    def restore(self, require: bool = False) -> int:
         """Resume from model_dir's latest checkpoint, else warm start from
-        runconfig.checkpoint_path (weights only), else keep the fresh initialisation."""
+        runconfig.checkpoint_path (weights only), else keep the fresh initialisation
+        (an error when `require`: evaluating random weights is never what was meant)."""
         latest = self.manager.latest_checkpoint
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
@@ -105,6 +106,9 @@ class Estimator:
         elif self.params.runconfig.checkpoint_path:
             report = warm_start(self.model, self.params.model, self.params.runconfig.checkpoint_path)
             log(report.summary())
+        elif require:
+            raise FileNotFoundError(f"model_dir {self.model_dir} holds no checkpoint and no --checkpoint_path "
+                                    "was given; train first, or pass the run's --model_dir or --checkpoint_path")
         else:
             log(f"no checkpoint in {self.model_dir} and no runconfig.checkpoint_path: "
                 f"starting from a fresh initialisation (seed {self.params.runconfig.seed})")
@@ -288,7 +292,7 @@ class Estimator:
         Written to TensorBoard (model_dir/eval) and model_dir/eval_results.json."""
         steps = steps or self.params.runconfig.eval_steps
         if restore:
-            self.restore()
+            self.restore(require=True)
         if self._eval_step is None:
             self._eval_step = self._build_eval_step()
         totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
@@ -351,7 +355,7 @@ class Estimator:
 
     def predict(self, steps: int | None = None) -> Iterator[dict]:
         """Per eval-input batch: {"token_ids": argmax next-token ids [b, s], "input_ids"} as NumPy."""
-        self.restore()
+        self.restore(require=True)
         model = self.model
 
         @tf.function

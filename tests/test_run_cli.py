@@ -80,8 +80,8 @@ def test_missing_files_and_argument_errors(params_file, tmp_path, capsys):
     assert "does not exist; pass --params" in capsys.readouterr().err
     assert run.main(["--mode", "train", "--params", params_file]) == 2
     assert "pass --model_dir" in capsys.readouterr().err
-    assert run.main(["--mode", "predict", "--params", params_file, "--model_dir", str(tmp_path)]) == 2
-    assert "needs --prompt and --tokenizer" in capsys.readouterr().err
+    assert run.main(["--mode", "eval", "--params", params_file, "--model_dir", str(tmp_path / "empty")]) == 2
+    assert "holds no checkpoint and no --checkpoint_path was given; train first" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         run.main(["--mode", "fly", "--params", params_file])
     assert exit_info.value.code == 2

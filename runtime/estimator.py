@@ -102,7 +102,9 @@ class Estimator:
         latest = self.manager.latest_checkpoint
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
-            log(f"restored {latest} (step {int(self.step.numpy())})")
+            ignored = (f"; runconfig.checkpoint_path {self.params.runconfig.checkpoint_path} is not used "
+                       "when model_dir has a checkpoint") if self.params.runconfig.checkpoint_path else ""
+            log(f"restored {latest} (step {int(self.step.numpy())}){ignored}")
         elif self.params.runconfig.checkpoint_path:
             report = warm_start(self.model, self.params.model, self.params.runconfig.checkpoint_path)
             log(report.summary())

@@ -33,6 +33,7 @@ from runtime.loss_scale import LossScale, all_finite
 from runtime.optimizer import build_optimizer, current_learning_rate
 from runtime.params import Params, ParamsError, save_params
 from runtime.warm_start import warm_start
+from runtime.weight_streaming import HOST_DEVICE, WeightStreamingStep, check_streaming_params
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,13 +71,18 @@ class Estimator:
         self.model_fn = model_fn
         self.input_fn = input_fn
         run = params.runconfig
-        if run.execution != "standard":
-            raise ParamsError(f"runconfig.execution={run.execution!r} is not available yet; use 'standard'")
+        self.streaming = run.execution == "weight_streaming"
         if run.deterministic:
             tf.config.experimental.enable_op_determinism()
         os.makedirs(model_dir, exist_ok=True)
-        self.strategy = make_strategy(run)
-        with self.strategy.scope():
+        if self.streaming:
+            check_streaming_params(params)
+            # Weights and optimizer state on the host; blocks are copied to the compute device.
+            self.strategy, placement = tf.distribute.get_strategy(), tf.device(HOST_DEVICE)
+        else:
+            self.strategy = make_strategy(run)
+            placement = self.strategy.scope()
+        with placement:
             self.model = model_module.build_model(params)
             self.optimizer = build_optimizer(params.optimizer, self.model.trainable_variables)
             fp16 = params.model.mixed_precision and params.model.mixed_precision_dtype == "float16"
@@ -159,6 +165,9 @@ class Estimator:
         return grads, sums
 
     def _build_train_step(self):
+        if self.streaming:
+            return WeightStreamingStep(self.params, self.model, self.optimizer, self.loss_scale, self.step,
+                                       self._label_positions)
         strategy, optimizer = self.strategy, self.optimizer
         max_norm = self.params.optimizer.max_gradient_norm
         variables = self.model.trainable_variables

@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", required=True, choices=MODES,
                         help="train: train to max_steps; eval: evaluate the latest checkpoint; train_and_eval: "
-                             "train, evaluating every runconfig.eval_every_steps; predict: greedy continuation "
-                             "of --prompt")
+                             "train, evaluating every runconfig.eval_every_steps; predict: continue --prompt "
+                             "or --prompts_file (greedy, sampling or beam search)")
     parser.add_argument("--params", required=True, help="params YAML (train_input, eval_input, model, "
                                                         "optimizer, runconfig)")
     parser.add_argument("--model_dir", default=None,
@@ -47,10 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="runconfig.execution")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params key, e.g. --set model.num_hidden_layers=2 (repeatable)")
-    predict = parser.add_argument_group("predict mode")
-    predict.add_argument("--prompt", default=None, help="text to continue")
-    predict.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json or hub id")
-    predict.add_argument("--max_new_tokens", type=int, default=32)
+    from generation.flags import add_predict_flags
+    add_predict_flags(parser.add_argument_group("predict mode (see docs/generation.md)"))
     return parser
 
 
@@ -71,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = params.runconfig.model_dir
         if not model_dir:
             raise ParamsError("no model directory: pass --model_dir or set runconfig.model_dir")
-        if args.mode == "predict" and (not args.prompt or not args.tokenizer):
-            raise ParamsError("--mode predict needs --prompt and --tokenizer")
+        if args.mode == "predict":
+            from generation import predict
+            job = predict.prepare(args, params.model)      # prompts and flags checked before the model is built
         estimator = Estimator(params, model_dir)
         if args.mode == "train":
             estimator.train()
@@ -81,11 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.mode == "train_and_eval":
             estimator.train_and_evaluate()
         else:
-            from generation.greedy import complete_prompt
-            estimator.restore()
-            text = complete_prompt(estimator.model, args.tokenizer, args.prompt, args.max_new_tokens,
-                                   os.path.join(model_dir, "predictions.jsonl"))
-            print(text)
+            estimator.restore(require=True)
+            predict.run_job(estimator.model, job, args.output or os.path.join(model_dir, "predictions.jsonl"))
     except (ParamsError, FileNotFoundError, ValueError, InputExhaustedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

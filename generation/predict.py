@@ -1,0 +1,143 @@
+"""`run.py --mode predict`: its flags, the prompts file, and the JSONL it writes.
+
+Results are appended to the output file one complete JSON line per prompt, flushed as
+soon as its batch finishes: a long run shows progress in the file, an interrupted one
+keeps what it finished, and earlier runs' lines stay (the file is a log of predictions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+from generation.config import GenerationConfig
+from generation.flags import config_from_flags
+from generation.generator import Generator
+from generation.text import Completion, complete
+from input.tokenizer import GptTokenizer, load_tokenizer
+from model import GPTJModel
+from runtime.params import ModelParams
+
+
+class PredictError(ValueError):
+    """Predict mode was asked for something it cannot do."""
+
+
+class PromptsFileError(PredictError):
+    """A prompts file that cannot be read as prompts."""
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    text: str
+    seed: int | None = None
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[PromptRequest]:
+    """The prompts of `--prompt` or `--prompts_file` (exactly one of them)."""
+    if (prompt is None) == (prompts_file is None):
+        raise PromptsFileError("give exactly one of --prompt and --prompts_file")
+    if prompt is not None:
+        return [PromptRequest(prompt)]
+    if not os.path.isfile(prompts_file):
+        raise FileNotFoundError(f"prompts file {prompts_file} does not exist; pass --prompts_file")
+    with open(prompts_file, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        raise PromptsFileError(f"prompts file {prompts_file} holds no prompt")
+    if prompts_file.endswith(".jsonl") or numbered[0][1].lstrip().startswith("{"):
+        return [_json_request(prompts_file, n, line) for n, line in numbered]
+    return [PromptRequest(line) for _, line in numbered]
+
+
+def _json_request(path: str, number: int, line: str) -> PromptRequest:
+    where = f"{path}:{number}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise PromptsFileError(f"{where} is not JSON ({err.msg}); write one object per line such as "
+                               '{"prompt": "text"}') from None
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        raise PromptsFileError(f'{where} has no "prompt" string; write {{"prompt": "text"}}')
+    seed = item.get("seed")
+    if seed is not None and not isinstance(seed, int):
+        raise PromptsFileError(f'{where}: "seed" must be an integer, got {seed!r}')
+    return PromptRequest(item["prompt"], seed)
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """Everything predict mode needs besides the model, validated."""
+    tokenizer: GptTokenizer
+    requests: list[PromptRequest]
+    config: GenerationConfig
+    batch_size: int
+    compile_mode: str
+
+
+def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
+    """run.py's predict flags -> a checked job: the tokenizer fits the model, every prompt is
+    readable, non-empty and short enough, every decoding setting is valid."""
+    if (args.prompt is None and args.prompts_file is None) or not args.tokenizer:
+        raise PredictError("--mode predict needs --prompt and --tokenizer (or --prompts_file instead of --prompt)")
+    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer.check_fits_model(model_config.vocab_size)
+    requests = read_prompts(args.prompt, args.prompts_file)
+    config = config_from_flags(args, tokenizer)
+    check_requests(requests, tokenizer, config, model_config)
+    return PredictJob(tokenizer, requests, config, args.batch_size, args.generation_compile)
+
+
+def run_job(model: GPTJModel, job: PredictJob, output_path: str) -> list[Completion]:
+    return predict(model, job.tokenizer, job.requests, job.config, output_path, job.batch_size, job.compile_mode)
+
+
+def check_requests(requests: list[PromptRequest], tokenizer: GptTokenizer, config: GenerationConfig,
+                   model_config: ModelParams) -> None:
+    """Every prompt and token id fits the model, checked before any work (errors name the
+    prompt's index in the file)."""
+    config.check_against_model(model_config.vocab_size)
+    config.check_prompts(tokenizer.encode_batch([r.text for r in requests]),
+                         model_config.max_position_embeddings, model_config.vocab_size)
+
+
+def predict(model: GPTJModel, tokenizer: GptTokenizer, requests: list[PromptRequest], config: GenerationConfig,
+            output_path: str, batch_size: int = 8, compile_mode: str = "xla",
+            console: TextIO | None = None) -> list[Completion]:
+    """Complete every request in batches, appending one JSON line per prompt to output_path.
+    A single prompt is streamed to the console as it is generated (greedy and sampling);
+    otherwise each finished prompt is printed as one JSON line."""
+    console = console or sys.stdout          # looked up per call: tests and tools swap sys.stdout
+    check_requests(requests, tokenizer, config, model.config)
+    generator = Generator(model, compile_mode=compile_mode)
+    stream = len(requests) == 1 and config.num_beams == 1
+    directory = os.path.dirname(os.path.abspath(output_path))
+    os.makedirs(directory, exist_ok=True)
+    done: list[Completion] = []
+    with open(output_path, "a", encoding="utf-8") as out:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            seeds = [config.seed if r.seed is None else r.seed for r in chunk]
+            on_text: Callable[[str], None] | None = _console_writer(console) if stream else None
+            completions = complete(generator, tokenizer, [r.text for r in chunk], config, seeds, on_text)
+            for completion in completions:
+                out.write(json.dumps(completion.record(), ensure_ascii=False) + "\n")
+                if not stream:
+                    console.write(json.dumps({"prompt": completion.prompt, "completion": completion.completion},
+                                             ensure_ascii=False) + "\n")
+            out.flush()
+            done.extend(completions)
+    if stream:
+        console.write("\n")
+    return done
+
+
+def _console_writer(console: TextIO) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        console.write(text)
+        console.flush()
+    return write

@@ -1,0 +1,28 @@
+"""Choosing the next token from processed scores: argmax, or a seeded random draw."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def greedy_tokens(scores: tf.Tensor) -> tf.Tensor:
+    """scores [b, V] -> [b] int32: the highest-scoring token (the lowest id among ties)."""
+    return tf.argmax(scores, axis=-1, output_type=tf.int32)
+
+
+def sample_tokens(scores: tf.Tensor, seeds: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """scores [b, V] (unnormalised log-probabilities, -inf = excluded), seeds [b] int64,
+    step: index of the token being chosen -> [b] int32 drawn from softmax(scores).
+
+    Gumbel-max: argmax(scores + Gumbel noise) is a draw from softmax(scores). Each row's noise
+    comes from a stateless generator keyed by (its seed, step), so a request's tokens depend
+    only on its own seed and the scores, not on the other rows of the batch or on RNG state."""
+    vocab = scores.shape[-1]
+    step = tf.cast(step, tf.int64)
+    tiny = float(np.finfo(np.float32).tiny)   # keeps log(uniform) finite
+    noise = []
+    for row in range(scores.shape[0]):      # the batch is static; a few small RNG ops per step
+        uniform = tf.random.stateless_uniform([vocab], seed=tf.stack([seeds[row], step]),
+                                              minval=tiny, maxval=1.0, dtype=tf.float32)
+        noise.append(-tf.math.log(-tf.math.log(uniform)))
+    return greedy_tokens(scores + tf.stack(noise))

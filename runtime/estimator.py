@@ -63,6 +63,18 @@ def _next_batch(iterator):
         raise InputDataError(found.group(1) if found else err.message.split("\n")[0]) from None
 
 
+class OptimizerState(tf.Module):
+    """The optimizer's own variables (update count, learning-rate variable, slots) for checkpoints.
+
+    Checkpointing the Keras optimizer object itself would also save the model's weights under
+    `optimizer/_trainable_variables/N` (the first path a breadth-first walk finds), so a run's
+    checkpoint would not hold `model/<path>` keys for warm start, export and load_model."""
+
+    def __init__(self, optimizer):
+        super().__init__(name="optimizer_state")
+        self.state = list(optimizer.variables)
+
+
 class Estimator:
     def __init__(self, params: Params, model_dir: str, model_fn: Callable = model_module.model_fn,
                  input_fn: Callable = data_module.input_fn):
@@ -88,7 +100,7 @@ class Estimator:
             fp16 = params.model.mixed_precision and params.model.mixed_precision_dtype == "float16"
             self.loss_scale = LossScale(params.optimizer, enabled=fp16)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=OptimizerState(self.optimizer),
                                               loss_scale=self.loss_scale, step=self.step)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, model_dir, max_to_keep=run.keep_checkpoint_max or None,

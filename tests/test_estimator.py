@@ -155,3 +155,24 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_continues(data_root, tmp_path):
     assert [resumed[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
     logged = [json.loads(line)["step"] for line in open(tmp_path / "m" / "train_metrics.jsonl")]
     assert logged == [1, 2, 4, 5, 6]  # step 3 was interrupted before its log line; no duplicates
+
+
+def test_a_runs_checkpoint_holds_model_keys_for_export_and_warm_start(data_root, tmp_path):
+    """Export to HF and warm start read `model/<path>` keys: a trained run's checkpoint has them all."""
+    from checkpoint_utils.export_hf import export
+    from checkpoint_utils.load import load_model
+    from checkpoint_utils.tf_checkpoint import variable_shapes
+    params = tiny_params(data_root, runconfig={"max_steps": 2})
+    trained = Estimator(params, str(tmp_path / "run"))
+    trained.train()
+    assert len(variable_shapes(trained.manager.latest_checkpoint)) == len(trained.model.trainable_variables)
+    loaded = load_model(params.model, str(tmp_path / "run"))
+    for a, b in zip(trained.model.trainable_variables, loaded.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    export(str(tmp_path / "run" / "params.yaml"), str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    warm = Estimator(tiny_params(data_root, runconfig={"max_steps": 1, "checkpoint_path": str(tmp_path / "run")}),
+                     str(tmp_path / "warm"))
+    warm.restore()
+    for a, b in zip(trained.model.trainable_variables, warm.model.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -138,10 +138,13 @@ def test_corrupt_tfrecord_is_one_error_naming_the_file(tmp_path, capsys):
     raw[data_start:data_start + 10] = bytes(b ^ 0xFF for b in raw[data_start:data_start + 10])
     shard.write_bytes(bytes(raw))
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(raw_params(str(tmp_path / "ok"), train_input={"data_dir": str(data)},
-                                                eval_input={"data_dir": str(data)})))
-    for mode in ("train", "eval"):
-        assert run.main(["--mode", mode, "--params", str(params), "--model_dir", str(tmp_path / "m")]) == 2
+    params.write_text(yaml.safe_dump(raw_params(str(tmp_path / "ok"), runconfig={"max_steps": 1})))
+    model_dir = str(tmp_path / "m")
+    assert run.main(["--mode", "train", "--params", str(params), "--model_dir", model_dir]) == 0
+    capsys.readouterr()
+    for mode, section in (("train", "train_input"), ("eval", "eval_input")):
+        assert run.main(["--mode", mode, "--params", str(params), "--model_dir", model_dir, "--max_steps", "3",
+                         "--set", f"{section}.data_dir={data}"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {shard}: only ") and "records are readable (checksum mismatch" in err
         assert "skip_corrupt_records: true" in err and "Traceback" not in err

@@ -136,19 +136,26 @@ class GPTJModel(Layer):
                      for _ in self.blocks)
 
 
-def weight_shapes(config: ModelParams) -> dict[str, tuple[int, ...]]:
-    """{weight path: shape} of GPTJModel(config), computed without allocating it (conversion and
-    checkpoint checks use it on models larger than memory; a test keeps it equal to the model)."""
-    d, f, v = config.hidden_size, config.filter_size, config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"embedding/embeddings": (v, d)}
+class WeightSpec(NamedTuple):
+    path: str                   # as in weights_tree(): "blocks/3/attn/q_proj/kernel"
+    shape: tuple[int, ...]
+    init: str                   # "embedding" | "kernel" | "output" | "zeros" | "ones"
 
-    def dense(path: str, in_dim: int, out_dim: int, bias: bool) -> None:
-        shapes[f"{path}/kernel"] = (in_dim, out_dim)
+
+def weight_specs(config: ModelParams) -> list[WeightSpec]:
+    """Every weight of GPTJModel(config) in creation order, without allocating it: conversion and
+    checkpoint checks read the shapes, the disk weight store draws initial values in this order
+    (the seed stream's order). A test keeps it equal to the built model."""
+    d, f, v = config.hidden_size, config.filter_size, config.vocab_size
+    specs = [WeightSpec("embedding/embeddings", (v, d), "embedding")]
+
+    def dense(path: str, in_dim: int, out_dim: int, bias: bool, init: str) -> None:
+        specs.append(WeightSpec(f"{path}/kernel", (in_dim, out_dim), init))
         if bias:
-            shapes[f"{path}/bias"] = (out_dim,)
+            specs.append(WeightSpec(f"{path}/bias", (out_dim,), "zeros"))
 
     def layer_norm(path: str) -> None:
-        shapes[f"{path}/gamma"] = shapes[f"{path}/beta"] = (d,)
+        specs.extend([WeightSpec(f"{path}/gamma", (d,), "ones"), WeightSpec(f"{path}/beta", (d,), "zeros")])
 
     for i in range(config.num_hidden_layers):
         block = f"blocks/{i}"
@@ -157,19 +164,36 @@ def weight_shapes(config: ModelParams) -> dict[str, tuple[int, ...]]:
             layer_norm(f"{block}/ln_2")
         qkv_bias = config.use_projection_bias_in_attention
         if config.fused_qkv:
-            dense(f"{block}/attn/qkv_proj", d, 3 * d, qkv_bias)
+            dense(f"{block}/attn/qkv_proj", d, 3 * d, qkv_bias, "kernel")
         else:
             for name in ("q_proj", "k_proj", "v_proj"):
-                dense(f"{block}/attn/{name}", d, d, qkv_bias)
-        dense(f"{block}/attn/out_proj", d, d, config.use_ffn_bias_in_attention)
-        dense(f"{block}/mlp/fc_in", d, f, config.use_ffn_bias)
-        dense(f"{block}/mlp/fc_out", f, d, config.use_ffn_bias)
+                dense(f"{block}/attn/{name}", d, d, qkv_bias, "kernel")
+        dense(f"{block}/attn/out_proj", d, d, config.use_ffn_bias_in_attention, "output")
+        dense(f"{block}/mlp/fc_in", d, f, config.use_ffn_bias, "kernel")
+        dense(f"{block}/mlp/fc_out", f, d, config.use_ffn_bias, "output")
     layer_norm("ln_f")
     if not config.share_embedding_weights:
-        dense("lm_head", d, v, config.use_bias_in_output)
+        dense("lm_head", d, v, config.use_bias_in_output, "kernel")
     elif config.use_bias_in_output:
-        shapes["lm_head_bias"] = (v,)
-    return shapes
+        specs.append(WeightSpec("lm_head_bias", (v,), "zeros"))
+    return specs
+
+
+def weight_shapes(config: ModelParams) -> dict[str, tuple[int, ...]]:
+    """{weight path: shape} of GPTJModel(config), without allocating it."""
+    return {spec.path: spec.shape for spec in weight_specs(config)}
+
+
+def initial_values(config: ModelParams, seed: int):
+    """(spec, initial value as float32 NumPy) in creation order, one at a time: the values
+    GPTJModel(config, seed) starts from, for stores that cannot build the model in memory."""
+    seeds = initializers.SeedStream(seed)
+    draw = {"kernel": initializers.Initializer(config.initializer, seeds),
+            "output": initializers.Initializer(config.output_layer_initializer, seeds),
+            "embedding": initializers.Initializer(config.embedding_initializer, seeds),
+            "zeros": initializers.zeros, "ones": initializers.ones}
+    for spec in weight_specs(config):
+        yield spec, draw[spec.init](spec.shape).numpy()
 
 
 def loss_weights(features: dict) -> tf.Tensor:

@@ -176,3 +176,23 @@ def flatten_weights(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{name}"] = value
     return flat
+
+
+def unflatten_weights(flat: dict) -> dict:
+    """The nested weights tree of {path: leaf} (inverse of flatten_weights; numeric parts are list items)."""
+    tree: dict = {}
+    for path, leaf in flat.items():
+        parts = path.split("/")
+        node = tree
+        for part, following in zip(parts[:-1], parts[1:]):
+            default = [] if following.isdigit() else {}
+            if isinstance(node, list):
+                index = int(part)
+                while len(node) <= index:
+                    node.append(None)
+                node[index] = node[index] if node[index] is not None else default
+                node = node[index]
+            else:
+                node = node.setdefault(part, default)
+        node[parts[-1]] = leaf
+    return tree

@@ -25,8 +25,9 @@ VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def checkpoint_key(root: str, path: str) -> str:
-    """`model`, `blocks/0/attn/q_proj/kernel` -> the key tf.train.Checkpoint(model=...) uses."""
-    return f"{root}/{path}{VALUE_SUFFIX}"
+    """`model`, `blocks/0/attn/q_proj/kernel` -> the key tf.train.Checkpoint(model=...) uses
+    (root "" for paths that already start at the checkpoint's root)."""
+    return f"{root}/{path}{VALUE_SUFFIX}" if root else f"{path}{VALUE_SUFFIX}"
 
 
 def object_graph_proto(keys: Iterable[str]) -> bytes:
@@ -109,12 +110,12 @@ def write_checkpoint(prefix: str, tensors: Iterable[tuple[str, np.ndarray]], roo
     return keys
 
 
-def write_checkpoint_state(directory: str, checkpoint_name: str) -> None:
+def write_checkpoint_state(directory: str, checkpoint_name: str, all_names: list[str] | None = None) -> None:
     """The `checkpoint` file that lets tf.train.latest_checkpoint(directory) find `checkpoint_name`
-    (a path relative to `directory`, so the directory stays movable)."""
-    atomic_write_text(os.path.join(directory, "checkpoint"),
-                      f'model_checkpoint_path: "{checkpoint_name}"\n'
-                      f'all_model_checkpoint_paths: "{checkpoint_name}"\n')
+    (paths relative to `directory`, so the directory stays movable); `all_names` lists every
+    checkpoint kept, oldest first (default: just this one)."""
+    listed = "".join(f'all_model_checkpoint_paths: "{name}"\n' for name in (all_names or [checkpoint_name]))
+    atomic_write_text(os.path.join(directory, "checkpoint"), f'model_checkpoint_path: "{checkpoint_name}"\n' + listed)
 
 
 def resolve_checkpoint(path: str) -> str:

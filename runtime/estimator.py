@@ -32,7 +32,9 @@ from runtime.logging_utils import ProgressLine, log
 from runtime.loss_scale import LossScale, all_finite
 from runtime.optimizer import build_optimizer, current_learning_rate
 from runtime.params import Params, ParamsError, save_params
+from checkpoint_utils.tf_checkpoint import resolve_checkpoint
 from runtime.warm_start import warm_start
+from runtime.disk_streaming import DiskStreamingState, skeleton_config
 from runtime.weight_streaming import HOST_DEVICE, WeightStreamingStep, check_streaming_params
 
 
@@ -94,22 +96,31 @@ class Estimator:
         else:
             self.strategy = make_strategy(run)
             placement = self.strategy.scope()
+        self.disk = None
         with placement:
-            self.model = model_module.build_model(params)
-            self.optimizer = build_optimizer(params.optimizer, self.model.trainable_variables)
+            if self.streaming and run.weight_streaming.host_store == "disk":
+                # The state lives in files; the model object only lends its layer code.
+                self.disk = DiskStreamingState(params, model_dir)
+                self.model = model_module.GPTJModel(skeleton_config(params.model))
+                self.optimizer = None
+            else:
+                self.model = model_module.build_model(params)
+                self.optimizer = build_optimizer(params.optimizer, self.model.trainable_variables)
             fp16 = params.model.mixed_precision and params.model.mixed_precision_dtype == "float16"
             self.loss_scale = LossScale(params.optimizer, enabled=fp16)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=OptimizerState(self.optimizer),
-                                              loss_scale=self.loss_scale, step=self.step)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, model_dir, max_to_keep=run.keep_checkpoint_max or None,
-            step_counter=self.step, checkpoint_name="ckpt")
+        if self.disk is None:
+            self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=OptimizerState(self.optimizer),
+                                                  loss_scale=self.loss_scale, step=self.step)
+            self.manager = tf.train.CheckpointManager(
+                self.checkpoint, model_dir, max_to_keep=run.keep_checkpoint_max or None,
+                step_counter=self.step, checkpoint_name="ckpt")
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
         train = params.train_input
         self._label_positions = float(train.batch_size * train.max_sequence_length) if train else 1.0
         self._train_step = None
         self._eval_step = None
+        self._streamer: WeightStreamingStep | None = None
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -117,6 +128,8 @@ class Estimator:
         """Resume from model_dir's latest checkpoint, else warm start from
         runconfig.checkpoint_path (weights only), else keep the fresh initialisation
         (an error when `require`: evaluating random weights is never what was meant)."""
+        if self.disk is not None:
+            return self._restore_disk(require)
         latest = self.manager.latest_checkpoint
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
@@ -134,9 +147,37 @@ class Estimator:
                 f"starting from a fresh initialisation (seed {self.params.runconfig.seed})")
         return int(self.step.numpy())
 
+    def _restore_disk(self, require: bool) -> int:
+        """Disk weight streaming: the store is the live state; it is rebuilt from the latest
+        checkpoint when it is not exactly that checkpoint's state (a kill mid-step, or newer)."""
+        disk = self.disk
+        disk.open(initial_loss_scale=float(self.loss_scale.scale.numpy()))
+        latest = self.latest_checkpoint
+        if latest and (not disk.state.get("clean") or int(latest.rsplit("-", 1)[1]) != disk.state["step"]):
+            disk.restore(latest)
+            log(f"restored {latest} into the weight store {disk.store.directory} (step {disk.state['step']})")
+        elif latest:
+            log(f"weight store {disk.store.directory} is at {latest} (step {disk.state['step']})")
+        elif self.params.runconfig.checkpoint_path and disk.state["step"] == 0:
+            disk.restore(resolve_checkpoint(self.params.runconfig.checkpoint_path), weights_only=True)
+            log(f"warm start: weights from {self.params.runconfig.checkpoint_path} into {disk.store.directory}")
+        elif require:
+            raise FileNotFoundError(f"model_dir {self.model_dir} holds no checkpoint and no --checkpoint_path "
+                                    "was given; train first, or pass the run's --model_dir or --checkpoint_path")
+        self.step.assign(disk.state["step"])
+        self.loss_scale.scale.assign(disk.state["loss_scale"])
+        self.loss_scale.good_steps.assign(disk.state["good_steps"])
+        return disk.state["step"]
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        return tf.train.latest_checkpoint(self.model_dir)
+
     def save(self) -> str:
         """Write a checkpoint (TF writes it under a temp name and renames, then rewrites the
         `checkpoint` state file atomically: a kill leaves the previous one usable)."""
+        if self.disk is not None:
+            return self.disk.save(self.params.runconfig.keep_checkpoint_max)
         return self.manager.save(checkpoint_number=int(self.step.numpy()))
 
     def _writer(self, name: str) -> tf.summary.SummaryWriter:
@@ -176,10 +217,15 @@ class Estimator:
             sums = {k: sums[k] + spec.sums[k] for k in sums}
         return grads, sums
 
+    def _streaming_step(self) -> WeightStreamingStep:
+        if self._streamer is None:
+            self._streamer = WeightStreamingStep(self.params, self.model, self.optimizer, self.loss_scale,
+                                                 self.step, self._label_positions, self.disk)
+        return self._streamer
+
     def _build_train_step(self):
         if self.streaming:
-            return WeightStreamingStep(self.params, self.model, self.optimizer, self.loss_scale, self.step,
-                                       self._label_positions)
+            return self._streaming_step()
         strategy, optimizer = self.strategy, self.optimizer
         max_norm = self.params.optimizer.max_gradient_norm
         variables = self.model.trainable_variables
@@ -273,7 +319,7 @@ class Estimator:
                     raise NonFiniteLossError(
                         f"loss or gradients are not finite at step {step} (loss={logs['loss']}); the update "
                         f"was not applied and the last good checkpoint is kept "
-                        f"({self.manager.latest_checkpoint or 'none yet'}); lower optimizer.learning_rate, "
+                        f"({self.latest_checkpoint or 'none yet'}); lower optimizer.learning_rate, "
                         "set optimizer.max_gradient_norm, or use loss_scaling_factor: dynamic with float16")
             if on_step is not None:
                 on_step(step, logs)
@@ -301,6 +347,9 @@ class Estimator:
     # ---- evaluation ------------------------------------------------------------------------
 
     def _build_eval_step(self):
+        if self.streaming:
+            return self._streaming_step().evaluate_sums
+
         def replica_eval(features, labels):
             return self.model_fn(features, labels, modes.EVAL, self.params, self.model).sums
 

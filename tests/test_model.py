@@ -137,3 +137,14 @@ def test_forward_traces_once_in_tf_function():
     step(ids(2, 8, seed=1))
     np.testing.assert_allclose(first, model(ids(2, 8)).logits.numpy(), atol=1e-5)
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_initial_values_reproduce_the_models_initialisation(name):
+    from model import initial_values
+    config = VARIANTS[name]
+    built = flatten_weights(GPTJModel(config, seed=7).weights_tree())
+    drawn = list(initial_values(config, seed=7))
+    assert [spec.path for spec, _ in drawn] == list(built)  # creation order
+    for spec, value in drawn:
+        np.testing.assert_array_equal(value, built[spec.path].numpy(), err_msg=spec.path)

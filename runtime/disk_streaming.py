@@ -1,0 +1,192 @@
+"""Weight streaming with `host_store: disk`: the training state lives in a DiskStore, and
+checkpoints use the standard mode's exact layout, so runs move freely between the modes.
+
+The optimizer cannot be Keras's here (its slots are tf.Variables in RAM), so Adam/AdamW is
+applied tensor by tensor, in row chunks, on the memory-mapped files, with the arithmetic of
+keras.optimizers.Adam/AdamW written out in float32 (tested against it):
+
+    decay (AdamW, rank >= 2 only):  p -= p * weight_decay * lr
+    m += (g - m) * (1 - beta1);  v += (g^2 - v) * (1 - beta2)
+    p -= m * lr * sqrt(1 - beta2^t) / (1 - beta1^t) / (sqrt(v) + epsilon)     (t = update count)
+
+Global-norm clipping: the backward pass leaves the step's gradients in the store; a first
+read-only pass sums their squares (and checks finiteness), the second applies the update
+with the clip factor. Checkpoint keys: `model/<path>`, `optimizer/state/N` (0: update
+count, 1: the learning-rate variable when the rate is a number, then momentum and
+velocity per variable in tf.Module order), `loss_scale/...`, `step`.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from checkpoint_utils.tf_checkpoint import VALUE_SUFFIX, variable_shapes, write_checkpoint, write_checkpoint_state
+from model import initial_values, weight_specs
+from runtime.host_store import DiskStore
+from runtime.params import Params, ParamsError
+from runtime.schedules import learning_rate_schedule
+
+
+def skeleton_config(config):
+    """The model object disk streaming builds for its layer code: one block, a tiny vocabulary
+    (the streamed weights carry the real sizes; blocks differ only by their weights)."""
+    import dataclasses
+    return dataclasses.replace(config, num_hidden_layers=1, vocab_size=8)
+
+
+def module_order(paths) -> list[str]:
+    """Paths in tf.Module.trainable_variables order: attributes sorted by name at each level,
+    list items by index (the order the Keras optimizer's slots follow)."""
+    def key(path):
+        return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split("/"))
+    return sorted(paths, key=key)
+
+
+def optimizer_state_keys(params: Params, paths_in_order: list[str]) -> list[tuple[str, str, str]]:
+    """(checkpoint key, kind, path) of each optimizer state entry, as OptimizerState saves them."""
+    keys = [(f"optimizer/state/0{VALUE_SUFFIX}", "iterations", "")]
+    index = 1
+    if not isinstance(params.optimizer.learning_rate, tuple):
+        keys.append((f"optimizer/state/1{VALUE_SUFFIX}", "learning_rate", ""))
+        index = 2
+    for path in paths_in_order:
+        for kind in ("m", "v"):
+            keys.append((f"optimizer/state/{index}{VALUE_SUFFIX}", kind, path))
+            index += 1
+    return keys
+
+
+class DiskStreamingState:
+    """The store, its checkpoints and the host-side optimizer of disk weight streaming."""
+
+    def __init__(self, params: Params, model_dir: str):
+        if params.optimizer.optimizer_type not in ("adamw", "adam"):
+            raise ParamsError("runconfig.weight_streaming.host_store=disk supports optimizer_type adamw or adam")
+        self.params = params
+        self.model_dir = model_dir
+        self.specs = weight_specs(params.model)
+        self.shapes = {s.path: s.shape for s in self.specs}
+        directory = params.runconfig.weight_streaming.store_dir or os.path.join(model_dir, "weight_store")
+        self.store = DiskStore(directory, self.shapes)
+        self.order = module_order(self.shapes)
+        self.schedule = learning_rate_schedule(params.optimizer)
+        self.state = {"step": 0, "iterations": 0, "loss_scale": 1.0, "good_steps": 0}
+
+    # ---- state and checkpoints ------------------------------------------------------------
+
+    def open(self, initial_loss_scale: float) -> None:
+        """Create the store from the model's initial values, or reopen it."""
+        if self.store.exists():
+            self.state = self.store.read_state()
+            return
+        self.state = {"step": 0, "iterations": 0, "loss_scale": initial_loss_scale, "good_steps": 0,
+                      "clean": True}
+        self.store.create(((spec.path, value) for spec, value in
+                           initial_values(self.params.model, self.params.runconfig.seed)), self.state)
+
+    def mark(self, clean: bool) -> None:
+        self.state["clean"] = clean
+        self.store.write_state(self.state)
+
+    def restore(self, prefix: str, weights_only: bool = False) -> None:
+        """Load a checkpoint (either mode's) into the store, one tensor at a time."""
+        reader = tf.train.load_checkpoint(prefix)
+        found = variable_shapes(prefix)
+        for path in self.order:
+            if path in found:
+                self.store.write("param", path, reader.get_tensor(f"model/{path}{VALUE_SUFFIX}"))
+        if weights_only:
+            return
+        for key, kind, path in optimizer_state_keys(self.params, self.order):
+            value = reader.get_tensor(key)
+            if kind == "iterations":
+                self.state["iterations"] = int(value)
+            elif kind in ("m", "v"):
+                self.store.write(kind, path, value)
+        self.state["step"] = int(reader.get_tensor(f"step{VALUE_SUFFIX}"))
+        self.state["loss_scale"] = float(reader.get_tensor(f"loss_scale/scale{VALUE_SUFFIX}"))
+        self.state["good_steps"] = int(reader.get_tensor(f"loss_scale/good_steps{VALUE_SUFFIX}"))
+        self.mark(clean=True)
+
+    def save(self, keep: int) -> str:
+        """ckpt-<step> in model_dir with the standard layout; keeps the newest `keep` (0: all)."""
+        step = self.state["step"]
+        name = f"ckpt-{step}"
+        lr = self.learning_rate()
+
+        def tensors():
+            for path in self.order:
+                yield f"model/{path}", self.store.read("param", path)
+            for key, kind, path in optimizer_state_keys(self.params, self.order):
+                short = key[:-len(VALUE_SUFFIX)]
+                if kind == "iterations":
+                    yield short, np.array(self.state["iterations"], np.int64)
+                elif kind == "learning_rate":
+                    yield short, np.array(lr, np.float32)
+                else:
+                    yield short, self.store.read(kind, path)
+            yield "loss_scale/scale", np.array(self.state["loss_scale"], np.float32)
+            yield "loss_scale/good_steps", np.array(self.state["good_steps"], np.int64)
+            yield "step", np.array(step, np.int64)
+
+        write_checkpoint(os.path.join(self.model_dir, name), tensors(), root="")
+        kept = _checkpoint_names(self.model_dir) + [name]
+        kept = sorted(set(kept), key=lambda n: int(n.split("-")[1]))
+        if keep:
+            for old in kept[:-keep]:
+                for file in os.listdir(self.model_dir):
+                    if file.startswith(old + "."):
+                        os.unlink(os.path.join(self.model_dir, file))
+            kept = kept[-keep:]
+        write_checkpoint_state(self.model_dir, name, all_names=kept)
+        return os.path.join(self.model_dir, name)
+
+    # ---- the update -----------------------------------------------------------------------
+
+    def learning_rate(self) -> float:
+        schedule = self.schedule
+        return float(schedule(tf.constant(self.state["iterations"]))) if callable(schedule) else schedule
+
+    def gradient_norm(self, factor: float) -> tuple[float, bool]:
+        """(global norm of factor * stored gradients, all finite), in one read-only pass."""
+        total = 0.0
+        for path in self.order:
+            with self.store.mapped("grad", path) as grad:
+                for rows in self.store.row_chunks(path):
+                    chunk = np.asarray(grad[rows], np.float64)
+                    total += float(np.sum(chunk * chunk))
+        norm = math.sqrt(total) * factor
+        return norm, math.isfinite(norm)
+
+    def apply(self, factor: float) -> None:
+        """Adam/AdamW on every tensor with gradient = factor * stored gradient."""
+        config = self.params.optimizer
+        lr = np.float32(self.learning_rate())
+        t = np.float32(self.state["iterations"] + 1)
+        beta1, beta2 = np.float32(config.beta1), np.float32(config.beta2)
+        alpha = lr * np.sqrt(np.float32(1) - beta2 ** t) / (np.float32(1) - beta1 ** t)
+        decay = np.float32(config.weight_decay_rate) * lr if config.optimizer_type == "adamw" else None
+        factor = np.float32(factor)
+        for path in self.order:
+            decays = decay is not None and decay != 0 and len(self.shapes[path]) >= 2
+            with self.store.mapped("param", path, "r+") as p, self.store.mapped("m", path, "r+") as m, \
+                    self.store.mapped("v", path, "r+") as v, self.store.mapped("grad", path) as grad:
+                for rows in self.store.row_chunks(path):
+                    g = np.asarray(grad[rows]) * factor
+                    if decays:
+                        p[rows] -= p[rows] * decay
+                    m[rows] += (g - m[rows]) * (np.float32(1) - beta1)
+                    v[rows] += (np.square(g) - v[rows]) * (np.float32(1) - beta2)
+                    p[rows] -= (m[rows] * alpha) / (np.sqrt(v[rows]) + np.float32(config.epsilon))
+        self.state["iterations"] += 1
+
+
+def _checkpoint_names(model_dir: str) -> list[str]:
+    state = tf.train.get_checkpoint_state(model_dir)
+    if state is None:
+        return []
+    return [os.path.basename(p) for p in state.all_model_checkpoint_paths]
+

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 
 def greedy_tokens(scores: tf.Tensor) -> tf.Tensor:
-    """scores [b, V] -> [b] int32: the highest-scoring token (the lowest id among ties)."""
+    """scores [b, V] -> [b] int32: the highest-scoring token (on CPU the lowest id among exact ties)."""
     return tf.argmax(scores, axis=-1, output_type=tf.int32)
 
 
@@ -23,6 +23,6 @@ def sample_tokens(scores: tf.Tensor, seeds: tf.Tensor, step: tf.Tensor) -> tf.Te
     noise = []
     for row in range(scores.shape[0]):      # the batch is static; a few small RNG ops per step
         uniform = tf.random.stateless_uniform([vocab], seed=tf.stack([seeds[row], step]),
-                                              minval=tiny, maxval=1.0, dtype=tf.float32)
+                                              minval=tiny, maxval=1.0, dtype=tf.float32, alg="philox")
         noise.append(-tf.math.log(-tf.math.log(uniform)))
     return greedy_tokens(scores + tf.stack(noise))

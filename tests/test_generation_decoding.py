@@ -109,17 +109,23 @@ def test_streaming_sees_every_step(generator):
     assert result[0].token_ids == generator.generate([PROMPTS[0]], config)[0].token_ids
 
 
-def test_one_compiled_decode_step_serves_every_token_and_call(model):
-    """Graph mode shows the tracing (XLA adds compilation to the same trace)."""
-    generator = Generator(model, compile_mode="graph", length_multiple=16)
-    config = GenerationConfig(max_new_tokens=7)
-    eager = Generator(model, compile_mode="eager", length_multiple=16)
-    assert ids(generator.generate(PROMPTS, config)) == ids(eager.generate(PROMPTS, config))
-    generator.generate([[3, 4, 5], [6], [9, 9]], config)               # same bucket: no new trace
-    generator.generate([[1, 2], [3], [4]], config.replace(seed=9))      # seed is an input, not a constant
-    (decoder,) = generator._decoders.values()
-    assert decoder.advance.experimental_get_tracing_count() == 1
-    assert decoder.prefill.experimental_get_tracing_count() == 1
+def test_one_compiled_decode_step_serves_every_token_and_call(model, generator):
+    """XLA (the default): traced once per shape, reused across calls, seeds and prompts;
+    greedy equals eager; samples repeat per seed (XLA's stateless RNG draws other bits than
+    the TF kernels, so a seed's sample is reproducible within one compile mode)."""
+    compiled = Generator(model, compile_mode="xla", length_multiple=16)
+    greedy = GenerationConfig(max_new_tokens=7)
+    assert ids(compiled.generate(PROMPTS, greedy)) == ids(generator.generate(PROMPTS, greedy))
+    sampling = greedy.replace(do_sample=True, top_k=40)
+    first = ids(compiled.generate(PROMPTS, sampling, seeds=[1, 2, 3]))
+    assert ids(compiled.generate([[3, 4, 5], [6], [9, 9]], sampling, seeds=[1, 2, 3])) != first
+    assert ids(compiled.generate(PROMPTS, sampling, seeds=[1, 2, 3])) == first
+    assert all(a != b for a, b in zip(first, ids(compiled.generate(PROMPTS, sampling, seeds=[4, 5, 6]))))
+    decoders = list(compiled._decoders.values())
+    assert len(decoders) == 2                                      # greedy and sampling: one each
+    for decoder in decoders:
+        assert decoder.advance.experimental_get_tracing_count() == 1
+        assert decoder.prefill.experimental_get_tracing_count() == 1
 
 
 def test_greedy_generate_keeps_its_contract(model, generator):

@@ -13,22 +13,29 @@ from input.tokenizer import GptTokenizer
 
 def add_predict_flags(group: argparse._ArgumentGroup) -> None:
     """The predict-mode flags of run.py (decoding flags use transformers' names)."""
-    group.add_argument("--prompt", default=None, help="text to continue (streamed to the console)")
-    group.add_argument("--prompts_file", default=None,
+    group.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="text to continue (streamed to the console)")
+    group.add_argument("--prompts_file", default=None, metavar="PATH",
                        help="prompts, one per line; or JSONL with a 'prompt' field (and optionally 'seed')")
-    group.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json or hub id")
-    group.add_argument("--output", default=None,
+    group.add_argument("--tokenizer", default=None, metavar="SRC",
+                       help="tokenizer directory, tokenizer.json or hub id")
+    group.add_argument("--output", default=None, metavar="PATH",
                        help="JSONL to append results to (default: MODEL_DIR/predictions.jsonl)")
-    group.add_argument("--max_new_tokens", type=int, default=32)
-    group.add_argument("--min_new_tokens", type=int, default=0,
+    group.add_argument("--max_new_tokens", type=int, default=32, metavar="N",
+                       help="at most N new tokens per prompt")
+    group.add_argument("--min_new_tokens", type=int, default=0, metavar="N",
                        help="stop tokens are suppressed before this many new tokens")
     group.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam search")
-    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    group.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
-    group.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
-    group.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
-    group.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (1: off)")
-    group.add_argument("--length_penalty", type=float, default=1.0,
+    group.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (> 0)")
+    group.add_argument("--top_k", type=int, default=0, metavar="K",
+                       help="sample from the k most likely tokens (0: off)")
+    group.add_argument("--top_p", type=float, default=1.0, metavar="P",
+                       help="nucleus sampling mass in (0, 1] (1: off)")
+    group.add_argument("--repetition_penalty", type=float, default=1.0, metavar="R",
+                       help="> 1 discourages repeats (1: off)")
+    group.add_argument("--num_beams", type=int, default=1, metavar="K",
+                       help="beam search with this many beams (1: off)")
+    group.add_argument("--length_penalty", type=float, default=1.0, metavar="A",
                        help="beam score = log-probability / new_tokens ** length_penalty")
     group.add_argument("--early_stopping", choices=("false", "true", "never"), default="false",
                        help="beam search stopping rule, as in transformers")
@@ -40,8 +47,9 @@ def add_predict_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--ignore_eos", action="store_true", help="do not stop at the tokenizer's EOS token")
     group.add_argument("--bad_words", action="append", default=[], metavar="TEXT",
                        help="never generate the tokens of TEXT in a row (repeatable)")
-    group.add_argument("--seed", type=int, default=0, help="sampling seed (a JSONL 'seed' field overrides)")
-    group.add_argument("--batch_size", type=int, default=8, help="prompts decoded together")
+    group.add_argument("--seed", type=int, default=0, metavar="S",
+                       help="sampling seed (a JSONL 'seed' field overrides)")
+    group.add_argument("--batch_size", type=int, default=8, metavar="N", help="prompts decoded together")
     group.add_argument("--generation_compile", choices=COMPILE_MODES, default="xla",
                        help="how the decode step runs: XLA (fastest), graph, or eager")
 

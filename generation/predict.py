@@ -1,4 +1,5 @@
-"""`run.py --mode predict`: its flags, the prompts file, and the JSONL it writes.
+"""`run.py --mode predict`: the prompts file, the batches, and the JSONL it writes
+(its flags are in generation/flags.py).
 
 Results are appended to the output file one complete JSON line per prompt, flushed as
 soon as its batch finishes: a long run shows progress in the file, an interrupted one
@@ -115,15 +116,20 @@ def predict(model: GPTJModel, tokenizer: GptTokenizer, requests: list[PromptRequ
     check_requests(requests, tokenizer, config, model.config)
     generator = Generator(model, compile_mode=compile_mode)
     stream = len(requests) == 1 and config.num_beams == 1
+    batch_size = min(batch_size, len(requests))
     directory = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(directory, exist_ok=True)
     done: list[Completion] = []
     with open(output_path, "a", encoding="utf-8") as out:
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]
-            seeds = [config.seed if r.seed is None else r.seed for r in chunk]
+            # A short last batch is filled with copies of its last prompt so the decoder compiled
+            # for the full batch serves it (rows are independent; the copies are dropped).
+            filled = chunk + [chunk[-1]] * (batch_size - len(chunk))
+            seeds = [config.seed if r.seed is None else r.seed for r in filled]
             on_text: Callable[[str], None] | None = _console_writer(console) if stream else None
-            completions = complete(generator, tokenizer, [r.text for r in chunk], config, seeds, on_text)
+            completions = complete(generator, tokenizer, [r.text for r in filled], config, seeds,
+                                   on_text)[:len(chunk)]
             for completion in completions:
                 out.write(json.dumps(completion.record(), ensure_ascii=False) + "\n")
                 if not stream:

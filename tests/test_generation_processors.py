@@ -126,7 +126,8 @@ def test_samples_follow_softmax_and_depend_only_on_seed_and_step():
     rows = 64
     scores = tf.constant(np.tile(logits, [rows, 1]))
     seeds = tf.range(rows, dtype=tf.int64)
-    draws = np.concatenate([sample_tokens(scores, seeds, tf.constant(step)).numpy() for step in range(40)])
+    draw = tf.function(sample_tokens)                                            # one trace, 40 calls
+    draws = np.concatenate([draw(scores, seeds, tf.constant(step)).numpy() for step in range(40)])
     frequencies = np.bincount(draws, minlength=4) / draws.size                   # 2560 draws
     np.testing.assert_allclose(frequencies, np.exp(logits), atol=0.035)
     again = sample_tokens(scores, seeds, tf.constant(7)).numpy()

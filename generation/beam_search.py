@@ -24,8 +24,9 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from generation.batch import PromptBatch, compiled, forward_slots, key_valid
+from generation.batch import PromptBatch, forward_slots, key_valid
 from generation.config import GenerationConfig
+from generation.decode import CompiledDecoder
 from generation.processors import process_scores
 from generation.results import Generation
 from model import GPTJModel
@@ -57,19 +58,13 @@ def candidate_count(config: GenerationConfig) -> int:
     return max(2, 1 + len(config.stop_token_ids)) * config.num_beams
 
 
-class BeamDecoder:
+class BeamDecoder(CompiledDecoder):
     """Beam search for one config and one batch shape (same interface as TokenDecoder)."""
 
     def __init__(self, model: GPTJModel, config: GenerationConfig, batch_size: int, prompt_slots: int,
                  cache_length: int, compile_mode: str):
-        self.model = model
-        self.config = config
-        self.batch_size = batch_size
-        self.prompt_slots = prompt_slots
-        self.cache_length = cache_length
         self.divisors = length_penalty_divisors(config.max_new_tokens, config.length_penalty)
-        self.prefill = compiled(self._prefill, compile_mode)
-        self.advance = compiled(self._advance, compile_mode)
+        super().__init__(model, config, batch_size, prompt_slots, cache_length, compile_mode)
 
     # ---- host side -------------------------------------------------------------------------
 

@@ -32,8 +32,9 @@ class TokenState(NamedTuple):
     lengths: tf.Tensor         # [b] int32: new tokens of each row, a final stop token included
 
 
-class TokenDecoder:
-    """Greedy or sampling decoder for one config and one batch shape."""
+class CompiledDecoder:
+    """What every decoder holds: one config, one batch shape, and its compiled prefill and
+    advance steps (subclasses define `_prefill` and `_advance`)."""
 
     def __init__(self, model: GPTJModel, config: GenerationConfig, batch_size: int, prompt_slots: int,
                  cache_length: int, compile_mode: str):
@@ -44,6 +45,10 @@ class TokenDecoder:
         self.cache_length = cache_length
         self.prefill = compiled(self._prefill, compile_mode)
         self.advance = compiled(self._advance, compile_mode)
+
+
+class TokenDecoder(CompiledDecoder):
+    """Greedy or sampling decoder for one config and one batch shape."""
 
     # ---- host side -------------------------------------------------------------------------
 

@@ -100,21 +100,24 @@ class GPTJModel(Layer):
 
     def forward(self, weights: dict, input_ids: tf.Tensor, position_ids: tf.Tensor | None = None,
                 attention_mask: tf.Tensor | None = None, cache: tuple[KVCache, ...] | None = None,
-                cache_index: tf.Tensor | int = 0, dropout_seed: tf.Tensor | None = None) -> ModelOutput:
-        """Logits for input_ids [b, s].
+                cache_index: tf.Tensor | int = 0, dropout_seed: tf.Tensor | None = None,
+                last_only: bool = False) -> ModelOutput:
+        """Logits for input_ids [b, s] ([b, 1] of the last position only with last_only).
 
         position_ids [b, s]: default cache_index + 0..s-1.
         attention_mask [b, s_k]: 1 for real tokens; s_k = s without a cache, the cache length with one.
-        cache: per-block (keys, values) [b, L, h, hd]; the new tokens are written at slots
+        cache: per-block (keys, values) [b, h, L, hd]; the new tokens are written at slots
             [cache_index, cache_index + s) and attend to every valid earlier slot.
         dropout_seed [2] int: enables dropout (training) with masks derived from it.
+        last_only: run the LM head on the last position only (generation's prefill needs no
+            other logits, and at V=50k the head is most of a prompt's cost).
         """
         batch, length = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
         query_slots = tf.range(length) + tf.cast(cache_index, tf.int32)            # [s]
         if position_ids is None:
             position_ids = tf.broadcast_to(query_slots[None, :], [batch, length])   # [b, s]
         if attention_mask is None:
-            key_length = length if cache is None else tf.shape(cache[0][0])[1]
+            key_length = length if cache is None else tf.shape(cache[0][0])[2]
             attention_mask = tf.ones([batch, key_length], tf.int32)
         bias = causal_attention_bias(query_slots, attention_mask)                  # [b, 1, s, s_k]
         sin, cos = self.positions(position_ids)
@@ -125,13 +128,15 @@ class GPTJModel(Layer):
                 weights["blocks"][i], hidden, sin, cos, bias,
                 None if cache is None else cache[i], cache_index, self.block_seed(dropout_seed, i))
             new_cache.append(block_cache)
+        if last_only:
+            hidden = hidden[:, -1:]                                                # [b, 1, D]
         logits = self.head({name: weights[name] for name in self.head_weight_names()}, hidden)
         return ModelOutput(logits, None if cache is None else tuple(new_cache))
 
     def empty_cache(self, batch_size: int, cache_length: int) -> tuple[KVCache, ...]:
-        """Zeroed per-block (keys, values), each [b, L, h, hd] in the compute dtype."""
+        """Zeroed per-block (keys, values), each [b, h, L, hd] in the compute dtype."""
         c = self.config
-        shape = [batch_size, cache_length, c.num_heads, c.head_dim]
+        shape = [batch_size, c.num_heads, cache_length, c.head_dim]
         return tuple((tf.zeros(shape, self.compute_dtype), tf.zeros(shape, self.compute_dtype))
                      for _ in self.blocks)
 

@@ -65,10 +65,10 @@ def forward_slots(model: GPTJModel, input_ids: tf.Tensor, first_slot: tf.Tensor,
     """Run input_ids [b, s] written at slots [start, start + s) -> (logits of the last one [b, V]
     float32, updated cache). Each token attends to the real tokens at or before its slot."""
     length = input_ids.shape[1]
-    cache_length = cache[0][0].shape[1]
+    cache_length = cache[0][0].shape[2]
     out = model(input_ids, position_ids=slot_positions(first_slot, start, length),
                 attention_mask=tf.cast(key_valid(first_slot, start + length, cache_length), tf.int32),
-                cache=cache, cache_index=start)
+                cache=cache, cache_index=start, last_only=True)
     return out.logits[:, -1], out.cache
 
 

@@ -23,7 +23,7 @@ from model import GPTJModel
 
 
 class TokenState(NamedTuple):
-    cache: tuple               # per block (keys, values) [b, L, h, hd]
+    cache: tuple               # per block (keys, values) [b, h, L, hd]
     tokens: tf.Tensor          # [b, L] int32: prompt and generated tokens by cache slot
     first_slot: tf.Tensor      # [b] int32: slot of each row's first real token
     seeds: tf.Tensor           # [b] int64: sampling seed of each request

@@ -5,6 +5,8 @@ import math
 from typing import Callable
 
 import tensorflow as tf
+# Public since TF 2.3 under this path (transformers' TF generate used it); runs eagerly, in graphs and under XLA.
+from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
 from layers.base import Layer
 from layers.dense import Dense
@@ -12,20 +14,21 @@ from layers.dropout import dropout
 from layers.rotary import apply_rotary
 from runtime.params import ModelParams
 
-# (keys, values), each [b, cache_len, h, head_dim] in the compute dtype.
+# (keys, values), each [b, h, cache_len, head_dim] in the compute dtype: heads before slots,
+# so a decode step's attention reads each head's keys contiguously and needs no transpose.
 KVCache = tuple[tf.Tensor, tf.Tensor]
 
 
 def write_cache(cache: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-    """Place new [b, s, h, d] at slots [index, index + s) of cache [b, L, h, d].
+    """Place new [b, s, h, d] at slots [index, index + s) of cache [b, h, L, d].
 
-    Written as a select over the static cache length rather than a dynamic slice, so the
-    shape stays static (one compiled decode step serves every position)."""
-    cache_len, new_len = cache.shape[1], tf.shape(new)[1]
-    offsets = tf.range(cache_len) - tf.cast(index, tf.int32)             # [L]
-    inside = tf.logical_and(offsets >= 0, offsets < new_len)            # [L]
-    placed = tf.gather(new, tf.clip_by_value(offsets, 0, new_len - 1), axis=1)  # [b, L, h, d]
-    return tf.where(inside[None, :, None, None], tf.cast(placed, cache.dtype), cache)
+    A dynamic update slice: the cache keeps its static shape (one compiled decode step serves
+    every position) and XLA updates it in place, touching s slots rather than all L. The
+    caller keeps index + s <= L (out-of-range starts are clamped, as XLA defines it)."""
+    new = tf.cast(tf.transpose(new, [0, 2, 1, 3]), cache.dtype)           # [b, h, s, d]
+    zero = tf.constant(0, tf.int32)
+    start = tf.stack([zero, zero, tf.cast(index, tf.int32), zero])
+    return dynamic_update_slice(cache, new, start)
 
 
 class SelfAttention(Layer):
@@ -65,15 +68,16 @@ class SelfAttention(Layer):
         q = apply_rotary(q, sin, cos, self.rotary_style)
         k = apply_rotary(k, sin, cos, self.rotary_style)
         new_cache = None
+        key_layout = "bkhd"                                                # k, v [b, s, h, hd]
         if cache is not None:
-            k = write_cache(cache[0], k, cache_index)                      # [b, L, h, hd]
+            k = write_cache(cache[0], k, cache_index)                      # [b, h, L, hd]
             v = write_cache(cache[1], v, cache_index)
-            new_cache = (k, v)
+            new_cache, key_layout = (k, v), "bhkd"
         # Scores and softmax in float32 (fp16 q.k overflows easily), as the reference does.
-        scores = tf.einsum("bqhd,bkhd->bhqk", tf.cast(q, tf.float32), tf.cast(k, tf.float32))
+        scores = tf.einsum(f"bqhd,{key_layout}->bhqk", tf.cast(q, tf.float32), tf.cast(k, tf.float32))
         scores = scores / math.sqrt(self.head_dim) + bias                   # [b, h, s, s_k]
         probs = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
         probs = dropout(probs, self.dropout_rate, dropout_seed, salt=1)
-        context = tf.einsum("bhqk,bkhd->bqhd", probs, v)                    # [b, s, h, hd]
+        context = tf.einsum(f"bhqk,{key_layout}->bqhd", probs, v)           # [b, s, h, hd]
         context = tf.reshape(context, [batch, length, self.num_heads * self.head_dim])
         return self.out_proj.forward(weights["out_proj"], context), new_cache

@@ -74,6 +74,30 @@ def test_cached_decoding_equals_full_forward(name):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gptj", "neox_fused"])
+def test_compiled_cached_decoding_with_last_only_prefill(name):
+    """What generation runs: XLA-compiled steps (the cache written in place by a dynamic update
+    slice) and a prefill that computes only the last position's logits."""
+    model = randomized(VARIANTS[name], seed=3)
+    tokens = ids(2, 9, seed=4)
+    full = model(tokens).logits.numpy()                                            # [2, 9, V]
+    step = tf.function(lambda t, mask, cache, index, last_only: model(
+        t, attention_mask=mask, cache=cache, cache_index=index, last_only=last_only), jit_compile=True)
+    valid = np.zeros((2, 12), np.int32)
+    valid[:, :5] = 1
+    out = step(tokens[:, :5], tf.constant(valid), model.empty_cache(2, 12), tf.constant(0), True)
+    assert out.logits.shape == (2, 1, 97)
+    logits = [out.logits.numpy()]
+    for t in range(5, 9):
+        valid[:, t] = 1
+        out = step(tokens[:, t:t + 1], tf.constant(valid), out.cache, tf.constant(t), False)
+        logits.append(out.logits.numpy())
+    np.testing.assert_allclose(np.concatenate(logits, axis=1), full[:, 4:], atol=1e-5)
+    keys = out.cache[0][0].numpy()                                                 # [b, h, L, hd]
+    assert keys.shape == (2, 4, 12, 8)
+    assert np.all(keys[:, :, 9:] == 0) and np.all(np.any(keys[:, :, :9] != 0, axis=-1))
+
+
 def test_left_padding_with_position_ids_equals_unpadded():
     model = randomized(TINY, seed=5)
     tokens = ids(1, 6, seed=6)

@@ -57,7 +57,7 @@ def time_ours(generator, prompts, config) -> tuple[float, float, list[list[int]]
     batch = left_pad(prompts, config.pad_token_id, generator.length_multiple)
     cache_length = round_up(batch.prompt_slots + config.max_new_tokens, generator.length_multiple)
     decoder = generator.decoder(config, len(prompts), batch.prompt_slots, cache_length)
-    state = decoder.initial_state(batch, np.zeros([len(prompts)], np.int64))
+    state = decoder.initial_state(batch, np.zeros([len(prompts)], np.int64))  # greedy: the seed is unused
     start = time.perf_counter()
     state = decoder.prefill(state)
     state.tokens.numpy()

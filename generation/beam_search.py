@@ -35,7 +35,7 @@ EXCLUDED = -1.0e9
 
 
 class BeamState(NamedTuple):
-    cache: tuple               # per block (keys, values) [b * k, L, h, hd] (b rows before prefill)
+    cache: tuple               # per block (keys, values) [b * k, h, L, hd] (b rows before prefill)
     tokens: tf.Tensor          # [b, k, L] int32: running hypotheses by cache slot
     scores: tf.Tensor          # [b, k] float32: running sums of log-probabilities
     done_tokens: tf.Tensor     # [b, k, L] int32: finished hypotheses, best first
@@ -68,7 +68,8 @@ class BeamDecoder(CompiledDecoder):
 
     # ---- host side -------------------------------------------------------------------------
 
-    def initial_state(self, batch: PromptBatch, seeds: np.ndarray) -> BeamState:
+    def initial_state(self, batch: PromptBatch, seeds: np.ndarray, streams: np.ndarray | None = None) -> BeamState:
+        """seeds and streams are accepted for the decoders' common interface; beam search draws nothing."""
         b, k, length = self.batch_size, self.config.num_beams, self.cache_length
         tokens = np.full([b, k, length], self.config.pad_token_id, np.int32)
         tokens[:, :, :self.prompt_slots] = batch.tokens[:, None, :]
@@ -79,22 +80,28 @@ class BeamDecoder(CompiledDecoder):
                          tf.zeros([b, k], tf.bool), tf.ones([b], tf.bool), tf.constant(batch.first_slot),
                          tf.constant(0), tf.constant(False))
 
-    def row_tokens(self, state: BeamState) -> list[list[int]]:
-        """The best finished hypothesis of every row (only meaningful once done)."""
-        tokens, lengths = state.done_tokens.numpy()[:, 0], state.done_lengths.numpy()[:, 0]
+    def row_tokens(self, state: BeamState, rank: int = 0) -> list[list[int]]:
+        """The finished hypothesis of this rank (0 = best) of every row (meaningful once done)."""
+        tokens, lengths = state.done_tokens.numpy()[:, rank], state.done_lengths.numpy()[:, rank]
         return [tokens[r, self.prompt_slots:self.prompt_slots + lengths[r]].tolist() for r in range(len(lengths))]
 
     def is_done(self, state: BeamState) -> bool:
         return bool(state.stopped.numpy()) or int(state.step) >= self.config.max_new_tokens
 
     def results(self, state: BeamState, stopped_by_text: dict[int, str]) -> list[Generation]:
+        """The num_return_sequences best finished hypotheses of every row, best first, rows in
+        order (row r's at [r * n, (r + 1) * n), as transformers returns them)."""
         stops = set(self.config.stop_token_ids)
-        scores = state.done_scores.numpy()[:, 0]
+        count = self.config.num_return_sequences
+        scores = state.done_scores.numpy()
+        ranked = [self.row_tokens(state, rank) for rank in range(count)]
         out = []
-        for row, ids in enumerate(self.row_tokens(state)):
-            stopped = bool(ids) and ids[-1] in stops
-            out.append(Generation(ids, "stop" if stopped else "length", ids[-1] if stopped else None,
-                                  float(scores[row])))
+        for row in range(self.batch_size):
+            for rank in range(count):
+                ids = ranked[rank][row]
+                stopped = bool(ids) and ids[-1] in stops
+                out.append(Generation(ids, "stop" if stopped else "length", ids[-1] if stopped else None,
+                                      float(scores[row, rank])))
         return out
 
     # ---- compiled ------------------------------------------------------------------------
@@ -104,7 +111,7 @@ class BeamDecoder(CompiledDecoder):
         k = self.config.num_beams
         prompt = state.tokens[:, 0, :self.prompt_slots]                                  # [b, P]
         logits, cache = forward_slots(self.model, prompt, state.first_slot, tf.constant(0), state.cache)
-        cache = tf.nest.map_structure(lambda t: tf.repeat(t, k, axis=0), cache)           # [b*k, L, h, hd]
+        cache = tf.nest.map_structure(lambda t: tf.repeat(t, k, axis=0), cache)           # [b*k, h, L, hd]
         return self._step(state._replace(cache=cache), tf.repeat(logits, k, axis=0))
 
     def _advance(self, state: BeamState, until: tf.Tensor) -> BeamState:

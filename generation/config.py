@@ -30,6 +30,7 @@ class GenerationConfig:
     top_p: float = 1.0                      # sampling only; 1.0 = off
     repetition_penalty: float = 1.0         # 1.0 = off; > 1 discourages tokens already present
     num_beams: int = 1
+    num_return_sequences: int = 1           # per prompt: independent samples, or the best beams
     length_penalty: float = 1.0             # beam score = sum log p / new_tokens ** length_penalty
     early_stopping: EarlyStopping = False   # beam search stopping rule (see docs/generation.md)
     stop_token_ids: tuple[int, ...] = ()    # e.g. the tokenizer's EOS id
@@ -69,6 +70,15 @@ class GenerationConfig:
                  f"{self.max_new_tokens}")
         _require(isinstance(self.num_beams, int) and self.num_beams >= 1,
                  f"num_beams={self.num_beams} must be an integer >= 1 (1 = no beam search)")
+        _require(isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
+                 f"num_return_sequences={self.num_return_sequences} must be an integer >= 1")
+        if self.num_return_sequences > 1:
+            _require(self.num_beams > 1 or self.do_sample,
+                     f"num_return_sequences={self.num_return_sequences} with greedy decoding would repeat "
+                     "one answer; sample (do_sample) or use beam search (num_beams > 1)")
+            _require(self.num_return_sequences <= self.num_beams or self.num_beams == 1,
+                     f"num_return_sequences={self.num_return_sequences} must be <= num_beams={self.num_beams}: "
+                     "beam search returns its best finished hypotheses")
         _require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 turns the top-k filter off)")
         _require(0.0 < self.top_p <= 1.0, f"top_p={self.top_p} must be in (0, 1] (1 turns the filter off)")
         _require(self.repetition_penalty > 0.0,

@@ -27,6 +27,7 @@ class TokenState(NamedTuple):
     tokens: tf.Tensor          # [b, L] int32: prompt and generated tokens by cache slot
     first_slot: tf.Tensor      # [b] int32: slot of each row's first real token
     seeds: tf.Tensor           # [b] int64: sampling seed of each request
+    streams: tf.Tensor         # [b] int64: which of its request's samples the row is (0..n-1)
     step: tf.Tensor            # int32: new tokens chosen so far (the same for every row)
     finished: tf.Tensor        # [b] bool
     lengths: tf.Tensor         # [b] int32: new tokens of each row, a final stop token included
@@ -52,12 +53,14 @@ class TokenDecoder(CompiledDecoder):
 
     # ---- host side -------------------------------------------------------------------------
 
-    def initial_state(self, batch: PromptBatch, seeds: np.ndarray) -> TokenState:
+    def initial_state(self, batch: PromptBatch, seeds: np.ndarray, streams: np.ndarray | None = None) -> TokenState:
+        """seeds [b] int64; streams [b] (default zeros): see TokenState."""
         b, pad = self.batch_size, self.config.pad_token_id
         tokens = np.full([b, self.cache_length], pad, np.int32)
         tokens[:, :self.prompt_slots] = batch.tokens
         return TokenState(self.model.empty_cache(b, self.cache_length), tf.constant(tokens),
-                          tf.constant(batch.first_slot), tf.constant(seeds, tf.int64), tf.constant(0),
+                          tf.constant(batch.first_slot), tf.constant(seeds, tf.int64),
+                          tf.constant(np.zeros([b]) if streams is None else streams, tf.int64), tf.constant(0),
                           tf.zeros([b], tf.bool), tf.zeros([b], tf.int32))
 
     def row_tokens(self, state: TokenState) -> list[list[int]]:
@@ -113,7 +116,7 @@ class TokenDecoder(CompiledDecoder):
         history_valid = key_valid(state.first_slot, slot, self.cache_length)               # [b, L]
         scores = process_scores(logits, config, state.tokens, history_valid, slot, state.step)
         if config.do_sample:
-            chosen = sample_tokens(scores, state.seeds, state.step)
+            chosen = sample_tokens(scores, state.seeds, state.step, state.streams)
         else:
             chosen = greedy_tokens(scores)                                                  # [b]
         chosen = tf.where(state.finished, config.pad_token_id, chosen)

@@ -35,6 +35,8 @@ def add_predict_flags(group: argparse._ArgumentGroup) -> None:
                        help="> 1 discourages repeats (1: off)")
     group.add_argument("--num_beams", type=int, default=1, metavar="K",
                        help="beam search with this many beams (1: off)")
+    group.add_argument("--num_return_sequences", type=int, default=1, metavar="N",
+                       help="completions per prompt: N samples (--do_sample) or the N best beams")
     group.add_argument("--length_penalty", type=float, default=1.0, metavar="A",
                        help="beam score = log-probability / new_tokens ** length_penalty")
     group.add_argument("--early_stopping", choices=("false", "true", "never"), default="false",
@@ -70,6 +72,7 @@ def config_from_flags(args: argparse.Namespace, tokenizer: GptTokenizer) -> Gene
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences,
         length_penalty=args.length_penalty, early_stopping=early, stop_token_ids=tuple(dict.fromkeys(stop_ids)),
         stop_strings=tuple(args.stop), bad_words_ids=tuple(bad_words), seed=args.seed,
         pad_token_id=tokenizer.eos_id)

@@ -42,9 +42,11 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
                  seeds: Sequence[int] | None = None, on_tokens: TokensCallback | None = None,
                  stop_checker: StopChecker | None = None) -> list[Generation]:
-        """Continue every prompt (token ids) under `config`; one Generation per prompt, in order.
+        """Continue every prompt (token ids) under `config`: config.num_return_sequences
+        Generations per prompt, prompts in order (prompt i's at [i * n, (i + 1) * n)).
 
-        seeds: one sampling seed per prompt (default: config.seed for all).
+        seeds: one sampling seed per prompt (default: config.seed for all); a prompt's n samples
+            use streams 0..n-1 of its seed, so each is reproducible on its own.
         on_tokens: called with every row's new tokens after each step (streaming; greedy and
             sampling only), which syncs the host once per token.
         stop_checker: ends rows whose text holds a stop string (see generation/text.py).
@@ -61,10 +63,14 @@ class Generator:
         seeds = np.full([len(prompts)], config.seed, np.int64) if seeds is None else np.asarray(seeds, np.int64)
         if seeds.shape != (len(prompts),):
             raise GenerationConfigError(f"got {seeds.size} seeds for {len(prompts)} prompts; give one per prompt")
-        batch = left_pad(prompts, config.pad_token_id, self.length_multiple)
+        # Samples are independent rows; beam search keeps its n best hypotheses per prompt instead.
+        copies = config.num_return_sequences if config.strategy == "sample" else 1
+        rows = [prompt for prompt in prompts for _ in range(copies)]
+        streams = np.tile(np.arange(copies, dtype=np.int64), len(prompts))
+        batch = left_pad(rows, config.pad_token_id, self.length_multiple)
         cache_length = round_up(batch.prompt_slots + config.max_new_tokens, self.length_multiple)
-        decoder = self.decoder(config, len(prompts), batch.prompt_slots, cache_length)
-        state = decoder.prefill(decoder.initial_state(batch, seeds))
+        decoder = self.decoder(config, len(rows), batch.prompt_slots, cache_length)
+        state = decoder.prefill(decoder.initial_state(batch, np.repeat(seeds, copies), streams))
         watch = on_tokens is not None or stop_checker is not None
         stopped_by_text: dict[int, str] = {}
         while True:

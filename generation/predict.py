@@ -1,7 +1,7 @@
 """`run.py --mode predict`: the prompts file, the batches, and the JSONL it writes
 (its flags are in generation/flags.py).
 
-Results are appended to the output file one complete JSON line per prompt, flushed as
+Results are appended to the output file one complete JSON line per completion, flushed as
 soon as its batch finishes: a long run shows progress in the file, an interrupted one
 keeps what it finished, and earlier runs' lines stay (the file is a log of predictions).
 """
@@ -109,13 +109,13 @@ def check_requests(requests: list[PromptRequest], tokenizer: GptTokenizer, confi
 def predict(model: GPTJModel, tokenizer: GptTokenizer, requests: list[PromptRequest], config: GenerationConfig,
             output_path: str, batch_size: int = 8, compile_mode: str = "xla",
             console: TextIO | None = None) -> list[Completion]:
-    """Complete every request in batches, appending one JSON line per prompt to output_path.
-    A single prompt is streamed to the console as it is generated (greedy and sampling);
-    otherwise each finished prompt is printed as one JSON line."""
+    """Complete every request in batches, appending one JSON line per completion to output_path.
+    A single prompt asking for one sequence is streamed to the console as it is generated
+    (greedy and sampling); otherwise each finished completion is printed as one JSON line."""
     console = console or sys.stdout          # looked up per call: tests and tools swap sys.stdout
     check_requests(requests, tokenizer, config, model.config)
     generator = Generator(model, compile_mode=compile_mode)
-    stream = len(requests) == 1 and config.num_beams == 1
+    stream = len(requests) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
     batch_size = min(batch_size, len(requests))
     directory = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(directory, exist_ok=True)
@@ -129,12 +129,14 @@ def predict(model: GPTJModel, tokenizer: GptTokenizer, requests: list[PromptRequ
             seeds = [config.seed if r.seed is None else r.seed for r in filled]
             on_text: Callable[[str], None] | None = _console_writer(console) if stream else None
             completions = complete(generator, tokenizer, [r.text for r in filled], config, seeds,
-                                   on_text)[:len(chunk)]
+                                   on_text)[:len(chunk) * config.num_return_sequences]
             for completion in completions:
                 out.write(json.dumps(completion.record(), ensure_ascii=False) + "\n")
                 if not stream:
-                    console.write(json.dumps({"prompt": completion.prompt, "completion": completion.completion},
-                                             ensure_ascii=False) + "\n")
+                    shown = {"prompt": completion.prompt, "completion": completion.completion}
+                    if completion.sequence is not None:
+                        shown["sequence"] = completion.sequence
+                    console.write(json.dumps(shown, ensure_ascii=False) + "\n")
             out.flush()
             done.extend(completions)
     if stream:

@@ -24,11 +24,14 @@ class Completion:
     finish_reason: str                # "stop" | "length"
     stop: int | str | None = None     # the stop token id or stop string that ended generation
     score: float | None = None        # beam search score
+    sequence: int | None = None       # with num_return_sequences > 1: which of the prompt's (0 = first)
 
     def record(self) -> dict:
-        """The JSON object written per prompt by predict mode."""
+        """The JSON object written per completion by predict mode."""
         record = {"prompt": self.prompt, "completion": self.completion, "token_ids": self.token_ids,
                   "finish_reason": self.finish_reason, "stop": self.stop}
+        if self.sequence is not None:
+            record["sequence"] = self.sequence
         if self.score is not None:
             record["score"] = self.score
         return record
@@ -107,9 +110,11 @@ def stop_string_checker(tokenizer: GptTokenizer, config: GenerationConfig):
 
 def complete(generator: Generator, tokenizer: GptTokenizer, prompts: Sequence[str], config: GenerationConfig,
              seeds: Sequence[int] | None = None, on_text: Callable[[str], None] | None = None) -> list[Completion]:
-    """Completions of text prompts. on_text streams a single prompt's completion as it grows."""
-    if on_text is not None and len(prompts) != 1:
-        raise ValueError(f"streaming shows one completion; got {len(prompts)} prompts")
+    """Completions of text prompts (config.num_return_sequences per prompt, grouped by prompt).
+    on_text streams a single prompt's completion as it grows."""
+    count = config.num_return_sequences
+    if on_text is not None and len(prompts) * count != 1:
+        raise ValueError(f"streaming shows one completion; got {len(prompts)} prompts x {count} sequences")
     tokenizer.check_fits_model(generator.model.config.vocab_size)
     prompt_ids = tokenizer.encode_batch(prompts)
     stream = TextStream(tokenizer, config, on_text) if on_text is not None else None
@@ -118,13 +123,14 @@ def complete(generator: Generator, tokenizer: GptTokenizer, prompts: Sequence[st
         on_tokens=(lambda rows: stream.update(rows[0])) if stream is not None else None,
         stop_checker=stop_string_checker(tokenizer, config) if config.stop_strings else None)
     completions = []
-    for prompt, result in zip(prompts, results):
+    for index, result in enumerate(results):
         ids = strip_stop_token(result.token_ids, config.stop_token_ids) if isinstance(result.stop, int) \
             else result.token_ids
         text = tokenizer.decode(ids, skip_unknown=True)
         if isinstance(result.stop, str):
             text = text[:find_stop_string(text, config.stop_strings)[0]]
-        completions.append(Completion(prompt, text, ids, result.finish_reason, result.stop, result.score))
+        completions.append(Completion(prompts[index // count], text, ids, result.finish_reason, result.stop,
+                                      result.score, index % count if count > 1 else None))
     if stream is not None:
         stream.finish(completions[0].completion)
     return completions

@@ -58,14 +58,18 @@ def test_prompts_file_in_batches_with_beam_search_to_output(setup, tmp_path, cap
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat\n\ndef add(a, b):\nmodel layer\n")
     output = tmp_path / "out" / "beams.jsonl"
-    assert run.main(predict_argv(setup, tmp_path / "m", "--prompts_file", str(prompts), "--num_beams", "2",
-                                 "--batch_size", "2", "--max_new_tokens", "4", "--ignore_eos",
-                                 "--output", str(output))) == 0
+    assert run.main(predict_argv(setup, tmp_path / "m", "--prompts_file", str(prompts), "--num_beams", "3",
+                                 "--num_return_sequences", "2", "--batch_size", "2", "--max_new_tokens", "4",
+                                 "--ignore_eos", "--output", str(output))) == 0
     records = read_jsonl(output)
-    assert [r["prompt"] for r in records] == ["the cat", "def add(a, b):", "model layer"]
+    assert [(r["prompt"], r["sequence"]) for r in records] == [
+        ("the cat", 0), ("the cat", 1), ("def add(a, b):", 0), ("def add(a, b):", 1), ("model layer", 0),
+        ("model layer", 1)]
     for record in records:
         assert record["finish_reason"] == "length" and len(record["token_ids"]) == 4
         assert record["stop"] is None and record["score"] < 0
+    for best, second in zip(records[::2], records[1::2]):
+        assert best["score"] >= second["score"] and best["token_ids"] != second["token_ids"]
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [p["completion"] for p in printed] == [r["completion"] for r in records]
 

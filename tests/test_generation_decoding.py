@@ -67,6 +67,19 @@ def test_same_seed_same_sample_and_different_seeds_differ(generator):
                                                                                                seeds=[2, 2, 2]))
 
 
+def test_several_samples_per_prompt_are_distinct_and_reproducible(generator):
+    config = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.5, num_return_sequences=3)
+    results = ids(generator.generate(PROMPTS, config, seeds=[1, 2, 3]))
+    assert len(results) == 9                                                 # grouped by prompt
+    assert ids(generator.generate(PROMPTS, config, seeds=[1, 2, 3])) == results
+    for row in range(3):
+        samples = results[row * 3:(row + 1) * 3]
+        assert len({tuple(s) for s in samples}) == 3
+        # the first sample of a request is the one it gets alone, with the same seed
+        assert samples[0] == ids(generator.generate([PROMPTS[row]], config.replace(num_return_sequences=1),
+                                                    seeds=[row + 1]))[0]
+
+
 def test_top_p_and_top_k_restrict_samples_to_the_likely_tokens(generator):
     greedy = ids(generator.generate(PROMPTS, GenerationConfig(max_new_tokens=1)))
     tight = GenerationConfig(max_new_tokens=1, do_sample=True, top_p=1e-6)

@@ -98,6 +98,20 @@ def test_beam_search_compiled_matches_transformers(pairs):
     assert [r.token_ids for r in Generator(pair.ours, "xla", 8).generate(prompts, config)] == expected
 
 
+def test_beam_search_returns_the_same_n_best_as_transformers(pairs):
+    pair = pairs["gptj_basic"]
+    prompts = random_prompts(pair.vocab_size, LENGTHS, seed=4)
+    settings = dict(max_new_tokens=7, num_beams=4, num_return_sequences=3, length_penalty=1.5)
+    stop = stop_token_seen_mid_way(hf_generate(pair.hf, prompts, do_sample=False, **settings), 3)
+    expected = hf_generate(pair.hf, prompts, (stop,), do_sample=False, **settings)   # [b * 3] grouped by prompt
+    results = Generator(pair.ours, "eager", length_multiple=8).generate(
+        prompts, GenerationConfig(stop_token_ids=(stop,), **settings))
+    assert [r.token_ids for r in results] == expected
+    for row in range(len(prompts)):
+        scores = [r.score for r in results[row * 3:(row + 1) * 3]]
+        assert scores == sorted(scores, reverse=True)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_processors_inside_decoding_match_transformers(pairs, kind):
     """Repetition penalty, bad words (one- and two-token) and min_new_tokens, greedy and beam."""

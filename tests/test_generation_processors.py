@@ -186,6 +186,9 @@ def test_stop_string_helpers():
     (dict(num_beams=2, stop_strings=("x",)), "stop strings work with greedy decoding and sampling"),
     (dict(bad_words_ids=((),)), "bad_words_ids entry [] must be a non-empty list"),
     (dict(early_stopping="sometimes"), "early_stopping='sometimes' must be true, false or 'never'"),
+    (dict(num_return_sequences=0), "num_return_sequences=0 must be an integer >= 1"),
+    (dict(num_return_sequences=2), "num_return_sequences=2 with greedy decoding would repeat one answer"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 must be <= num_beams=2"),
 ])
 def test_bad_settings_are_value_errors_that_say_what_to_do(settings, message):
     with pytest.raises(GenerationConfigError) as info:

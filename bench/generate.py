@@ -2,6 +2,7 @@
 
     python -m bench.generate [--hidden 512] [--layers 8] [--vocab 50400] [--prompt 64] [--new 64]
                              [--batches 1,8] [--repeats 3] [--compile xla|graph]
+                             [--beams 4] [--beam-batch 2]
 
 One random GPT-J is built with transformers, saved, converted with checkpoint_utils and
 loaded into GPTJModel, so both sides run the same weights on this machine's CPU cores.
@@ -13,6 +14,10 @@ every run makes exactly --new tokens. Reported per side:
   decode    tokens/s after the first token: batch x (new - 1) / (total - ttft); ours decodes
             the batch in one compiled loop; "ours/token" syncs the host after every token
             (streaming, stop strings)
+
+Beam search (--beams K, 0 skips it) is timed whole, prompt included, at --beam-batch
+prompts: new tokens/s = prompts x new / seconds, with no stop token, so every beam runs to
+--new tokens on both sides.
 
 Each measurement is repeated (sides interleaved, so a noisy neighbour hurts both) and the
 best repeat is kept. Target: decode >= 1.5x transformers.
@@ -92,6 +97,45 @@ def time_transformers(hf_model, prompts, new_tokens: int) -> tuple[float, float,
     return first, total, out[:, ids.shape[1]:].tolist()
 
 
+def time_beam_ours(generator, prompts, config) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    results = generator.generate(prompts, config)
+    return time.perf_counter() - start, [r.token_ids for r in results]
+
+
+def time_beam_transformers(hf_model, prompts, new_tokens: int, beams: int) -> tuple[float, list[list[int]]]:
+    import torch
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                num_beams=beams, do_sample=False, early_stopping=False, pad_token_id=0)
+        total = time.perf_counter() - start
+    return total, out[:, ids.shape[1]:].tolist()
+
+
+def bench_beam_search(args, generator, hf_model, rng) -> None:
+    from generation.config import GenerationConfig
+    prompts = rng.integers(1, args.vocab, size=(args.beam_batch, args.prompt)).tolist()
+    config = GenerationConfig(max_new_tokens=args.new, num_beams=args.beams, pad_token_id=0)
+    started = time.perf_counter()
+    time_beam_ours(generator, prompts, config)                       # compile
+    compile_seconds = time.perf_counter() - started
+    time_beam_transformers(hf_model, prompts, 2, args.beams)          # warm up
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        ours.append(time_beam_ours(generator, prompts, config))
+        theirs.append(time_beam_transformers(hf_model, prompts, args.new, args.beams))
+    best, best_hf = min(r[0] for r in ours), min(r[0] for r in theirs)
+    same = sum(a == b for a, b in zip(ours[0][1], theirs[0][1]))
+    tokens = args.beam_batch * args.new
+    print(f"\nbeam search, {args.beams} beams, {args.beam_batch} prompts (whole generate, prompt included):")
+    print(f"  ours {best:.2f}s = {tokens / best:.1f} t/s | transformers {best_hf:.2f}s = {tokens / best_hf:.1f} t/s"
+          f" | {best_hf / best:.2f}x | same tokens {same}/{args.beam_batch} rows")
+    print(f"  (compile {compile_seconds:.1f}s; seconds per repeat: ours {', '.join(f'{r[0]:.2f}' for r in ours)}"
+          f"; hf {', '.join(f'{r[0]:.2f}' for r in theirs)})")
+
+
 def decode_rate(batch: int, new_tokens: int, ttft: float, total: float) -> float:
     return batch * (new_tokens - 1) / (total - ttft)
 
@@ -108,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", default="xla", choices=("xla", "graph"), help="our compile mode")
+    parser.add_argument("--beams", type=int, default=4, help="beam search with this many beams (0: skip)")
+    parser.add_argument("--beam-batch", dest="beam_batch", type=int, default=2, help="prompts for beam search")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -155,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      (compile {compile_seconds:.1f}s; decode t/s per repeat: ours "
               f"{', '.join(f'{x:.1f}' for x in spread)} [median {statistics.median(spread):.1f}], hf "
               f"{', '.join(f'{x:.1f}' for x in spread_hf)} [median {statistics.median(spread_hf):.1f}])")
+    if args.beams > 1:
+        bench_beam_search(args, generator, hf_model, rng)
     return 0
 
 

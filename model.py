@@ -112,6 +112,8 @@ class GPTJModel(Layer):
         last_only: run the LM head on the last position only (generation's prefill needs no
             other logits, and at V=50k the head is most of a prompt's cost).
         """
+        if cache is not None:
+            _check_cache_room(input_ids, cache, cache_index)
         batch, length = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
         query_slots = tf.range(length) + tf.cast(cache_index, tf.int32)            # [s]
         if position_ids is None:
@@ -139,6 +141,19 @@ class GPTJModel(Layer):
         shape = [batch_size, c.num_heads, cache_length, c.head_dim]
         return tuple((tf.zeros(shape, self.compute_dtype), tf.zeros(shape, self.compute_dtype))
                      for _ in self.blocks)
+
+
+def _check_cache_room(input_ids: tf.Tensor, cache: tuple[KVCache, ...], cache_index) -> None:
+    """The new tokens' slots fit in the cache, checked when the sizes are known while tracing
+    (a dynamic update slice would otherwise clamp the start and overwrite earlier slots)."""
+    index = tf.get_static_value(cache_index)
+    length, slots = input_ids.shape[1], cache[0][0].shape[2]
+    if index is None or length is None or slots is None:
+        return
+    if int(index) < 0 or int(index) + length > slots:
+        raise ValueError(f"writing {length} tokens at cache slot {int(index)} needs {int(index) + length} slots "
+                         f"but the cache has {slots}; build it with empty_cache(batch, cache_length >= "
+                         f"{int(index) + length})")
 
 
 class WeightSpec(NamedTuple):

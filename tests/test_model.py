@@ -98,6 +98,13 @@ def test_compiled_cached_decoding_with_last_only_prefill(name):
     assert np.all(keys[:, :, 9:] == 0) and np.all(np.any(keys[:, :, :9] != 0, axis=-1))
 
 
+def test_writing_past_the_cache_end_is_an_error():
+    model = GPTJModel(TINY)
+    cache = model.empty_cache(batch_size=1, cache_length=6)
+    with pytest.raises(ValueError, match="writing 2 tokens at cache slot 5 needs 7 slots but the cache has 6"):
+        model(ids(1, 2), cache=cache, cache_index=5)
+
+
 def test_left_padding_with_position_ids_equals_unpadded():
     model = randomized(TINY, seed=5)
     tokens = ids(1, 6, seed=6)

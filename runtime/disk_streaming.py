@@ -1,19 +1,24 @@
 """Weight streaming with `host_store: disk`: the training state lives in a DiskStore, and
 checkpoints use the standard mode's exact layout, so runs move freely between the modes.
 
-The optimizer cannot be Keras's here (its slots are tf.Variables in RAM), so Adam/AdamW is
-applied tensor by tensor, in row chunks, on the memory-mapped files, with the arithmetic of
-keras.optimizers.Adam/AdamW written out in float32 (tested against it):
+The optimizer cannot be Keras's here (its slots are tf.Variables in RAM), so it is applied
+tensor by tensor, in row chunks, on the memory-mapped files, with the arithmetic of
+keras.optimizers.Adam/AdamW/SGD written out in float32 (tested against them):
 
+    Adam/AdamW:
     decay (AdamW, rank >= 2 only):  p -= p * weight_decay * lr
     m += (g - m) * (1 - beta1);  v += (g^2 - v) * (1 - beta2)
     p -= m * lr * sqrt(1 - beta2^t) / (1 - beta1^t) / (sqrt(v) + epsilon)     (t = update count)
 
+    SGD:  m = m * momentum - g * lr;  p += m        (momentum > 0; the store's "m" holds it)
+          p -= g * lr                               (momentum = 0: no slot)
+
 Global-norm clipping: the backward pass leaves the step's gradients in the store; a first
 read-only pass sums their squares (and checks finiteness), the second applies the update
 with the clip factor. Checkpoint keys: `model/<path>`, `optimizer/state/N` (0: update
-count, 1: the learning-rate variable when the rate is a number, then momentum and
-velocity per variable in tf.Module order), `loss_scale/...`, `step`.
+count, 1: the learning-rate variable when the rate is a number, then the slots per
+variable in tf.Module order: Adam's momentum and velocity, SGD's momentum when
+momentum > 0), `loss_scale/...`, `step`.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import tensorflow as tf
 from checkpoint_utils.tf_checkpoint import VALUE_SUFFIX, variable_shapes, write_checkpoint, write_checkpoint_state
 from model import initial_values, weight_specs
 from runtime.host_store import DiskStore
-from runtime.params import Params, ParamsError
+from runtime.params import Params
 from runtime.schedules import learning_rate_schedule
 
 
@@ -45,6 +50,14 @@ def module_order(paths) -> list[str]:
     return sorted(paths, key=key)
 
 
+def slot_kinds(params: Params) -> tuple[str, ...]:
+    """The store kinds holding the optimizer's slots, in Keras's per-variable order."""
+    config = params.optimizer
+    if config.optimizer_type == "sgd":
+        return ("m",) if config.momentum != 0 else ()
+    return ("m", "v")
+
+
 def optimizer_state_keys(params: Params, paths_in_order: list[str]) -> list[tuple[str, str, str]]:
     """(checkpoint key, kind, path) of each optimizer state entry, as OptimizerState saves them."""
     keys = [(f"optimizer/state/0{VALUE_SUFFIX}", "iterations", "")]
@@ -53,7 +66,7 @@ def optimizer_state_keys(params: Params, paths_in_order: list[str]) -> list[tupl
         keys.append((f"optimizer/state/1{VALUE_SUFFIX}", "learning_rate", ""))
         index = 2
     for path in paths_in_order:
-        for kind in ("m", "v"):
+        for kind in slot_kinds(params):
             keys.append((f"optimizer/state/{index}{VALUE_SUFFIX}", kind, path))
             index += 1
     return keys
@@ -63,8 +76,6 @@ class DiskStreamingState:
     """The store, its checkpoints and the host-side optimizer of disk weight streaming."""
 
     def __init__(self, params: Params, model_dir: str):
-        if params.optimizer.optimizer_type not in ("adamw", "adam"):
-            raise ParamsError("runconfig.weight_streaming.host_store=disk supports optimizer_type adamw or adam")
         self.params = params
         self.model_dir = model_dir
         self.specs = weight_specs(params.model)
@@ -162,14 +173,34 @@ class DiskStreamingState:
         return norm, math.isfinite(norm)
 
     def apply(self, factor: float) -> None:
-        """Adam/AdamW on every tensor with gradient = factor * stored gradient."""
+        """The optimizer's update of every tensor with gradient = factor * stored gradient."""
+        if self.params.optimizer.optimizer_type == "sgd":
+            self._apply_sgd(np.float32(factor))
+        else:
+            self._apply_adam(np.float32(factor))
+        self.state["iterations"] += 1
+
+    def _apply_sgd(self, factor: np.float32) -> None:
+        lr = np.float32(self.learning_rate())
+        momentum = np.float32(self.params.optimizer.momentum)
+        for path in self.order:
+            with self.store.mapped("param", path, "r+") as p, self.store.mapped("m", path, "r+") as m, \
+                    self.store.mapped("grad", path) as grad:
+                for rows in self.store.row_chunks(path):
+                    g = np.asarray(grad[rows]) * factor
+                    if momentum != 0:
+                        m[rows] = m[rows] * momentum - g * lr
+                        p[rows] += m[rows]
+                    else:
+                        p[rows] -= g * lr
+
+    def _apply_adam(self, factor: np.float32) -> None:
         config = self.params.optimizer
         lr = np.float32(self.learning_rate())
         t = np.float32(self.state["iterations"] + 1)
         beta1, beta2 = np.float32(config.beta1), np.float32(config.beta2)
         alpha = lr * np.sqrt(np.float32(1) - beta2 ** t) / (np.float32(1) - beta1 ** t)
         decay = np.float32(config.weight_decay_rate) * lr if config.optimizer_type == "adamw" else None
-        factor = np.float32(factor)
         for path in self.order:
             decays = decay is not None and decay != 0 and len(self.shapes[path]) >= 2
             with self.store.mapped("param", path, "r+") as p, self.store.mapped("m", path, "r+") as m, \
@@ -181,7 +212,6 @@ class DiskStreamingState:
                     m[rows] += (g - m[rows]) * (np.float32(1) - beta1)
                     v[rows] += (np.square(g) - v[rows]) * (np.float32(1) - beta2)
                     p[rows] -= (m[rows] * alpha) / (np.sqrt(v[rows]) + np.float32(config.epsilon))
-        self.state["iterations"] += 1
 
 
 def _checkpoint_names(model_dir: str) -> list[str]:

@@ -4,6 +4,8 @@ Each step, for every prompt:
 1. scores = log_softmax(logits), then the logit processors; add each beam's running sum.
 2. Keep the C best (beam, token) continuations over all beams, C = max(2, 1 + #stop ids) x
    num_beams, so that num_beams of them are still open even if the best ones all stop.
+   Beam sampling (do_sample) instead draws C continuations from softmax(scores) without
+   replacement, in draw order; the sampling filters then keep >= C / num_beams tokens per beam.
 3. A continuation "hits" when its token is a stop id or max_new_tokens is reached. Among the
    first num_beams continuations, those that hit are finished hypotheses with score
    sum / new_tokens ** length_penalty; they enter the finished list (num_beams best kept) unless
@@ -29,6 +31,7 @@ from generation.config import GenerationConfig
 from generation.decode import CompiledDecoder
 from generation.processors import process_scores
 from generation.results import Generation
+from generation.sampling import sample_without_replacement
 from model import GPTJModel
 
 EXCLUDED = -1.0e9
@@ -44,6 +47,7 @@ class BeamState(NamedTuple):
     done: tf.Tensor            # [b, k] bool: entry holds a finished hypothesis
     improvable: tf.Tensor      # [b] bool: the finished list may still improve
     first_slot: tf.Tensor      # [b] int32
+    seeds: tf.Tensor           # [b] int64: beam sampling seed of each request
     step: tf.Tensor            # int32: new tokens so far
     stopped: tf.Tensor         # bool: the search is over for the whole batch
 
@@ -55,7 +59,7 @@ def length_penalty_divisors(max_new_tokens: int, length_penalty: float) -> np.nd
 
 
 def candidate_count(config: GenerationConfig) -> int:
-    return max(2, 1 + len(config.stop_token_ids)) * config.num_beams
+    return config.candidates_per_beam * config.num_beams
 
 
 class BeamDecoder(CompiledDecoder):
@@ -69,7 +73,8 @@ class BeamDecoder(CompiledDecoder):
     # ---- host side -------------------------------------------------------------------------
 
     def initial_state(self, batch: PromptBatch, seeds: np.ndarray, streams: np.ndarray | None = None) -> BeamState:
-        """seeds and streams are accepted for the decoders' common interface; beam search draws nothing."""
+        """seeds [b]: used by beam sampling; streams: accepted for the decoders' common
+        interface (a prompt's several answers are its best beams, not separate rows)."""
         b, k, length = self.batch_size, self.config.num_beams, self.cache_length
         tokens = np.full([b, k, length], self.config.pad_token_id, np.int32)
         tokens[:, :, :self.prompt_slots] = batch.tokens[:, None, :]
@@ -78,7 +83,7 @@ class BeamDecoder(CompiledDecoder):
         return BeamState(self.model.empty_cache(b, length), tf.constant(tokens), tf.constant(scores),
                          tf.constant(tokens), tf.fill([b, k], EXCLUDED), tf.zeros([b, k], tf.int32),
                          tf.zeros([b, k], tf.bool), tf.ones([b], tf.bool), tf.constant(batch.first_slot),
-                         tf.constant(0), tf.constant(False))
+                         tf.constant(seeds, tf.int64), tf.constant(0), tf.constant(False))
 
     def row_tokens(self, state: BeamState, rank: int = 0) -> list[list[int]]:
         """The finished hypothesis of this rank (0 = best) of every row (meaningful once done)."""
@@ -140,8 +145,13 @@ class BeamDecoder(CompiledDecoder):
                                    slot, state.step)
         totals = tf.reshape(log_probs, [b, k, vocab]) + state.scores[:, :, None]          # [b, k, V]
 
-        # 2. the C best continuations over all beams
-        top_scores, top_index = tf.math.top_k(tf.reshape(totals, [b, k * vocab]), candidate_count(config))
+        # 2. the C best continuations over all beams (beam sampling: C drawn, in draw order)
+        flat = tf.reshape(totals, [b, k * vocab])                                           # [b, k*V]
+        if config.do_sample:
+            top_index = sample_without_replacement(flat, state.seeds, state.step, candidate_count(config))
+            top_scores = tf.gather(flat, top_index, batch_dims=1)                           # [b, C]
+        else:
+            top_scores, top_index = tf.math.top_k(flat, candidate_count(config))
         parent, token = top_index // vocab, top_index % vocab                               # [b, C]
         at_slot = tf.range(length)[None, None, :] == slot
         candidates = tf.where(at_slot, token[:, :, None], tf.gather(state.tokens, parent, batch_dims=1))
@@ -191,4 +201,4 @@ class BeamDecoder(CompiledDecoder):
         stopped = tf.logical_not(tf.reduce_any(improvable) & tf.logical_not(lists_full)
                                  & tf.logical_not(tf.reduce_all(hits)))
         return BeamState(cache, tokens, scores, done_tokens, done_scores, done_lengths, done, improvable,
-                         state.first_slot, new_step, stopped)
+                         state.first_slot, state.seeds, new_step, stopped)

@@ -24,7 +24,7 @@ class GenerationConfigError(ValueError):
 class GenerationConfig:
     max_new_tokens: int = 32
     min_new_tokens: int = 0                 # stop tokens are suppressed before this many new tokens
-    do_sample: bool = False                 # False: greedy (num_beams=1) or beam search
+    do_sample: bool = False                 # sample (num_beams=1) or beam-sample (num_beams > 1)
     temperature: float = 1.0                # sampling only
     top_k: int = 0                          # sampling only; 0 = off (transformers defaults to 50)
     top_p: float = 1.0                      # sampling only; 1.0 = off
@@ -56,10 +56,17 @@ class GenerationConfig:
         return tuple(w for w in self.bad_words_ids if not (len(w) == 1 and w[0] in self.stop_token_ids))
 
     @property
+    def candidates_per_beam(self) -> int:
+        """Beam search keeps this many continuations per beam each step (and sampling filters
+        keep at least this many tokens per beam), so that num_beams continuations are still
+        open even if the best ones all stop, as in transformers."""
+        return max(2, 1 + len(self.stop_token_ids))
+
+    @property
     def strategy(self) -> str:
-        """"greedy", "sample" or "beam"."""
+        """"greedy", "sample", "beam" or "beam_sample"."""
         if self.num_beams > 1:
-            return "beam"
+            return "beam_sample" if self.do_sample else "beam"
         return "sample" if self.do_sample else "greedy"
 
     def _validate(self) -> None:
@@ -87,9 +94,6 @@ class GenerationConfig:
             _require(self.temperature > 0.0,
                      f"temperature={self.temperature} must be > 0 when sampling; for the most likely "
                      "token use greedy decoding (do_sample=False)")
-        _require(not (self.do_sample and self.num_beams > 1),
-                 "do_sample with num_beams > 1 (beam sampling) is not supported; use num_beams=1 to "
-                 "sample or do_sample=False for beam search")
         _require(self.early_stopping in (True, False, "never"),
                  f"early_stopping={self.early_stopping!r} must be true, false or 'never'")
         _require(all(t >= 0 for t in self.stop_token_ids),

@@ -25,7 +25,8 @@ def add_predict_flags(group: argparse._ArgumentGroup) -> None:
                        help="at most N new tokens per prompt")
     group.add_argument("--min_new_tokens", type=int, default=0, metavar="N",
                        help="stop tokens are suppressed before this many new tokens")
-    group.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam search")
+    group.add_argument("--do_sample", action="store_true",
+                       help="sample instead of greedy decoding (with --num_beams > 1: beam sampling)")
     group.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (> 0)")
     group.add_argument("--top_k", type=int, default=0, metavar="K",
                        help="sample from the k most likely tokens (0: off)")

@@ -94,15 +94,16 @@ def temperature(scores: tf.Tensor, value: float) -> tf.Tensor:
     return scores / value
 
 
-def top_k_filter(scores: tf.Tensor, k: int) -> tf.Tensor:
-    """Keep the k highest scores of each row (and any tied with the k-th)."""
-    k = min(k, scores.shape[-1])
+def top_k_filter(scores: tf.Tensor, k: int, min_keep: int = 1) -> tf.Tensor:
+    """Keep the max(k, min_keep) highest scores of each row (and any tied with the last)."""
+    k = min(max(k, min_keep), scores.shape[-1])
     kth = tf.math.top_k(scores, k=k, sorted=True).values[:, -1:]                         # [b, 1]
     return suppress(scores, scores < kth)
 
 
-def top_p_filter(scores: tf.Tensor, p: float) -> tf.Tensor:
-    """Nucleus filter: keep the most likely tokens whose probability mass reaches `p`.
+def top_p_filter(scores: tf.Tensor, p: float, min_keep: int = 1) -> tf.Tensor:
+    """Nucleus filter: keep the most likely tokens whose probability mass reaches `p` (at
+    least `min_keep` of them).
 
     A token survives when the mass of the tokens ranked strictly above it is below p, so the
     most likely token always survives. The cut is expressed as a score threshold: tokens
@@ -110,7 +111,8 @@ def top_p_filter(scores: tf.Tensor, p: float) -> tf.Tensor:
     ranked = tf.math.top_k(scores, k=scores.shape[-1], sorted=True).values               # [b, V] descending
     mass_above = tf.math.cumsum(tf.nn.softmax(ranked, axis=-1), axis=-1, exclusive=True)
     survivors = tf.reduce_sum(tf.cast(mass_above < p, tf.int32), axis=-1)                # [b] >= 1
-    threshold = tf.gather(ranked, tf.maximum(survivors, 1) - 1, axis=1, batch_dims=1)    # [b]
+    survivors = tf.minimum(tf.maximum(survivors, min_keep), scores.shape[-1])
+    threshold = tf.gather(ranked, survivors - 1, axis=1, batch_dims=1)                   # [b]
     return suppress(scores, scores < threshold[:, None])
 
 
@@ -126,10 +128,12 @@ def process_scores(scores: tf.Tensor, config: GenerationConfig, history: tf.Tens
     if config.min_new_tokens > 0 and config.stop_token_ids:
         scores = suppress_before(scores, config.stop_token_ids, new_tokens, config.min_new_tokens)
     if config.do_sample:
+        # Beam sampling keeps enough tokens per beam to fill its candidates, as transformers does.
+        min_keep = config.candidates_per_beam if config.num_beams > 1 else 1
         if config.temperature != 1.0:
             scores = temperature(scores, config.temperature)
         if config.top_k > 0:
-            scores = top_k_filter(scores, config.top_k)
+            scores = top_k_filter(scores, config.top_k, min_keep)
         if config.top_p < 1.0:
-            scores = top_p_filter(scores, config.top_p)
+            scores = top_p_filter(scores, config.top_p, min_keep)
     return scores

@@ -80,6 +80,18 @@ def test_several_samples_per_prompt_are_distinct_and_reproducible(generator):
                                                     seeds=[row + 1]))[0]
 
 
+def test_beam_sampling_depends_on_the_seed_only(generator):
+    config = GenerationConfig(max_new_tokens=8, num_beams=3, do_sample=True, temperature=2.0, top_k=20,
+                              num_return_sequences=2)
+    first = generator.generate(PROMPTS, config, seeds=[1, 2, 3])
+    assert len(first) == 6 and ids(generator.generate(PROMPTS, config, seeds=[1, 2, 3])) == ids(first)
+    other = ids(generator.generate(PROMPTS, config, seeds=[4, 5, 6]))
+    assert sum(a != b for a, b in zip(ids(first), other)) >= 3
+    assert ids(generator.generate([PROMPTS[1]], config, seeds=[2])) == ids(first)[2:4]
+    for best, second in zip(first[::2], first[1::2]):
+        assert best.score >= second.score
+
+
 def test_top_p_and_top_k_restrict_samples_to_the_likely_tokens(generator):
     greedy = ids(generator.generate(PROMPTS, GenerationConfig(max_new_tokens=1)))
     tight = GenerationConfig(max_new_tokens=1, do_sample=True, top_p=1e-6)

@@ -112,6 +112,19 @@ def test_beam_search_returns_the_same_n_best_as_transformers(pairs):
         assert scores == sorted(scores, reverse=True)
 
 
+def test_beam_sampling_at_a_tiny_temperature_is_beam_search(pairs):
+    """Drawing without replacement from softmax(scores / 1e-4) takes the candidates in score
+    order, so beam sampling then makes transformers' beam-search choices, through the same
+    filters-after-log-softmax path and scores (all scaled by 1 / temperature)."""
+    pair = pairs["neox_basic"]
+    prompts = random_prompts(pair.vocab_size, LENGTHS, seed=6)
+    settings = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    expected = hf_generate(pair.hf, prompts, (5,), do_sample=False, **settings)
+    config = GenerationConfig(stop_token_ids=(5,), do_sample=True, temperature=1e-4, seed=3, **settings)
+    results = Generator(pair.ours, "xla", length_multiple=8).generate(prompts, config)
+    assert [r.token_ids for r in results] == expected
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_processors_inside_decoding_match_transformers(pairs, kind):
     """Repetition penalty, bad words (one- and two-token) and min_new_tokens, greedy and beam."""

@@ -12,7 +12,7 @@ from generation import processors
 from generation.batch import key_valid, left_pad, slot_positions
 from generation.beam_search import candidate_count, length_penalty_divisors
 from generation.config import GenerationConfig, GenerationConfigError
-from generation.sampling import greedy_tokens, sample_tokens
+from generation.sampling import greedy_tokens, sample_tokens, sample_without_replacement
 from generation.text import find_stop_string, held_back
 
 VOCAB = 50
@@ -97,6 +97,16 @@ def test_top_p_matches_transformers(p):
                        hf.TopPLogitsWarper(p)(None, torch.tensor(scores)))
 
 
+@pytest.mark.parametrize("k,p", [(1, 1.0), (2, 1.0), (1, 0.01), (1, 0.6)])
+def test_filters_keep_min_tokens_as_transformers_beam_sampling_does(k, p):
+    scores = torch.tensor(random_scores(8, seed=4))
+    ours = processors.top_p_filter(processors.top_k_filter(tf.constant(scores.numpy()), k, 3), p, 3)
+    reference = hf.TopPLogitsWarper(p, min_tokens_to_keep=3)(None, hf.TopKLogitsWarper(k, min_tokens_to_keep=3)(
+        None, scores)) if p < 1.0 else hf.TopKLogitsWarper(k, min_tokens_to_keep=3)(None, scores)
+    assert_same_scores(ours, reference)
+    assert (np.isfinite(ours.numpy()).sum(axis=1) >= 3).all()
+
+
 def test_top_p_numpy_reference_on_a_known_distribution():
     probs = np.array([[0.5, 0.05, 0.3, 0.15]], np.float32)
     kept = np.isfinite(processors.top_p_filter(tf.constant(np.log(probs)), 0.79).numpy())
@@ -114,6 +124,22 @@ def test_process_scores_applies_sampling_filters_only_when_sampling():
     sampling = greedy.replace(do_sample=True)
     out = processors.process_scores(scores, sampling, history, valid, tf.constant(3), tf.constant(0)).numpy()
     assert (np.isfinite(out).sum(axis=1) <= 2).all()
+
+
+def test_draws_without_replacement_follow_sequential_sampling():
+    """Two draws from [0.5, 0.25, 0.15, 0.1]: distinct, the first ~ p, the second ~ p renormalised
+    without the first (e.g. P(second = 1 | first = 0) = 0.25 / 0.5)."""
+    probs = np.array([0.5, 0.25, 0.15, 0.1], np.float32)
+    rows = 64
+    scores = tf.constant(np.tile(np.log(probs), [rows, 1]))
+    seeds = tf.range(rows, dtype=tf.int64)
+    draw = tf.function(sample_without_replacement, reduce_retracing=True)
+    pairs = np.concatenate([draw(scores, seeds, tf.constant(step), 2).numpy() for step in range(40)])  # [2560, 2]
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+    np.testing.assert_allclose(np.bincount(pairs[:, 0], minlength=4) / len(pairs), probs, atol=0.035)
+    after_zero = pairs[pairs[:, 0] == 0, 1]
+    np.testing.assert_allclose(np.bincount(after_zero, minlength=4)[1:] / len(after_zero), probs[1:] / 0.5,
+                               atol=0.05)
 
 
 def test_greedy_choice_is_argmax():
@@ -182,7 +208,6 @@ def test_stop_string_helpers():
     (dict(min_new_tokens=5, max_new_tokens=4), "min_new_tokens=5 must be between 0 and max_new_tokens=4"),
     (dict(top_k=-1), "top_k=-1 must be >= 0"),
     (dict(repetition_penalty=0.0), "repetition_penalty=0.0 must be > 0"),
-    (dict(do_sample=True, num_beams=2), "beam sampling) is not supported"),
     (dict(num_beams=2, stop_strings=("x",)), "stop strings work with greedy decoding and sampling"),
     (dict(bad_words_ids=((),)), "bad_words_ids entry [] must be a non-empty list"),
     (dict(early_stopping="sometimes"), "early_stopping='sometimes' must be true, false or 'never'"),

@@ -85,10 +85,17 @@ class BeamDecoder(CompiledDecoder):
                          tf.zeros([b, k], tf.bool), tf.ones([b], tf.bool), tf.constant(batch.first_slot),
                          tf.constant(seeds, tf.int64), tf.constant(0), tf.constant(False))
 
-    def row_tokens(self, state: BeamState, rank: int = 0) -> list[list[int]]:
-        """The finished hypothesis of this rank (0 = best) of every row (meaningful once done)."""
-        tokens, lengths = state.done_tokens.numpy()[:, rank], state.done_lengths.numpy()[:, rank]
-        return [tokens[r, self.prompt_slots:self.prompt_slots + lengths[r]].tolist() for r in range(len(lengths))]
+    def hypotheses(self, state: BeamState, count: int) -> list[list[list[int]]]:
+        """[row][rank] the new tokens of every row's `count` best finished hypotheses, best
+        first (one host read; meaningful once done)."""
+        tokens, lengths = state.done_tokens.numpy(), state.done_lengths.numpy()         # [b, k, L], [b, k]
+        start = self.prompt_slots
+        return [[tokens[row, rank, start:start + lengths[row, rank]].tolist() for rank in range(count)]
+                for row in range(self.batch_size)]
+
+    def row_tokens(self, state: BeamState) -> list[list[int]]:
+        """The best finished hypothesis of every row (meaningful once done)."""
+        return [ranked[0] for ranked in self.hypotheses(state, 1)]
 
     def is_done(self, state: BeamState) -> bool:
         return bool(state.stopped.numpy()) or int(state.step) >= self.config.max_new_tokens
@@ -99,11 +106,9 @@ class BeamDecoder(CompiledDecoder):
         stops = set(self.config.stop_token_ids)
         count = self.config.num_return_sequences
         scores = state.done_scores.numpy()
-        ranked = [self.row_tokens(state, rank) for rank in range(count)]
         out = []
-        for row in range(self.batch_size):
-            for rank in range(count):
-                ids = ranked[rank][row]
+        for row, ranked in enumerate(self.hypotheses(state, count)):
+            for rank, ids in enumerate(ranked):
                 stopped = bool(ids) and ids[-1] in stops
                 out.append(Generation(ids, "stop" if stopped else "length", ids[-1] if stopped else None,
                                       float(scores[row, rank])))

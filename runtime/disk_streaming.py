@@ -22,6 +22,7 @@ momentum > 0), `loss_scale/...`, `step`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -183,12 +184,13 @@ class DiskStreamingState:
     def _apply_sgd(self, factor: np.float32) -> None:
         lr = np.float32(self.learning_rate())
         momentum = np.float32(self.params.optimizer.momentum)
+        has_slot = "m" in slot_kinds(self.params)            # without momentum "m" is never touched
         for path in self.order:
-            with self.store.mapped("param", path, "r+") as p, self.store.mapped("m", path, "r+") as m, \
-                    self.store.mapped("grad", path) as grad:
+            with self.store.mapped("param", path, "r+") as p, self.store.mapped("grad", path) as grad, \
+                    (self.store.mapped("m", path, "r+") if has_slot else contextlib.nullcontext()) as m:
                 for rows in self.store.row_chunks(path):
                     g = np.asarray(grad[rows]) * factor
-                    if momentum != 0:
+                    if has_slot:
                         m[rows] = m[rows] * momentum - g * lr
                         p[rows] += m[rows]
                     else:

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m runtime.demo
+	$(BIN)/python demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

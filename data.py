@@ -8,8 +8,8 @@ int32 [batch, seq]; docs/data.md describes the records and the meaning of the ma
 from __future__ import annotations
 
 from input.gpt_tfrecords_processor import GptTfRecordsProcessor
-from runtime import modes
-from runtime.params import Params, ParamsError
+from config import modes
+from config.params import Params, ParamsError
 
 __all__ = ["PROCESSORS", "SECTION_OF_MODE", "input_fn"]
 

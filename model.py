@@ -22,8 +22,8 @@ from layers.embedding import TokenEmbedding
 from layers.layer_norm import LayerNorm
 from layers.masks import causal_attention_bias
 from layers.rotary import rotary_sin_cos
-from runtime import modes
-from runtime.params import ModelParams, Params
+from config import modes
+from config.params import ModelParams, Params
 
 
 class ModelSpec(NamedTuple):

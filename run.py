@@ -62,7 +62,7 @@ def effective_overrides(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from runtime.estimator import Estimator, InputExhaustedError, NonFiniteLossError
-    from runtime.params import ParamsError, load_params
+    from config.params import ParamsError, load_params
     from runtime.logging_utils import log
     try:
         params = load_params(args.params, effective_overrides(args))

@@ -85,8 +85,8 @@ def main() -> None:
          f"{pre_rate / raw_rate:.0%} of raw (target >= 80%)")
 
     from data import input_fn
-    from runtime import modes
-    from runtime.params import parse_params
+    from config import modes
+    from config.params import parse_params
 
     params = parse_params({
         "model": {"vocab_size": max(tokenizer.vocab_size, 64), "hidden_size": 64, "num_heads": 4,

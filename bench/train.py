@@ -22,7 +22,7 @@ def bench_ours(args, flops_per_token: float) -> tuple[float, list[float]]:
     import tensorflow as tf
 
     from runtime.estimator import Estimator
-    from runtime.params import parse_params
+    from config.params import parse_params
     params = parse_params({
         "train_input": {"data_dir": "synthetic", "batch_size": args.batch, "max_sequence_length": args.seq},
         "model": model_section(args),
@@ -112,8 +112,8 @@ def main() -> None:
     import torch
 
     from runtime.flops import measure_matmul_peak, training_flops_per_token
-    from runtime.params import ModelParams
-    from runtime.schema import from_dict
+    from config.params import ModelParams
+    from config.schema import from_dict
     torch.set_num_threads(os.cpu_count() or 1)
     flops_per_token = training_flops_per_token(from_dict(ModelParams, model_section(args), "model"), args.seq)
     peaks = {"tensorflow": measure_matmul_peak("float32"), "torch": torch_matmul_peak()}

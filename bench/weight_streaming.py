@@ -35,7 +35,7 @@ def synthetic_input_fn(batch: int, seq: int, vocab: int):
 
 
 def make_params(model: dict, batch: int, seq: int, steps: int, runconfig: dict):
-    from runtime.params import parse_params
+    from config.params import parse_params
     return parse_params({
         "train_input": {"data_dir": "synthetic", "batch_size": batch, "max_sequence_length": seq},
         "model": dict(model, max_position_embeddings=max(2048, seq)),
@@ -74,8 +74,8 @@ def part_a(work: str) -> None:
 def part_b(work: str, layers: int | None) -> None:
     import psutil
     from model import weight_shapes
-    from runtime.schema import from_dict
-    from runtime.params import ModelParams
+    from config.schema import from_dict
+    from config.params import ModelParams
     ram = psutil.virtual_memory().total
     hidden, vocab = 3072, 50400
     model = {"vocab_size": vocab, "hidden_size": hidden, "num_heads": 24, "rotary_dim": 32,

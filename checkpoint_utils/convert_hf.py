@@ -27,8 +27,8 @@ from checkpoint_utils.hf_source import HFWeights, read_config, resolve_source
 from checkpoint_utils.output_dir import atomic_directory
 from checkpoint_utils.tf_checkpoint import write_checkpoint, write_checkpoint_state
 from model import weight_shapes
-from runtime.params import ModelParams
-from runtime.schema import from_dict, to_dict
+from config.params import ModelParams
+from config.schema import from_dict, to_dict
 
 CHECKPOINT_NAME = "ckpt-0"
 

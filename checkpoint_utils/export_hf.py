@@ -24,7 +24,7 @@ from checkpoint_utils.output_dir import atomic_directory
 from checkpoint_utils.load import check_checkpoint
 from checkpoint_utils.tf_checkpoint import checkpoint_key, resolve_checkpoint
 from model import weight_shapes
-from runtime.params import load_params
+from config.params import load_params
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 

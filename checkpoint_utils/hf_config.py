@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from runtime.params import InitializerParams, ModelParams, ParamsError
-from runtime.schema import from_dict
+from config.params import InitializerParams, ModelParams, ParamsError
+from config.schema import from_dict
 
 MODEL_TYPES = ("gptj", "gpt_neox")
 

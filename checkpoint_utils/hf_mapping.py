@@ -16,7 +16,7 @@ import numpy as np
 
 from checkpoint_utils.hf_config import model_type_of
 from checkpoint_utils.host_arrays import aligned_copy
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 Arrays = list[np.ndarray]
 
@@ -162,37 +162,3 @@ def tensor_groups(model: ModelParams, hf_vocab_size: int | None = None) -> list[
         groups += _linear(f"{hf}.mlp.dense_h_to_4h", f"{ours}/mlp/fc_in", d, f, bias=True)
         groups += _linear(f"{hf}.mlp.dense_4h_to_h", f"{ours}/mlp/fc_out", f, d, bias=True)
     return groups
-
-
-def flatten_weights(tree: dict, prefix: str = "") -> dict:
-    """{path: leaf} of a nested weights tree (the same paths the mapping uses)."""
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten_weights(value, f"{prefix}{name}/"))
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                flat.update(flatten_weights(item, f"{prefix}{name}/{i}/"))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
-
-
-def unflatten_weights(flat: dict) -> dict:
-    """The nested weights tree of {path: leaf} (inverse of flatten_weights; numeric parts are list items)."""
-    tree: dict = {}
-    for path, leaf in flat.items():
-        parts = path.split("/")
-        node = tree
-        for part, following in zip(parts[:-1], parts[1:]):
-            default = [] if following.isdigit() else {}
-            if isinstance(node, list):
-                index = int(part)
-                while len(node) <= index:
-                    node.append(None)
-                node[index] = node[index] if node[index] is not None else default
-                node = node[index]
-            else:
-                node = node.setdefault(part, default)
-        node[parts[-1]] = leaf
-    return tree

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from checkpoint_utils.tf_checkpoint import resolve_checkpoint, variable_shapes
 from model import GPTJModel, weight_shapes
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 
 class CheckpointMismatchError(ValueError):

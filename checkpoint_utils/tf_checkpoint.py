@@ -18,7 +18,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from checkpoint_utils.host_arrays import as_tensor
-from runtime.files import atomic_write_text
+from config.files import atomic_write_text
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"

@@ -7,7 +7,7 @@
     decode.py       greedy / sampling decoder; beam_search.py: beam search decoder
     processors.py   logit processors (pure functions); sampling.py: choosing a token
     batch.py        left padding and the cache slot layout
-    greedy.py       greedy_generate(), the one-prompt call runtime/demo.py uses
+    greedy.py       greedy_generate(), the one-prompt call demo.py uses
 
 See docs/generation.md. This package imports nothing on its own, so flags.py stays light.
 """

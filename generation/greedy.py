@@ -1,4 +1,4 @@
-"""The one-prompt greedy call runtime/demo.py uses, kept as a small wrapper over Generator."""
+"""The one-prompt greedy call demo.py uses, kept as a small wrapper over Generator."""
 from __future__ import annotations
 
 from generation.config import GenerationConfig

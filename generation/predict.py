@@ -20,7 +20,7 @@ from generation.generator import Generator
 from generation.text import Completion, complete
 from input.tokenizer import GptTokenizer, load_tokenizer
 from model import GPTJModel
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 
 class PredictError(ValueError):

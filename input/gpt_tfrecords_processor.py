@@ -32,7 +32,7 @@ import tensorflow as tf
 from input.errors import InputDataError
 from input.records import FEATURE_NAMES
 from input.shard_index import ShardFile, index_shards
-from runtime.params import ModelParams, ParamsError, TrainInputParams
+from config.params import ModelParams, ParamsError, TrainInputParams
 
 __all__ = ["GptTfRecordsProcessor"]
 

@@ -12,7 +12,7 @@ from layers.base import Layer
 from layers.dense import Dense
 from layers.dropout import dropout
 from layers.rotary import apply_rotary
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 # (keys, values), each [b, h, cache_len, head_dim] in the compute dtype: heads before slots,
 # so a decode step's attention reads each head's keys contiguously and needs no transpose.

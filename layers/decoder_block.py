@@ -14,7 +14,7 @@ from layers.base import Layer
 from layers.dropout import dropout
 from layers.layer_norm import LayerNorm
 from layers.mlp import MLP
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 
 class DecoderBlock(Layer):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from runtime.params import InitializerParams
+from config.params import InitializerParams
 
 
 class SeedStream:

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from layers.base import Layer
 from layers.dense import Dense
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 
 def activation(name: str, x: tf.Tensor) -> tf.Tensor:

@@ -32,7 +32,7 @@ import tensorflow as tf
 from checkpoint_utils.tf_checkpoint import VALUE_SUFFIX, variable_shapes, write_checkpoint, write_checkpoint_state
 from model import initial_values, weight_specs
 from runtime.host_store import DiskStore
-from runtime.params import Params
+from config.params import Params
 from runtime.schedules import learning_rate_schedule
 
 

@@ -6,7 +6,7 @@ import os
 
 import tensorflow as tf
 
-from runtime.params import ParamsError, RunConfig
+from config.params import ParamsError, RunConfig
 
 
 def make_strategy(config: RunConfig) -> tf.distribute.Strategy:

@@ -24,14 +24,14 @@ import tensorflow as tf
 import data as data_module
 import model as model_module
 from input.errors import InputDataError
-from runtime import modes
+from config import modes
 from runtime.distribution import make_strategy
-from runtime.files import atomic_write_text
+from config.files import atomic_write_text
 from runtime.flops import FlopsCounter
 from runtime.logging_utils import ProgressLine, log
 from runtime.loss_scale import LossScale, all_finite
 from runtime.optimizer import build_optimizer, current_learning_rate
-from runtime.params import Params, ParamsError, save_params
+from config.params import Params, ParamsError, save_params
 from checkpoint_utils.tf_checkpoint import resolve_checkpoint
 from runtime.warm_start import warm_start
 from runtime.disk_streaming import DiskStreamingState, skeleton_config

@@ -8,7 +8,7 @@ import time
 import tensorflow as tf
 
 from model import weight_shapes
-from runtime.params import ModelParams, Params
+from config.params import ModelParams, Params
 
 
 def training_flops_per_token(model: ModelParams, sequence_length: int) -> float:

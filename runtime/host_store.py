@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime.files import atomic_write_text
+from config.files import atomic_write_text
 
 KINDS = ("param", "m", "v", "grad")
 CHUNK_BYTES = 64 << 20

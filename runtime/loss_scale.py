@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from runtime.params import OptimizerParams
+from config.params import OptimizerParams
 
 
 class LossScale(tf.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from runtime.params import OptimizerParams
+from config.params import OptimizerParams
 from runtime.schedules import learning_rate_schedule
 
 

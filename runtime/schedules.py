@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from runtime.params import LearningRateSegment, OptimizerParams
+from config.params import LearningRateSegment, OptimizerParams
 
 
 def _segment_schedule(segment: LearningRateSegment) -> keras.optimizers.schedules.LearningRateSchedule | float:

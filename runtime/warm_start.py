@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from checkpoint_utils.hf_mapping import flatten_weights
+from layers.tree import flatten_weights
 from checkpoint_utils.load import CheckpointMismatchError
 from checkpoint_utils.tf_checkpoint import checkpoint_key, resolve_checkpoint, variable_shapes
 from model import GPTJModel
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 
 @dataclass

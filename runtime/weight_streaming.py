@@ -23,13 +23,13 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from checkpoint_utils.hf_mapping import flatten_weights, unflatten_weights
+from layers.tree import flatten_weights, unflatten_weights
 from checkpoint_utils.host_arrays import as_tensor
 from layers.masks import causal_attention_bias
 from model import GPTJModel, loss_weights
 from runtime.loss_scale import LossScale, all_finite
 from runtime.optimizer import current_learning_rate
-from runtime.params import Params, ParamsError
+from config.params import Params, ParamsError
 
 HOST_DEVICE = "/CPU:0"
 

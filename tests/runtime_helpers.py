@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import os
 
-from runtime.params import Params, parse_params
+from config.params import Params, parse_params
 from tests.data_helpers import make_tiny_tfrecords
 
 SEQ = 16

@@ -52,7 +52,7 @@ def test_multi_worker_needs_a_valid_tf_config(monkeypatch):
     import pytest
 
     from runtime.distribution import make_strategy
-    from runtime.params import ParamsError, RunConfig
+    from config.params import ParamsError, RunConfig
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ParamsError, match="runconfig.strategy=multi_worker needs the TF_CONFIG environment variable"):
         make_strategy(RunConfig(strategy="multi_worker"))

@@ -92,7 +92,7 @@ def test_warm_start_first_loss_equals_transformers(data_root, tmp_path, capsys):
     hf = make_hf_model("gptj_basic")  # vocab 101 >= our records' 64 ids
     converted = str(tmp_path / "converted")
     model_params = convert(save_hf_model(hf, str(tmp_path / "hf")), converted, progress=False)
-    from runtime.schema import to_dict
+    from config.schema import to_dict
     params = tiny_params(data_root, model=to_dict(model_params),
                          runconfig={"max_steps": 1, "checkpoint_path": converted},
                          train_input={"max_sequence_length": SEQ})

@@ -11,7 +11,7 @@ import yaml
 import run
 from generation.flags import config_from_flags
 from model import GPTJModel
-from runtime.params import parse_params
+from config.params import parse_params
 from tests.data_helpers import make_tiny_tokenizer
 from tests.runtime_helpers import raw_params
 

@@ -14,7 +14,7 @@ from generation.greedy import greedy_generate
 from generation.predict import PromptsFileError, predict, read_prompts
 from generation.text import TextStream, complete
 from model import GPTJModel
-from runtime.params import InitializerParams, ModelParams
+from config.params import InitializerParams, ModelParams
 from tests.data_helpers import make_tiny_tokenizer
 
 VOCAB = 320          # fits the tiny byte-level tokenizer of tests/data_helpers.py

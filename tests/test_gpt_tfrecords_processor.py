@@ -8,8 +8,8 @@ import tensorflow as tf
 from data import input_fn
 from input.errors import InputDataError
 from input.records import serialize_example
-from runtime import modes
-from runtime.params import ParamsError, parse_params
+from config import modes
+from config.params import ParamsError, parse_params
 from tests.data_helpers import example_tokens, make_tiny_preprocessed, make_tiny_tfrecords
 
 SEQ, VOCAB = 8, 64

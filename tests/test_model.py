@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from checkpoint_utils.hf_mapping import flatten_weights
+from layers.tree import flatten_weights
 from layers.masks import causal_attention_bias
 from model import GPTJModel, weight_shapes
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 TINY = ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, rotary_dim=4,
                    filter_size=64, max_position_embeddings=64)

@@ -7,8 +7,8 @@ import os
 import pytest
 import yaml
 
-from runtime.params import ParamsError, apply_overrides, load_params, save_params
-from runtime.schema import to_dict
+from config.params import ParamsError, apply_overrides, load_params, save_params
+from config.schema import to_dict
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 MINIMAL = {"model": {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 4,

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from model import GPTJModel
 from runtime.optimizer import build_optimizer, decay_exempt
-from runtime.params import LearningRateSegment, ModelParams, OptimizerParams
+from config.params import LearningRateSegment, ModelParams, OptimizerParams
 from runtime.schedules import learning_rate_schedule
 
 SEGMENTS = (

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from checkpoint_utils.hf_mapping import flatten_weights
+from layers.tree import flatten_weights
 from checkpoint_utils.load import CheckpointMismatchError, load_model
 from checkpoint_utils.tf_checkpoint import (read_variables, resolve_checkpoint, write_checkpoint,
                                             write_checkpoint_state)
 from model import GPTJModel
-from runtime.params import ModelParams
+from config.params import ModelParams
 
 CONFIG = ModelParams(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_heads=2, rotary_dim=4,
                      filter_size=32, max_position_embeddings=16, use_untied_layer_norm=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from runtime.estimator import Estimator
-from runtime.params import ParamsError
+from config.params import ParamsError
 from tests.runtime_helpers import make_data, tiny_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

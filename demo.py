@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PARAMS = os.path.join(ROOT, "configs", "params_gptj_demo.yaml")
 PROMPT = "def read_file(path):\n"
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from generation.greedy import greedy_generate
     from runtime.estimator import Estimator
-    from runtime.params import load_params
+    from config.params import load_params
 
     started = time.time()
     work = os.path.abspath(args.work_dir)

@@ -11,8 +11,8 @@ from typing import Literal
 
 import yaml
 
-from runtime.files import atomic_write_text
-from runtime.schema import ParamsError, from_dict, to_dict
+from config.files import atomic_write_text
+from config.schema import ParamsError, from_dict, to_dict
 
 __all__ = [
     "ParamsError", "InitializerParams", "ModelParams", "TrainInputParams", "EvalInputParams",

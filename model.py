@@ -8,7 +8,7 @@ LayerNorm, attention softmax and logits in float32.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
@@ -27,12 +27,14 @@ from config.params import ModelParams, Params
 
 
 class ModelSpec(NamedTuple):
-    """What model_fn returns. Sums are kept beside the means so micro-batches, replicas and
+    """What model_fn returns. Sums are kept beside the mean so micro-batches, replicas and
     eval batches aggregate exactly (a mean over counted tokens, not a mean of means)."""
-    loss: tf.Tensor | None          # scalar float32: cross-entropy averaged over counted tokens
-    predictions: dict               # {"logits": [b, s, V] float32, "token_ids": [b, s] int32}
-    metrics: dict                   # {"accuracy", "perplexity"}: scalars for this batch
-    sums: dict                      # {"loss", "correct", "tokens"}: scalar float32 sums
+    loss: tf.Tensor                 # scalar float32: cross-entropy averaged over counted tokens
+    sums: dict                      # {"loss", "correct", "tokens"}: scalar float32 sums (see loss_sums)
+
+
+# (block weights, hidden, sin, cos, bias, cache, cache_index, dropout_seed) -> (hidden, cache)
+BlockForward = Callable[..., tuple[tf.Tensor, "KVCache | None"]]
 
 
 class ModelOutput(NamedTuple):
@@ -114,6 +116,18 @@ class GPTJModel(Layer):
         """
         if cache is not None:
             _check_cache_room(input_ids, cache, cache_index)
+        sin, cos, bias = self.attention_inputs(input_ids, position_ids, attention_mask, cache, cache_index)
+        hidden, new_cache = self.trunk(weights, input_ids, sin, cos, bias, cache, cache_index, dropout_seed)
+        if last_only:
+            hidden = hidden[:, -1:]                                                # [b, 1, D]
+        logits = self.head({name: weights[name] for name in self.head_weight_names()}, hidden)
+        return ModelOutput(logits, new_cache)
+
+    def attention_inputs(self, input_ids: tf.Tensor, position_ids: tf.Tensor | None = None,
+                         attention_mask: tf.Tensor | None = None, cache: tuple[KVCache, ...] | None = None,
+                         cache_index: tf.Tensor | int = 0) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Rotary (sin, cos) [b, s, 1, r] and the causal + padding bias [b, 1, s, s_k] of input_ids [b, s]
+        (the defaults of `forward`'s arguments are applied here)."""
         batch, length = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
         query_slots = tf.range(length) + tf.cast(cache_index, tf.int32)            # [s]
         if position_ids is None:
@@ -121,19 +135,35 @@ class GPTJModel(Layer):
         if attention_mask is None:
             key_length = length if cache is None else tf.shape(cache[0][0])[2]
             attention_mask = tf.ones([batch, key_length], tf.int32)
-        bias = causal_attention_bias(query_slots, attention_mask)                  # [b, 1, s, s_k]
         sin, cos = self.positions(position_ids)
-        hidden = self.embed(weights, input_ids, dropout_seed)
+        return sin, cos, causal_attention_bias(query_slots, attention_mask)
+
+    def trunk(self, weights: dict, input_ids: tf.Tensor, sin: tf.Tensor, cos: tf.Tensor, bias: tf.Tensor,
+              cache: tuple[KVCache, ...] | None = None, cache_index: tf.Tensor | int = 0,
+              dropout_seed: tf.Tensor | None = None, block_forward: BlockForward | None = None,
+              on_hidden: Callable[[int, tf.Tensor], None] | None = None
+              ) -> tuple[tf.Tensor, tuple[KVCache, ...] | None]:
+        """The chain every forward runs: embed, then each block -> (hidden [b, s, D], new cache).
+
+        weights["blocks"] may be any sequence: weight streaming passes one that copies a block to
+        the compute device when it is indexed. block_forward(weights, hidden, sin, cos, bias,
+        cache, cache_index, seed) replaces the blocks' own code (streaming runs one compiled
+        function for every block: blocks differ only by their weights). on_hidden(i, hidden)
+        sees the embedding output (i = -1) and every block's output (i = 0..N-1).
+        """
+        hidden = self.embed(weights, input_ids, dropout_seed)                      # [b, s, D]
+        if on_hidden is not None:
+            on_hidden(-1, hidden)
         new_cache = []
-        for i, block in enumerate(self.blocks):
-            hidden, block_cache = block.forward(
-                weights["blocks"][i], hidden, sin, cos, bias,
-                None if cache is None else cache[i], cache_index, self.block_seed(dropout_seed, i))
+        for i in range(len(weights["blocks"])):
+            run = block_forward or self.blocks[i].forward
+            hidden, block_cache = run(weights["blocks"][i], hidden, sin, cos, bias,
+                                      None if cache is None else cache[i], cache_index,
+                                      self.block_seed(dropout_seed, i))
             new_cache.append(block_cache)
-        if last_only:
-            hidden = hidden[:, -1:]                                                # [b, 1, D]
-        logits = self.head({name: weights[name] for name in self.head_weight_names()}, hidden)
-        return ModelOutput(logits, None if cache is None else tuple(new_cache))
+            if on_hidden is not None:
+                on_hidden(i, hidden)
+        return hidden, None if cache is None else tuple(new_cache)
 
     def empty_cache(self, batch_size: int, cache_length: int) -> tuple[KVCache, ...]:
         """Zeroed per-block (keys, values), each [b, h, L, hd] in the compute dtype."""
@@ -226,26 +256,28 @@ def build_model(params: Params) -> GPTJModel:
     return GPTJModel(params.model, seed=params.runconfig.seed)
 
 
-def model_fn(features: dict, labels: tf.Tensor | None, mode: str, params: Params, model: GPTJModel,
+def loss_sums(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> dict:
+    """The one loss: {"loss": sum of weighted cross-entropy, "correct": weighted count of argmax
+    hits, "tokens": sum of weights}, scalars float32. logits [b, s, V] float32, labels [b, s] int,
+    weights [b, s] float32 (`loss_weights`). Every execution path sums with this."""
+    labels = tf.cast(labels, tf.int32)
+    cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)   # [b, s]
+    hits = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32)  # [b, s]
+    return {"loss": tf.reduce_sum(cross_entropy * weights), "correct": tf.reduce_sum(hits * weights),
+            "tokens": tf.reduce_sum(weights)}
+
+
+def model_fn(features: dict, labels: tf.Tensor, mode: str, params: Params, model: GPTJModel,
              dropout_seed: tf.Tensor | None = None) -> ModelSpec:
-    """Loss, predictions and metrics for one batch.
+    """Loss for one batch (train and eval; generation calls the model directly).
 
     features: {"input_ids": int32 [b, s], "input_mask": int32 [b, s]}; labels: int32 [b, s].
     TF2 variables need an owner that outlives one call, so the runtime builds the model once
     (`build_model`) and passes it in; model_fn itself touches no optimizer, checkpoint or device.
     dropout_seed ([2] int) turns dropout on (training).
     """
+    if mode not in (modes.TRAIN, modes.EVAL):
+        raise ValueError(f"model_fn computes the loss of modes {modes.TRAIN!r} and {modes.EVAL!r}, not {mode!r}")
     logits = model(features["input_ids"], dropout_seed=dropout_seed).logits      # [b, s, V] f32
-    token_ids = tf.argmax(logits, axis=-1, output_type=tf.int32)                 # [b, s]
-    predictions = {"logits": logits, "token_ids": token_ids}
-    if mode == modes.PREDICT or labels is None:
-        return ModelSpec(None, predictions, {}, {})
-    weights = loss_weights(features)                                              # [b, s]
-    cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(labels, tf.int32), logits=logits)                         # [b, s]
-    loss_sum = tf.reduce_sum(cross_entropy * weights)
-    tokens = tf.reduce_sum(weights)
-    correct = tf.reduce_sum(tf.cast(tf.equal(token_ids, tf.cast(labels, tf.int32)), tf.float32) * weights)
-    loss = tf.math.divide_no_nan(loss_sum, tokens)
-    metrics = {"accuracy": tf.math.divide_no_nan(correct, tokens), "perplexity": tf.exp(loss)}
-    return ModelSpec(loss, predictions, metrics, {"loss": loss_sum, "correct": correct, "tokens": tokens})
+    sums = loss_sums(logits, labels, loss_weights(features))
+    return ModelSpec(tf.math.divide_no_nan(sums["loss"], sums["tokens"]), sums)

@@ -61,7 +61,8 @@ def effective_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from runtime.estimator import Estimator, InputExhaustedError, NonFiniteLossError
+    from runtime.estimator import Estimator, InputExhaustedError, NonFiniteLossError, TrainingTerminated
+    from runtime.run_dir import RunDirLockedError
     from config.params import ParamsError, load_params
     from runtime.logging_utils import log
     try:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "predict":
             from generation import predict
             job = predict.prepare(args, params.model)      # prompts and flags checked before the model is built
-        estimator = Estimator(params, model_dir)
+        estimator = Estimator(params, model_dir, training=args.mode in ("train", "train_and_eval"))
         if args.mode == "train":
             estimator.train()
         elif args.mode == "eval":
@@ -82,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             estimator.restore(require=True)
             predict.run_job(estimator.model, job, args.output or os.path.join(model_dir, "predictions.jsonl"))
-    except (ParamsError, FileNotFoundError, ValueError, InputExhaustedError) as err:
+    except (ParamsError, FileNotFoundError, ValueError, InputExhaustedError, RunDirLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingTerminated:
+        return 143
     except NonFiniteLossError as err:
         log(f"error: {err}")
         return 3

@@ -23,23 +23,29 @@ momentum > 0), `loss_scale/...`, `step`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from checkpoint_utils.tf_checkpoint import VALUE_SUFFIX, variable_shapes, write_checkpoint, write_checkpoint_state
-from model import initial_values, weight_specs
-from runtime.host_store import DiskStore
+from checkpoint_utils.host_arrays import as_tensor
+from checkpoint_utils.tf_checkpoint import (VALUE_SUFFIX, resolve_checkpoint, variable_shapes, write_checkpoint,
+                                            write_checkpoint_state)
 from config.params import Params
+from model import GPTJModel, initial_values, weight_specs
+from runtime.execution import Execution, no_weights_error
+from runtime.host_store import DiskStore
+from runtime.logging_utils import log
 from runtime.schedules import learning_rate_schedule
+from runtime.steps import gradient_factor, step_logs
+from runtime.weight_streaming import HOST_DEVICE, WeightStreamingStep, check_streaming_params
 
 
 def skeleton_config(config):
     """The model object disk streaming builds for its layer code: one block, a tiny vocabulary
     (the streamed weights carry the real sizes; blocks differ only by their weights)."""
-    import dataclasses
     return dataclasses.replace(config, num_hidden_layers=1, vocab_size=8)
 
 
@@ -222,3 +228,77 @@ def _checkpoint_names(model_dir: str) -> list[str]:
         return []
     return [os.path.basename(p) for p in state.all_model_checkpoint_paths]
 
+
+
+class DiskStreamingExecution(Execution):
+    """Weight streaming with `host_store: disk`: the state lives in a DiskStreamingState; the
+    model object only lends its layer code. The store holds Adam's slots on disk whether or
+    not the run trains (sparse files: they cost no memory)."""
+
+    def __init__(self, params: Params, model_dir: str, training: bool, model_fn, input_fn):
+        check_streaming_params(params)
+        super().__init__(params, model_dir, training, model_fn, input_fn)
+        self.strategy = tf.distribute.get_strategy()
+        self.disk = DiskStreamingState(params, model_dir)
+        with tf.device(HOST_DEVICE):
+            self.model = GPTJModel(skeleton_config(params.model))
+            self.loss_scale = self.new_loss_scale()
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.streamer = WeightStreamingStep(params, self.model, self.loss_scale, self.step, self.label_positions,
+                                            {path: path for path in self.disk.shapes},
+                                            lambda path: as_tensor(self.disk.store.read("param", path)))
+
+    def restore(self, require: bool) -> int:
+        """The store is the live state; it is rebuilt from the latest checkpoint when it is not
+        exactly that checkpoint's state (a kill mid-step, or newer)."""
+        disk = self.disk
+        latest = self.check_latest_checkpoint()
+        disk.open(initial_loss_scale=float(self.loss_scale.scale.numpy()))
+        if latest and (not disk.state.get("clean") or int(latest.rsplit("-", 1)[1]) != disk.state["step"]):
+            disk.restore(latest)
+            log(f"restored {latest} into the weight store {disk.store.directory} (step {disk.state['step']})")
+        elif latest:
+            log(f"weight store {disk.store.directory} is at {latest} (step {disk.state['step']})")
+        elif self.params.runconfig.checkpoint_path and disk.state["step"] == 0:
+            disk.restore(resolve_checkpoint(self.params.runconfig.checkpoint_path), weights_only=True)
+            log(f"warm start: weights from {self.params.runconfig.checkpoint_path} into {disk.store.directory}")
+        elif require:
+            raise no_weights_error(self.model_dir)
+        self.step.assign(disk.state["step"])
+        self.loss_scale.scale.assign(disk.state["loss_scale"])
+        self.loss_scale.good_steps.assign(disk.state["good_steps"])
+        return disk.state["step"]
+
+    def save(self) -> str:
+        self.require_training()
+        return self.disk.save(self.params.runconfig.keep_checkpoint_max)
+
+    def train_step(self, features, labels) -> dict:
+        self.require_training()
+        disk, written = self.disk, set()
+
+        def to_disk(piece, piece_grads):
+            for path, grad in self.streamer.piece_leaves(piece, piece_grads):
+                disk.store.add("grad", path, grad.numpy(), overwrite=path not in written)
+                written.add(path)
+
+        disk.mark(clean=False)  # a kill from here on leaves the store to be rebuilt
+        sums = self.streamer.gradients(features, labels, to_disk)
+        factor = float(gradient_factor(sums, self.loss_scale, self.label_positions))
+        loss_scale_value = tf.identity(self.loss_scale.scale)
+        grad_norm, finite = disk.gradient_norm(factor)
+        finite = finite and bool(np.isfinite(float(sums["loss"])))
+        learning_rate = disk.learning_rate()
+        max_norm = self.params.optimizer.max_gradient_norm
+        if finite:
+            disk.apply(factor * (1.0 if max_norm is None else max_norm / max(grad_norm, max_norm)))
+        self.loss_scale.update(tf.constant(finite))
+        self.step.assign_add(1)
+        disk.state.update(step=int(self.step.numpy()), loss_scale=float(self.loss_scale.scale.numpy()),
+                          good_steps=int(self.loss_scale.good_steps.numpy()))
+        disk.mark(clean=True)
+        return step_logs(sums, tf.constant(grad_norm, tf.float32), tf.constant(learning_rate, tf.float32),
+                         loss_scale_value, tf.constant(finite))
+
+    def eval_sums(self, features, labels) -> dict:
+        return self.streamer.evaluate_sums(features, labels)

@@ -28,3 +28,20 @@ def make_strategy(config: RunConfig) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy(devices=devices)
     device = gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name
     return tf.distribute.OneDeviceStrategy(device)
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run's files: always, except a non-chief task of a
+    multi-worker cluster (TF_CONFIG's task is a worker other than worker 0 when a chief-less
+    cluster, or any worker when the cluster has a chief)."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    except json.JSONDecodeError:
+        return True
+    task = config.get("task") or {}
+    kind, index = task.get("type"), int(task.get("index", 0) or 0)
+    if kind in (None, "chief"):
+        return True
+    if kind == "worker":
+        return "chief" not in (config.get("cluster") or {}) and index == 0
+    return False

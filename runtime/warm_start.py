@@ -7,7 +7,6 @@ from layers.tree import flatten_weights
 from checkpoint_utils.load import CheckpointMismatchError
 from checkpoint_utils.tf_checkpoint import checkpoint_key, resolve_checkpoint, variable_shapes
 from model import GPTJModel
-from config.params import ModelParams
 
 
 @dataclass
@@ -27,7 +26,7 @@ class WarmStartReport:
         return "\n".join(lines)
 
 
-def warm_start(model: GPTJModel, config: ModelParams, checkpoint: str) -> WarmStartReport:
+def warm_start(model: GPTJModel, checkpoint: str) -> WarmStartReport:
     """Assign every model variable found in `checkpoint` (one tensor at a time); a variable
     present with another shape is an error, since the params do not describe that checkpoint."""
     import tensorflow as tf

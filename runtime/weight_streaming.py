@@ -20,16 +20,16 @@ execution (memory), or by runtime/disk_streaming.py's Adam on the files (disk).
 """
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
+
 import tensorflow as tf
 
-from layers.tree import flatten_weights, unflatten_weights
-from checkpoint_utils.host_arrays import as_tensor
-from layers.masks import causal_attention_bias
-from model import GPTJModel, loss_weights
-from runtime.loss_scale import LossScale, all_finite
-from runtime.optimizer import current_learning_rate
 from config.params import Params, ParamsError
+from layers.tree import flatten_weights, unflatten_weights
+from model import GPTJModel, loss_sums, loss_weights
+from runtime.execution import CheckpointedExecution
+from runtime.loss_scale import LossScale
+from runtime.steps import add_sums, apply_update, dropout_seed, micro_batches, scaled_loss, zero_sums
 
 HOST_DEVICE = "/CPU:0"
 
@@ -86,98 +86,94 @@ class BlockStream:
         self.resident.pop(index, None)
 
 
+class StreamedBlocks(Sequence):
+    """The blocks' weights as a sequence whose items are copied to the compute device when indexed
+    (`GPTJModel.trunk` walks it): block i is piece i + 1 of the stream."""
+
+    def __init__(self, stream: BlockStream, order: list[int], count: int):
+        self.stream, self.order, self.count = stream, order, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        return self.stream.get(index + 1, self.order)
+
+
 class WeightStreamingStep:
-    """The weight-streaming counterpart of the estimator's train step (same logs), and a
-    streamed forward for evaluation.
+    """The weight-streaming train step (the logs of runtime/steps.py) and a streamed forward for
+    evaluation, over host-held weights.
 
-    `model` supplies the layer code; with the disk store it is a skeleton (one block, tiny
-    vocabulary) whose own variables are never used: blocks differ only by their weights."""
+    `load(leaf)` turns a host leaf into a tensor: a host variable (memory store) or a path in
+    the disk store; `pieces` are the host leaves split as they stream. `model` supplies the
+    layer code; with the disk store it is a skeleton (one block, tiny vocabulary) whose own
+    variables are never used: blocks differ only by their weights."""
 
-    def __init__(self, params: Params, model: GPTJModel, optimizer, loss_scale: LossScale,
-                 step: tf.Variable, label_positions: float, disk=None):
-        self.params, self.model, self.optimizer, self.disk = params, model, optimizer, disk
+    def __init__(self, params: Params, model: GPTJModel, loss_scale: LossScale, step: tf.Variable,
+                 label_positions: float, flat_leaves: dict, load):
+        self.params, self.model = params, model
         self.loss_scale, self.step, self.label_positions = loss_scale, step, label_positions
         streaming = params.runconfig.weight_streaming
         self.device = compute_device_name(streaming.compute_device)
         self.prefetch = streaming.prefetch_blocks
-        if disk is None:
-            flat = flatten_weights(model.weights_tree())
-            self.load = lambda variable: variable
-            self.variables = model.trainable_variables
-            self.key_of = {variable.ref(): path for path, variable in flat.items()}
-        else:
-            flat = {path: path for path in disk.shapes}
-            self.load = lambda path: as_tensor(disk.store.read("param", path))
-        self.pieces = split_pieces(unflatten_weights(flat), model.head_weight_names())
+        self.load = load
+        self.pieces = split_pieces(unflatten_weights(flat_leaves), model.head_weight_names())
         self.n_blocks = len(self.pieces) - 2
         self.last_stream: BlockStream | None = None
         self.last_activation_devices: list[str] = []   # where the block outputs were computed
         self._block_fn = tf.function(self._block_forward)
 
     # Blocks differ only by their weights, so one traced function serves every block.
-    def _block_forward(self, weights, hidden, sin, cos, bias, seed):
-        return self.model.blocks[0].forward(weights, hidden, sin, cos, bias, dropout_seed=seed)[0]
+    def _block_forward(self, weights, hidden, sin, cos, bias, cache=None, cache_index=0, seed=None):
+        return self.model.blocks[0].forward(weights, hidden, sin, cos, bias, dropout_seed=seed)
 
-    def _seed(self, micro: int) -> tf.Tensor:
-        seed = tf.stack([tf.constant(self.params.runconfig.seed, tf.int64), self.step.read_value()])
-        seed = tf.random.experimental.stateless_fold_in(seed, 0)  # the one replica
-        return tf.random.experimental.stateless_fold_in(seed, micro)
-
-    def _forward(self, stream, order, ids, seed):
+    def _forward(self, stream: BlockStream, order: list[int], ids, seed):
         """Embed and run every block; returns (sin, cos, bias, block-boundary activations)."""
-        model = self.model
-        batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
-        positions = tf.broadcast_to(tf.range(length)[None, :], [batch, length])
-        sin, cos = model.positions(positions)
-        bias = causal_attention_bias(tf.range(length), tf.ones([batch, length], tf.int32))
-        hidden = model.embed(stream.get(0, order), ids, seed)
-        stream.release(0)
-        boundaries = [hidden]
-        for i in range(self.n_blocks):
-            hidden = self._block_fn(stream.get(i + 1, order), hidden, sin, cos, bias,
-                                    None if seed is None else model.block_seed(seed, i))
-            stream.release(i + 1)
+        sin, cos, bias = self.model.attention_inputs(ids)
+        boundaries = []
+
+        def keep(index, hidden):           # the input of block index + 1; its weights can go
             boundaries.append(hidden)
+            stream.release(index + 1)
+
+        weights = {"embedding": stream.get(0, order)["embedding"],
+                   "blocks": StreamedBlocks(stream, order, self.n_blocks)}
+        self.model.trunk(weights, ids, sin, cos, bias, dropout_seed=seed, block_forward=self._block_fn,
+                         on_hidden=keep)
         return sin, cos, bias, boundaries
 
-    def _loss_sums(self, logits, labels, weights):
-        cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
-        return tf.reduce_sum(cross_entropy * weights), tf.reduce_sum(correct * weights)
-
     def evaluate_sums(self, features, labels) -> dict:
-        """Forward only: {"loss", "correct", "tokens"} sums for one batch."""
+        """Forward only: loss_sums for one batch."""
         n = self.n_blocks
         stream = BlockStream(self.pieces, self.load, self.device, self.prefetch)
         with tf.device(self.device):
             _, _, _, boundaries = self._forward(stream, list(range(n + 2)), features["input_ids"], None)
             logits = self.model.head(stream.get(n + 1, [n + 1]), boundaries[-1])
-            weights = loss_weights(features)
-            loss_sum, correct = self._loss_sums(logits, labels, weights)
-        return {"loss": loss_sum, "correct": correct, "tokens": tf.reduce_sum(weights)}
+            return loss_sums(logits, labels, loss_weights(features))
 
-    def _micro_batch(self, features, labels, micro: int, sink, sums: dict) -> None:
+    def _micro_batch(self, features, labels, micro: int, sink) -> dict:
+        """Forward, head and backward of one micro-batch; gradients go to sink(piece, grads)."""
         model, n = self.model, self.n_blocks
         stream = BlockStream(self.pieces, self.load, self.device, self.prefetch)
         backward_order = [n + 1] + list(range(n, -1, -1))
-        seed = self._seed(micro)
+        seed = dropout_seed(self.params.runconfig.seed, self.step.read_value(), 0, micro)   # the one replica
         with tf.device(self.device):
-            ids, weights = features["input_ids"], loss_weights(features)
+            ids = features["input_ids"]
             sin, cos, bias, boundaries = self._forward(stream, list(range(n + 2)), ids, seed)
             head = stream.get(n + 1, backward_order)
             with tf.GradientTape() as tape:
                 tape.watch([boundaries[-1]] + tf.nest.flatten(head))
-                logits = model.head(head, boundaries[-1])
-                loss_sum, correct = self._loss_sums(logits, labels, weights)
-                scaled = loss_sum * (self.loss_scale.scale / self.label_positions)
-            head_grads, upstream = tape.gradient(scaled, [head, boundaries[-1]])
+                sums = loss_sums(model.head(head, boundaries[-1]), labels, loss_weights(features))
+                loss = scaled_loss(sums, self.loss_scale, self.label_positions)
+            head_grads, upstream = tape.gradient(loss, [head, boundaries[-1]])
             sink(n + 1, head_grads)
             stream.release(n + 1)
             for i in range(n - 1, -1, -1):
                 block_weights = stream.get(i + 1, backward_order)
                 with tf.GradientTape() as tape:
                     tape.watch([boundaries[i]] + tf.nest.flatten(block_weights))
-                    out = self._block_fn(block_weights, boundaries[i], sin, cos, bias, model.block_seed(seed, i))
+                    out, _ = self._block_fn(block_weights, boundaries[i], sin, cos, bias, None, 0,
+                                            model.block_seed(seed, i))
                 block_grads, upstream = tape.gradient(out, [block_weights, boundaries[i]],
                                                       output_gradients=upstream)
                 sink(i + 1, block_grads)
@@ -191,75 +187,47 @@ class WeightStreamingStep:
             stream.release(0)
         self.last_stream = stream
         self.last_activation_devices = [b.device for b in boundaries if b is not None] + [upstream.device]
-        sums["loss"] += loss_sum
-        sums["correct"] += correct
-        sums["tokens"] += tf.reduce_sum(weights)
+        return sums
 
-    def _piece_leaves(self, piece: int, piece_grads) -> list:
+    def piece_leaves(self, piece: int, piece_grads) -> list:
         """(host leaf, gradient) of a piece; sparse embedding gradients made dense."""
         return [(leaf, tf.convert_to_tensor(grad)) for leaf, grad in
                 zip(tf.nest.flatten(self.pieces[piece]), tf.nest.flatten(piece_grads))]
 
-    def __call__(self, features, labels) -> dict:
-        accum = self.params.optimizer.grad_accum_steps
+    def gradients(self, features, labels, sink) -> dict:
+        """Every micro-batch's gradients into sink(piece, grads); returns the summed loss_sums."""
+        sums = zero_sums()
+        parts = micro_batches(features, labels, self.params.optimizer.grad_accum_steps)
+        for micro, (micro_features, micro_labels) in enumerate(parts):
+            sums = add_sums(sums, self._micro_batch(micro_features, micro_labels, micro, sink))
+        return sums
+
+
+class MemoryStreamingExecution(CheckpointedExecution):
+    """Weight streaming with `host_store: memory`: weights and optimizer state are tf.Variables
+    on the host device, updated there by the same Keras optimizer as standard execution."""
+
+    def __init__(self, params: Params, model_dir: str, training: bool, model_fn, input_fn):
+        check_streaming_params(params)
+        super().__init__(params, model_dir, training, model_fn, input_fn, tf.distribute.get_strategy(),
+                         tf.device(HOST_DEVICE))
+        self.streamer = WeightStreamingStep(params, self.model, self.loss_scale, self.step, self.label_positions,
+                                            flatten_weights(self.model.weights_tree()), lambda variable: variable)
+
+    def train_step(self, features, labels) -> dict:
+        self.require_training()
+        variables = self.model.trainable_variables
         grads: dict = {}
-        written: set = set()
 
         def to_memory(piece, piece_grads):  # summed per variable: a tied embedding gets two
-            for variable, grad in self._piece_leaves(piece, piece_grads):
+            for variable, grad in self.streamer.piece_leaves(piece, piece_grads):
                 with tf.device(variable.device):
                     key = variable.ref()
                     grads[key] = tf.identity(grad) if key not in grads else grads[key] + grad
 
-        def to_disk(piece, piece_grads):
-            for path, grad in self._piece_leaves(piece, piece_grads):
-                self.disk.store.add("grad", path, grad.numpy(), overwrite=path not in written)
-                written.add(path)
+        sums = self.streamer.gradients(features, labels, to_memory)
+        return apply_update(self.optimizer, variables, [grads[v.ref()] for v in variables], sums, self.loss_scale,
+                            self.label_positions, self.params.optimizer.max_gradient_norm, self.step)
 
-        if self.disk is not None:
-            self.disk.mark(clean=False)  # a kill from here on leaves the store to be rebuilt
-        sums = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
-        micro_features = {k: tf.split(v, accum, axis=0) for k, v in features.items()}
-        micro_labels = tf.split(labels, accum, axis=0)
-        for micro in range(accum):
-            self._micro_batch({k: v[micro] for k, v in micro_features.items()}, micro_labels[micro],
-                              micro, to_memory if self.disk is None else to_disk, sums)
-        tokens = tf.maximum(sums["tokens"], 1.0)
-        factor = self.label_positions / tokens / self.loss_scale.scale   # stored -> d(mean loss)
-        loss_scale = tf.identity(self.loss_scale.scale)
-        if self.disk is None:
-            finite, grad_norm, learning_rate = self._apply_memory(grads, factor, sums)
-        else:
-            finite, grad_norm, learning_rate = self._apply_disk(float(factor), sums)
-        self.loss_scale.update(finite)
-        self.step.assign_add(1)
-        if self.disk is not None:
-            self.disk.state.update(step=int(self.step.numpy()), loss_scale=float(self.loss_scale.scale.numpy()),
-                                   good_steps=int(self.loss_scale.good_steps.numpy()))
-            self.disk.mark(clean=True)
-        return {"loss": sums["loss"] / tokens, "accuracy": sums["correct"] / tokens, "tokens": sums["tokens"],
-                "grad_norm": grad_norm, "learning_rate": learning_rate, "loss_scale": loss_scale,
-                "finite": finite}
-
-    def _apply_memory(self, grads: dict, factor, sums):
-        ordered = [grads[v.ref()] * factor for v in self.variables]
-        finite = all_finite(ordered + [sums["loss"]])
-        grad_norm = tf.linalg.global_norm(ordered)
-        max_norm = self.params.optimizer.max_gradient_norm
-        if max_norm is not None:
-            ordered, _ = tf.clip_by_global_norm(ordered, max_norm, use_norm=grad_norm)
-        learning_rate = current_learning_rate(self.optimizer)
-        if bool(finite):
-            self.optimizer.apply_gradients(zip(ordered, self.variables))
-        return finite, grad_norm, learning_rate
-
-    def _apply_disk(self, factor: float, sums):
-        disk = self.disk
-        grad_norm, finite = disk.gradient_norm(factor)
-        finite = finite and bool(np.isfinite(float(sums["loss"])))
-        learning_rate = disk.learning_rate()
-        max_norm = self.params.optimizer.max_gradient_norm
-        if finite:
-            clip = 1.0 if max_norm is None else max_norm / max(grad_norm, max_norm)
-            disk.apply(factor * clip)
-        return tf.constant(finite), tf.constant(grad_norm, tf.float32), tf.constant(learning_rate, tf.float32)
+    def eval_sums(self, features, labels) -> dict:
+        return self.streamer.evaluate_sums(features, labels)

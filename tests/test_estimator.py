@@ -134,7 +134,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(data_root, tmp_
     estimator = Estimator(params, str(tmp_path / "m"), model_fn=poisoned_model_fn)
     with pytest.raises(NonFiniteLossError, match=r"not finite at step 4 .*last good checkpoint is kept .*ckpt-2"):
         estimator.train()
-    assert estimator.manager.latest_checkpoint.endswith("ckpt-2")
+    assert estimator.latest_checkpoint.endswith("ckpt-2")
     restored = Estimator(params, str(tmp_path / "m"))
     assert restored.restore() == 2
 
@@ -150,7 +150,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_continues(data_root, tmp_path):
     first = Estimator(params, str(tmp_path / "m"))
     with pytest.raises(KeyboardInterrupt):
         first.train(on_step=interrupt_at_3)
-    assert first.manager.latest_checkpoint.endswith("ckpt-3")
+    assert first.latest_checkpoint.endswith("ckpt-3")
     resumed = losses_of(Estimator(params, str(tmp_path / "m")))
     assert [resumed[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
     logged = [json.loads(line)["step"] for line in open(tmp_path / "m" / "train_metrics.jsonl")]
@@ -165,7 +165,7 @@ def test_a_runs_checkpoint_holds_model_keys_for_export_and_warm_start(data_root,
     params = tiny_params(data_root, runconfig={"max_steps": 2})
     trained = Estimator(params, str(tmp_path / "run"))
     trained.train()
-    assert len(variable_shapes(trained.manager.latest_checkpoint)) == len(trained.model.trainable_variables)
+    assert len(variable_shapes(trained.latest_checkpoint)) == len(trained.model.trainable_variables)
     loaded = load_model(params.model, str(tmp_path / "run"))
     for a, b in zip(trained.model.trainable_variables, loaded.trainable_variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

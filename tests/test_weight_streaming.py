@@ -150,7 +150,7 @@ PLACEMENT = textwrap.dedent("""
             "weight_streaming": {"compute_device": "/CPU:1", "prefetch_blocks": prefetch}})
         estimator = Estimator(params, f"{root}/m{prefetch}")
         estimator.train()
-        step = estimator._train_step
+        step = estimator.execution.streamer
         out[prefetch] = {"max_resident": step.last_stream.max_resident, "copies": step.last_stream.copies_made,
                          "activations": step.last_activation_devices,
                          "variables": sorted({v.device for v in estimator.model.trainable_variables})}

@@ -1,0 +1,164 @@
+"""Execution backends: where a run's state lives and how its steps run.
+
+The Estimator drives every backend through this one interface:
+
+    model            the GPTJModel whose layer code the steps run (generation uses it too)
+    step, loss_scale the global step and the loss scale (checkpointed state)
+    restore(require) / save() / latest_checkpoint
+    train_step(features, labels) -> logs      (only when built with training=True)
+    eval_sums(features, labels)  -> {"loss", "correct", "tokens"}
+    dataset(mode, position)      the input, distributed as the backend needs it
+
+Backends: StandardExecution (runtime/standard.py: a tf.distribute strategy), memory and
+disk weight streaming (runtime/weight_streaming.py, runtime/disk_streaming.py). A backend
+built with training=False (eval, predict) creates no optimizer: Adam's slots are twice
+the weights' memory.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+import data as data_module
+import model as model_module
+from checkpoint_utils.load import CheckpointMismatchError, check_checkpoint
+from config import modes
+from config.params import Params, ParamsError
+from runtime.logging_utils import log
+from runtime.loss_scale import LossScale
+from runtime.optimizer import build_optimizer
+from runtime.warm_start import warm_start
+
+
+class OptimizerState(tf.Module):
+    """The optimizer's own variables (update count, learning-rate variable, slots) for checkpoints.
+
+    Checkpointing the Keras optimizer object itself would also save the model's weights under
+    `optimizer/_trainable_variables/N` (the first path a breadth-first walk finds), so a run's
+    checkpoint would not hold `model/<path>` keys for warm start, export and load_model."""
+
+    def __init__(self, optimizer):
+        super().__init__(name="optimizer_state")
+        self.state = list(optimizer.variables)
+
+
+def no_weights_error(model_dir: str) -> FileNotFoundError:
+    return FileNotFoundError(f"model_dir {model_dir} holds no checkpoint and no --checkpoint_path was given; "
+                             "train first, or pass the run's --model_dir or --checkpoint_path")
+
+
+class Execution:
+    """The interface (see the module docstring) and what every backend shares."""
+
+    strategy: tf.distribute.Strategy
+
+    def __init__(self, params: Params, model_dir: str, training: bool, model_fn=model_module.model_fn,
+                 input_fn=data_module.input_fn):
+        self.params = params
+        self.model_dir = model_dir
+        self.training = training
+        self.model_fn = model_fn
+        self.input_fn = input_fn
+        train = params.train_input
+        # The global batch's label positions: the constant that scales every gradient (runtime/steps.py).
+        self.label_positions = float(train.batch_size * train.max_sequence_length) if train else 1.0
+
+    def new_loss_scale(self) -> LossScale:
+        model = self.params.model
+        fp16 = model.mixed_precision and model.mixed_precision_dtype == "float16"
+        return LossScale(self.params.optimizer, enabled=fp16)
+
+    def require_training(self) -> None:
+        if not self.training:
+            raise RuntimeError("this estimator was built for evaluation (training=False): it has no optimizer")
+
+    def check_batch(self, mode: str) -> None:
+        section = self.params.train_input if mode == modes.TRAIN else self.params.eval_input
+        replicas = self.strategy.num_replicas_in_sync
+        accum = self.params.optimizer.grad_accum_steps
+        if mode == modes.TRAIN and section.batch_size % (replicas * accum):
+            raise ParamsError(f"train_input.batch_size={section.batch_size} must be divisible by "
+                              f"replicas ({replicas}) x optimizer.grad_accum_steps ({accum})")
+        if mode == modes.TRAIN and not section.drop_remainder:
+            raise ParamsError("train_input.drop_remainder must be true (every step needs a full batch)")
+
+    def dataset(self, mode: str, position: int):
+        """The input of `mode` through the strategy, starting after `position` global batches."""
+        def dataset_fn(context: tf.distribute.InputContext):
+            per_pipeline = context.num_replicas_in_sync // context.num_input_pipelines
+            return self.input_fn(self.params, mode, context, data_position=position * per_pipeline)
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        return tf.train.latest_checkpoint(self.model_dir)
+
+    def check_latest_checkpoint(self) -> str | None:
+        """The latest checkpoint of model_dir, checked to hold this model (one clear line if not)."""
+        latest = self.latest_checkpoint
+        if latest:
+            try:
+                check_checkpoint(latest, self.params.model)
+            except CheckpointMismatchError as err:
+                raise CheckpointMismatchError(
+                    f"{err}; model_dir {self.model_dir} holds another model: use a new --model_dir (warm start "
+                    f"from this one with --checkpoint_path {self.model_dir}) or that run's params.yaml") from None
+        return latest
+
+    # Backends define: model, step, loss_scale, restore, save, train_step, eval_sums.
+
+
+class CheckpointedExecution(Execution):
+    """State as tf.Variables saved by tf.train.Checkpoint through a CheckpointManager:
+    the standard backend and memory weight streaming."""
+
+    def __init__(self, params: Params, model_dir: str, training: bool, model_fn, input_fn,
+                 strategy: tf.distribute.Strategy, placement):
+        super().__init__(params, model_dir, training, model_fn, input_fn)
+        self.strategy = strategy
+        with placement:
+            self.model = model_module.build_model(params)
+            self.optimizer = build_optimizer(params.optimizer, self.model.trainable_variables) if training else None
+            self.loss_scale = self.new_loss_scale()
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        state = {"model": self.model, "loss_scale": self.loss_scale, "step": self.step}
+        if training:
+            state["optimizer"] = OptimizerState(self.optimizer)
+        self.checkpoint = tf.train.Checkpoint(**state)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, model_dir, max_to_keep=params.runconfig.keep_checkpoint_max or None,
+            step_counter=self.step, checkpoint_name="ckpt")
+
+    def restore(self, require: bool) -> int:
+        """Resume from model_dir's latest checkpoint, else warm start from runconfig.checkpoint_path
+        (weights only), else keep the fresh initialisation (an error when `require`)."""
+        run = self.params.runconfig
+        latest = self.check_latest_checkpoint()
+        if latest:
+            status = self.checkpoint.restore(latest)
+            try:
+                status.assert_existing_objects_matched()
+            except AssertionError as err:
+                raise CheckpointMismatchError(
+                    f"checkpoint {latest} does not hold this run's state ({str(err).splitlines()[0]}); was it "
+                    "written with another optimizer? Use a new --model_dir with --checkpoint_path "
+                    f"{self.model_dir} to warm start from its weights") from None
+            if not self.training:
+                status.expect_partial()          # the optimizer's slots are not needed
+            ignored = (f"; runconfig.checkpoint_path {run.checkpoint_path} is not used when model_dir has "
+                       "a checkpoint") if run.checkpoint_path else ""
+            log(f"restored {latest} (step {int(self.step.numpy())}){ignored}")
+        elif run.checkpoint_path:
+            log(warm_start(self.model, run.checkpoint_path).summary())
+        elif require:
+            raise no_weights_error(self.model_dir)
+        else:
+            log(f"no checkpoint in {self.model_dir} and no runconfig.checkpoint_path: "
+                f"starting from a fresh initialisation (seed {run.seed})")
+        return int(self.step.numpy())
+
+    def save(self) -> str:
+        """Write a checkpoint (TF writes it under a temp name and renames, then rewrites the
+        `checkpoint` state file atomically: a kill leaves the previous one usable)."""
+        self.require_training()
+        return self.manager.save(checkpoint_number=int(self.step.numpy()))
+

@@ -1,0 +1,69 @@
+"""Standard execution: the whole model on the strategy's devices, one compiled step per batch."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from config import modes
+from config.params import Params
+from runtime.distribution import make_strategy
+from runtime.execution import CheckpointedExecution
+from runtime.steps import add_sums, apply_update, dropout_seed, micro_batches, scaled_loss, zero_sums
+
+
+class StandardExecution(CheckpointedExecution):
+    def __init__(self, params: Params, model_dir: str, training: bool, model_fn, input_fn):
+        strategy = make_strategy(params.runconfig)
+        super().__init__(params, model_dir, training, model_fn, input_fn, strategy, strategy.scope())
+        self._train_step = None
+        self._eval_step = None
+
+    def _compiled(self, function):
+        return tf.function(function, jit_compile=self.params.runconfig.jit_compile or None)
+
+    def _replica_grads(self, features, labels):
+        """Per replica: gradients of the scaled loss summed over grad_accum_steps micro-batches."""
+        variables = self.model.trainable_variables
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        grads = [tf.zeros_like(v) for v in variables]
+        sums = zero_sums()
+        parts = micro_batches(features, labels, self.params.optimizer.grad_accum_steps)
+        for micro, (micro_features, micro_labels) in enumerate(parts):
+            with tf.GradientTape() as tape:
+                spec = self.model_fn(micro_features, micro_labels, modes.TRAIN, self.params, self.model,
+                                     dropout_seed=dropout_seed(self.params.runconfig.seed, self.step, replica, micro))
+                loss = scaled_loss(spec.sums, self.loss_scale, self.label_positions)
+            grads = [g + d for g, d in zip(grads, tape.gradient(loss, variables))]
+            sums = add_sums(sums, spec.sums)
+        return grads, sums
+
+    def train_step(self, features, labels) -> dict:
+        self.require_training()
+        if self._train_step is None:
+            strategy = self.strategy
+
+            def step(features, labels):
+                grads, sums = strategy.run(self._replica_grads, args=(features, labels))
+                grads = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
+                sums = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in sums.items()}
+                return apply_update(self.optimizer, self.model.trainable_variables, grads, sums, self.loss_scale,
+                                    self.label_positions, self.params.optimizer.max_gradient_norm, self.step)
+
+            # Called outside strategy.scope(): in cross-replica context the Keras optimizer applies
+            # the already-reduced gradients once (inside the scope it would all-reduce them again).
+            self._train_step = self._compiled(step)
+        return self._train_step(features, labels)
+
+    def eval_sums(self, features, labels) -> dict:
+        if self._eval_step is None:
+            strategy = self.strategy
+
+            def replica_eval(features, labels):
+                return self.model_fn(features, labels, modes.EVAL, self.params, self.model).sums
+
+            def step(features, labels):
+                sums = strategy.run(replica_eval, args=(features, labels))
+                return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in sums.items()}
+
+            self._eval_step = self._compiled(step)
+        with self.strategy.scope():
+            return self._eval_step(features, labels)

@@ -1,0 +1,82 @@
+"""The pieces of a training step that every execution backend shares: micro-batches, dropout
+seeds, the loss scaling of gradients, and the end of an in-memory update.
+
+Gradient convention: each micro-batch differentiates `scaled_loss(sums)`, the loss summed over
+its counted tokens times loss_scale / label_positions (a constant, the global batch's label
+positions), so gradients keep the size of a mean loss's, as float16 loss scaling expects.
+Once every micro-batch and replica is summed, `apply_update` turns them into gradients of
+the mean loss over counted tokens: times label_positions / tokens / loss_scale.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from runtime.loss_scale import LossScale, all_finite
+from runtime.optimizer import current_learning_rate
+
+SUM_KEYS = ("loss", "correct", "tokens")
+
+
+def zero_sums() -> dict:
+    return {key: 0.0 for key in SUM_KEYS}
+
+
+def add_sums(total: dict, more: dict) -> dict:
+    return {key: total[key] + more[key] for key in SUM_KEYS}
+
+
+def micro_batches(features: dict, labels: tf.Tensor, count: int) -> list[tuple[dict, tf.Tensor]]:
+    """The batch [b, ...] as `count` consecutive micro-batches [b / count, ...] (grad_accum_steps)."""
+    split_features = {name: tf.split(value, count, axis=0) for name, value in features.items()}
+    split_labels = tf.split(labels, count, axis=0)
+    return [({name: parts[i] for name, parts in split_features.items()}, split_labels[i]) for i in range(count)]
+
+
+def dropout_seed(run_seed: int, step: tf.Tensor, replica: tf.Tensor | int, micro: int) -> tf.Tensor:
+    """[2] int64 dropout seed of one micro-batch: a function of (runconfig.seed, global step,
+    replica, micro-batch) only, so a resumed run draws the masks an uninterrupted one would."""
+    seed = tf.stack([tf.constant(run_seed, tf.int64), tf.cast(step, tf.int64)])
+    seed = tf.random.experimental.stateless_fold_in(seed, replica)
+    return tf.random.experimental.stateless_fold_in(seed, micro)
+
+
+def scaled_loss(sums: dict, loss_scale: LossScale, label_positions: float) -> tf.Tensor:
+    """What each micro-batch differentiates (see the module docstring)."""
+    return sums["loss"] * (loss_scale.scale / label_positions)
+
+
+def gradient_factor(sums: dict, loss_scale: LossScale, label_positions: float) -> tf.Tensor:
+    """Summed gradients of `scaled_loss` times this are gradients of the mean loss over counted tokens."""
+    return label_positions / tf.maximum(sums["tokens"], 1.0) / loss_scale.scale
+
+
+def step_logs(sums: dict, grad_norm, learning_rate, loss_scale_value, finite) -> dict:
+    """The logs every train step returns (as tensors)."""
+    tokens = tf.maximum(sums["tokens"], 1.0)
+    return {"loss": sums["loss"] / tokens, "accuracy": sums["correct"] / tokens, "tokens": sums["tokens"],
+            "grad_norm": grad_norm, "learning_rate": learning_rate, "loss_scale": loss_scale_value,
+            "finite": finite}
+
+
+def apply_update(optimizer, variables: list, grads: list, sums: dict, loss_scale: LossScale,
+                 label_positions: float, max_gradient_norm: float | None, step: tf.Variable) -> dict:
+    """The end of an in-memory train step (standard and memory weight streaming): scale the summed
+    gradients to the mean loss's, check them, clip by global norm, apply them when finite, update
+    the loss scale and the step counter; returns `step_logs`. Works in a tf.function and eagerly."""
+    factor = gradient_factor(sums, loss_scale, label_positions)
+    grads = [g * factor for g in grads]
+    finite = all_finite(grads + [sums["loss"]])
+    grad_norm = tf.linalg.global_norm(grads)
+    if max_gradient_norm is not None:
+        grads, _ = tf.clip_by_global_norm(grads, max_gradient_norm, use_norm=grad_norm)
+    learning_rate = current_learning_rate(optimizer)
+
+    def apply():
+        optimizer.apply_gradients(zip(grads, variables))
+        return tf.constant(True)
+
+    tf.cond(finite, apply, lambda: tf.constant(False))
+    loss_scale_value = tf.identity(loss_scale.scale)
+    loss_scale.update(finite)
+    step.assign_add(1)
+    return step_logs(sums, grad_norm, learning_rate, loss_scale_value, finite)

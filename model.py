@@ -218,7 +218,7 @@ def weight_specs(config: ModelParams) -> list[WeightSpec]:
         else:
             for name in ("q_proj", "k_proj", "v_proj"):
                 dense(f"{block}/attn/{name}", d, d, qkv_bias, "kernel")
-        dense(f"{block}/attn/out_proj", d, d, config.use_ffn_bias_in_attention, "output")
+        dense(f"{block}/attn/out_proj", d, d, config.use_attention_output_bias, "output")
         dense(f"{block}/mlp/fc_in", d, f, config.use_ffn_bias, "kernel")
         dense(f"{block}/mlp/fc_out", f, d, config.use_ffn_bias, "output")
     layer_norm("ln_f")

@@ -1,16 +1,16 @@
 """Train, evaluate and predict with a GPT-J-family model from one params YAML.
 
 Examples:
-  python run.py --mode train --params configs/params_gptj_tiny.yaml --model_dir runs/tiny
-  python run.py --mode train --params configs/params_gptj_6B.yaml --model_dir runs/6b \\
-      --checkpoint_path converted/gptj6b --set optimizer.learning_rate=1e-5
-  python run.py --mode eval --params runs/tiny/params.yaml --model_dir runs/tiny --steps 50
-  python run.py --mode train_and_eval --params configs/params_gptj_tiny.yaml --model_dir runs/tiny
-  python run.py --mode predict --params runs/tiny/params.yaml --model_dir runs/tiny \\
-      --tokenizer demo_work/tokenizer --prompt "def main(" --max_new_tokens 32
+  python run.py --mode train --params configs/params_gptj_tiny.yaml --model-dir runs/tiny
+  python run.py --mode train --params configs/params_gptj_6B.yaml --model-dir runs/6b \\
+      --checkpoint-path converted/gptj6b --set optimizer.learning_rate=1e-5
+  python run.py --mode eval --params runs/tiny/params.yaml --model-dir runs/tiny --steps 50
+  python run.py --mode train_and_eval --params configs/params_gptj_tiny.yaml --model-dir runs/tiny
+  python run.py --mode predict --params runs/tiny/params.yaml --model-dir runs/tiny \\
+      --tokenizer demo_work/tokenizer --prompt "def main(" --max-new-tokens 32
 
 Re-running the same command after a crash or kill resumes from the last checkpoint in
---model_dir. Flags override the params file; --set overrides any key (repeatable).
+--model-dir. Flags override the params file; --set overrides any key (repeatable).
 """
 from __future__ import annotations
 
@@ -24,25 +24,26 @@ MODES = ("train", "eval", "train_and_eval", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from config.cli import ALIAS_NOTE, ArgumentParser
+    parser = ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1] + "\n" + ALIAS_NOTE,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", required=True, choices=MODES,
                         help="train: train to max_steps; eval: evaluate the latest checkpoint; train_and_eval: "
                              "train, evaluating every runconfig.eval_every_steps; predict: continue --prompt "
-                             "or --prompts_file (greedy, sampling or beam search)")
+                             "or --prompts-file (greedy, sampling or beam search)")
     parser.add_argument("--params", required=True, help="params YAML (train_input, eval_input, model, "
                                                         "optimizer, runconfig)")
-    parser.add_argument("--model_dir", default=None,
+    parser.add_argument("--model-dir", default=None,
                         help="where checkpoints, TensorBoard events, params.yaml and eval results go "
                              "(runconfig.model_dir)")
-    parser.add_argument("--max_steps", type=int, default=None, help="train until this global step "
+    parser.add_argument("--max-steps", type=int, default=None, help="train until this global step "
                                                                     "(runconfig.max_steps)")
     parser.add_argument("--steps", type=int, default=None, help="eval batches; default: the whole eval input "
                                                                 "(runconfig.eval_steps)")
-    parser.add_argument("--checkpoint_path", default=None,
+    parser.add_argument("--checkpoint-path", default=None,
                         help="warm start: load model weights only from a converted HF checkpoint directory or "
-                             "another run's checkpoint, when --model_dir has no checkpoint yet")
+                             "another run's checkpoint, when --model-dir has no checkpoint yet")
     parser.add_argument("--execution", choices=("standard", "weight_streaming"), default=None,
                         help="runconfig.execution")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, effective_overrides(args))
         model_dir = params.runconfig.model_dir
         if not model_dir:
-            raise ParamsError("no model directory: pass --model_dir or set runconfig.model_dir")
+            raise ParamsError("no model directory: pass --model-dir or set runconfig.model_dir")
         if args.mode == "predict":
             from generation import predict
             job = predict.prepare(args, params.model)      # prompts and flags checked before the model is built

@@ -5,7 +5,7 @@
 
 Tensors are read, transformed and written one group at a time (see checkpoint_utils.tf_checkpoint),
 so peak memory stays near the largest tensor, not the model. The output directory gets
-`ckpt-0.*` + `checkpoint` (for --checkpoint_path), `params.yaml` (the `model:` section derived
+`ckpt-0.*` + `checkpoint` (for --checkpoint-path), `params.yaml` (the `model:` section derived
 from config.json) and `conversion.json` (where it came from).
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ def convert(source: str, output_dir: str, revision: str | None = None, vocab_siz
         with open(os.path.join(work, "params.yaml"), "w", encoding="utf-8") as f:
             f.write(f"# model: section converted from {source} ({hf_config['model_type']}).\n"
                     "# Merge it into a training params file, and pass this directory as "
-                    "--checkpoint_path to warm start.\n")
+                    "--checkpoint-path to warm start.\n")
             yaml.safe_dump({"model": to_dict(model)}, f, sort_keys=False)
         with open(os.path.join(work, "conversion.json"), "w", encoding="utf-8") as f:
             json.dump({"source": source, "revision": revision, "resolved_path": os.path.abspath(local),

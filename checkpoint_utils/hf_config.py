@@ -53,7 +53,7 @@ def params_from_hf_config(config: dict, vocab_size: int | None = None) -> ModelP
             max_position_embeddings=config["n_positions"],
             layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)),
             nonlinearity=_activation(config.get("activation_function", "gelu_new"), "activation_function"),
-            use_ffn_bias=True, use_projection_bias_in_attention=False, use_ffn_bias_in_attention=False,
+            use_ffn_bias=True, use_projection_bias_in_attention=False, use_attention_output_bias=False,
             use_bias_in_output=True, share_embedding_weights=bool(config.get("tie_word_embeddings", False)),
             use_untied_layer_norm=False, use_parallel_residual=True)
     else:
@@ -70,7 +70,7 @@ def params_from_hf_config(config: dict, vocab_size: int | None = None) -> ModelP
             layer_norm_epsilon=float(config.get("layer_norm_eps", 1e-5)),
             nonlinearity=_activation(config.get("hidden_act", "gelu"), "hidden_act"),
             use_ffn_bias=True, use_projection_bias_in_attention=attention_bias,
-            use_ffn_bias_in_attention=attention_bias, use_bias_in_output=False,
+            use_attention_output_bias=attention_bias, use_bias_in_output=False,
             share_embedding_weights=bool(config.get("tie_word_embeddings", False)),
             use_untied_layer_norm=True, use_parallel_residual=parallel)
     if vocab_size is not None:
@@ -104,7 +104,7 @@ def hf_config_from_params(model: ModelParams) -> dict:
                   initializer_range=model.initializer.stddev, bos_token_id=50256, eos_token_id=50256)
     if model_type == "gptj":
         _require_switches(model, model_type, dict(
-            use_ffn_bias=True, use_projection_bias_in_attention=False, use_ffn_bias_in_attention=False,
+            use_ffn_bias=True, use_projection_bias_in_attention=False, use_attention_output_bias=False,
             use_bias_in_output=True, use_untied_layer_norm=False, use_parallel_residual=True,
             rotary_base=10000.0))
         return dict(common, architectures=["GPTJForCausalLM"], n_embd=model.hidden_size,
@@ -113,7 +113,7 @@ def hf_config_from_params(model: ModelParams) -> dict:
                     layer_norm_epsilon=model.layer_norm_epsilon, activation_function=activation,
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     _require_switches(model, model_type, dict(
-        use_ffn_bias=True, use_ffn_bias_in_attention=model.use_projection_bias_in_attention,
+        use_ffn_bias=True, use_attention_output_bias=model.use_projection_bias_in_attention,
         use_bias_in_output=False, use_untied_layer_norm=True))
     rotary_pct = model.rotary_dim / model.head_dim
     if int(model.head_dim * rotary_pct) != model.rotary_dim:

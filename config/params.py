@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 
@@ -59,7 +59,7 @@ class ModelParams:
     nonlinearity: Literal["gelu_new", "gelu"] = "gelu_new"
     use_ffn_bias: bool = True
     use_projection_bias_in_attention: bool = False   # biases of q, k, v
-    use_ffn_bias_in_attention: bool = False          # bias of the attention output projection
+    use_attention_output_bias: bool = False          # bias of the attention output projection
     use_bias_in_output: bool = True                  # bias of the LM head
     share_embedding_weights: bool = False            # tie the LM head to the token embedding
     use_untied_layer_norm: bool = False              # GPT-NeoX: separate LayerNorms for attention and MLP
@@ -73,6 +73,9 @@ class ModelParams:
     output_layer_initializer: InitializerParams = field(default_factory=InitializerParams)
     mixed_precision: bool = False
     mixed_precision_dtype: Literal["float16", "bfloat16"] = "bfloat16"
+
+    # Old names still read (and reported): {old key: current key}.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"use_ffn_bias_in_attention": "use_attention_output_bias"}
 
     @property
     def head_dim(self) -> int:

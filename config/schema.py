@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -107,10 +108,30 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"schema type {tp!r} at {path} is not supported")  # a bug in the schema
 
 
+def _apply_renames(cls: type, data: dict, path: str) -> dict:
+    """Old key names listed in `cls.RENAMED_KEYS` ({old: new}) read as the new ones, each reported
+    once on stderr; giving both names is an error."""
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    if not renamed or not set(renamed) & set(data):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ParamsError(f"{_join(path, old)} and {_join(path, new)} are the same setting (the first is its "
+                              f"old name); keep only {_join(path, new)}")
+        data[new] = data.pop(old)
+        print(f"note: {_join(path, old)} is now called {_join(path, new)}; read as such (rename it in the "
+              "params file)", file=sys.stderr)
+    return data
+
+
 def from_dict(cls: type, data: dict, path: str) -> Any:
     """Build dataclass `cls` from `data`, filling defaults and rejecting unknown keys."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = _apply_renames(cls, data, path)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = unknown[0]

@@ -9,7 +9,7 @@ Names and meanings follow transformers' `GenerationConfig` where both have the k
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 EarlyStopping = Union[bool, str]   # True | False | "never", as in transformers
@@ -20,23 +20,41 @@ class GenerationConfigError(ValueError):
     """A decoding setting or a prompt that cannot be generated from."""
 
 
+def _flag(help: str, metavar: str | None = None, **extra) -> dict:
+    """Field metadata that makes a field a decoding flag of the CLIs (generation/flags.py)."""
+    return {"flag": dict(help=help, metavar=metavar, **extra)}
+
+
+EARLY_STOPPING_CHOICES = {"false": False, "true": True, "never": "never"}
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 32
-    min_new_tokens: int = 0                 # stop tokens are suppressed before this many new tokens
-    do_sample: bool = False                 # sample (num_beams=1) or beam-sample (num_beams > 1)
-    temperature: float = 1.0                # sampling only
-    top_k: int = 0                          # sampling only; 0 = off (transformers defaults to 50)
-    top_p: float = 1.0                      # sampling only; 1.0 = off
-    repetition_penalty: float = 1.0         # 1.0 = off; > 1 discourages tokens already present
-    num_beams: int = 1
-    num_return_sequences: int = 1           # per prompt: independent samples, or the best beams
-    length_penalty: float = 1.0             # beam score = sum log p / new_tokens ** length_penalty
-    early_stopping: EarlyStopping = False   # beam search stopping rule (see docs/generation.md)
+    """Defaults live here only; the CLI flags (generation/flags.py) are derived from the fields
+    whose metadata carries a "flag"."""
+    max_new_tokens: int = field(default=32, metadata=_flag("at most N new tokens per prompt", "N"))
+    min_new_tokens: int = field(default=0, metadata=_flag(
+        "stop tokens are suppressed before this many new tokens", "N"))
+    do_sample: bool = field(default=False, metadata=_flag(
+        "sample instead of greedy decoding (with --num-beams > 1: beam sampling)"))
+    temperature: float = field(default=1.0, metadata=_flag("sampling temperature (> 0)", "T"))
+    top_k: int = field(default=0, metadata=_flag(
+        "sample from the k most likely tokens (0: off; transformers defaults to 50)", "K"))
+    top_p: float = field(default=1.0, metadata=_flag("nucleus sampling mass in (0, 1] (1: off)", "P"))
+    repetition_penalty: float = field(default=1.0, metadata=_flag(
+        "> 1 discourages tokens already present (1: off)", "R"))
+    num_beams: int = field(default=1, metadata=_flag("beam search with this many beams (1: off)", "K"))
+    num_return_sequences: int = field(default=1, metadata=_flag(
+        "completions per prompt: N independent samples (--do-sample) or the N best beams", "N"))
+    length_penalty: float = field(default=1.0, metadata=_flag(
+        "beam score = sum of log-probabilities / new_tokens ** length_penalty", "A"))
+    early_stopping: EarlyStopping = field(default=False, metadata=_flag(
+        "beam search stopping rule, as in transformers (docs/generation.md)", choices=EARLY_STOPPING_CHOICES))
     stop_token_ids: tuple[int, ...] = ()    # e.g. the tokenizer's EOS id
     stop_strings: tuple[str, ...] = ()      # greedy/sampling only: needs a tokenizer
     bad_words_ids: tuple[tuple[int, ...], ...] = ()   # token sequences never generated
-    seed: int = 0                           # sampling: same seed, same tokens
+    seed: int = field(default=0, metadata=_flag(
+        "sampling seed: same seed, same tokens (a prompts file's 'seed' field overrides it)", "S"))
     pad_token_id: int = 0                   # fed to rows that already finished (never returned)
 
     def __post_init__(self):

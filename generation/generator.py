@@ -100,9 +100,3 @@ class Generator:
                                        self.compile_mode)
         return self._decoders[key]
 
-
-def generate(model: GPTJModel, prompts: Sequence[Sequence[int]], config: GenerationConfig,
-             **kwargs) -> list[Generation]:
-    """One-off convenience: `Generator(model).generate(...)` (compiles on every call; keep a
-    Generator to reuse compiled decoders)."""
-    return Generator(model).generate(prompts, config, **kwargs)

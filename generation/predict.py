@@ -38,13 +38,13 @@ class PromptRequest:
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[PromptRequest]:
-    """The prompts of `--prompt` or `--prompts_file` (exactly one of them)."""
+    """The prompts of `--prompt` or `--prompts-file` (exactly one of them)."""
     if (prompt is None) == (prompts_file is None):
-        raise PromptsFileError("give exactly one of --prompt and --prompts_file")
+        raise PromptsFileError("give exactly one of --prompt and --prompts-file")
     if prompt is not None:
         return [PromptRequest(prompt)]
     if not os.path.isfile(prompts_file):
-        raise FileNotFoundError(f"prompts file {prompts_file} does not exist; pass --prompts_file")
+        raise FileNotFoundError(f"prompts file {prompts_file} does not exist; pass --prompts-file")
     with open(prompts_file, encoding="utf-8") as f:
         lines = f.read().splitlines()
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
@@ -84,7 +84,7 @@ def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
     """run.py's predict flags -> a checked job: the tokenizer fits the model, every prompt is
     readable, non-empty and short enough, every decoding setting is valid."""
     if (args.prompt is None and args.prompts_file is None) or not args.tokenizer:
-        raise PredictError("--mode predict needs --prompt and --tokenizer (or --prompts_file instead of --prompt)")
+        raise PredictError("--mode predict needs --prompt and --tokenizer (or --prompts-file instead of --prompt)")
     tokenizer = load_tokenizer(args.tokenizer)
     tokenizer.check_fits_model(model_config.vocab_size)
     requests = read_prompts(args.prompt, args.prompts_file)

@@ -119,8 +119,3 @@ class StreamPacker:
         self._offsets = self._offsets[:1]
         self._doc_starts, self._doc_tags = [], []
         return window
-
-    @property
-    def pending_labels(self) -> int:
-        """Real labels still buffered (what `finish` would pad or a drop would lose)."""
-        return max(len(self._tokens) - 1, 0)

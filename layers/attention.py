@@ -49,7 +49,7 @@ class SelfAttention(Layer):
             self.q_proj = Dense(d, d, qkv_bias, kernel_init, name="q_proj")
             self.k_proj = Dense(d, d, qkv_bias, kernel_init, name="k_proj")
             self.v_proj = Dense(d, d, qkv_bias, kernel_init, name="v_proj")
-        self.out_proj = Dense(d, d, config.use_ffn_bias_in_attention, output_init, name="out_proj")
+        self.out_proj = Dense(d, d, config.use_attention_output_bias, output_init, name="out_proj")
 
     def _project_qkv(self, weights: dict, x: tf.Tensor):
         if self.fused_qkv:

@@ -192,7 +192,7 @@ class Estimator:
         """Train until `max_steps` (runconfig.max_steps by default); returns the last step's logs."""
         max_steps = max_steps or self.params.runconfig.max_steps
         if max_steps is None:
-            raise ParamsError("training needs runconfig.max_steps (or --max_steps)")
+            raise ParamsError("training needs runconfig.max_steps (or --max-steps)")
         with self._training_run():
             start = int(self.step.numpy())
             if start >= max_steps:
@@ -322,7 +322,7 @@ class Estimator:
         run = self.params.runconfig
         max_steps = max_steps or run.max_steps
         if max_steps is None:
-            raise ParamsError("train_and_eval needs runconfig.max_steps (or --max_steps)")
+            raise ParamsError("train_and_eval needs runconfig.max_steps (or --max-steps)")
         every = run.eval_every_steps or max_steps
         with self._training_run():
             current = int(self.step.numpy())

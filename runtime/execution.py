@@ -42,8 +42,8 @@ class OptimizerState(tf.Module):
 
 
 def no_weights_error(model_dir: str) -> FileNotFoundError:
-    return FileNotFoundError(f"model_dir {model_dir} holds no checkpoint and no --checkpoint_path was given; "
-                             "train first, or pass the run's --model_dir or --checkpoint_path")
+    return FileNotFoundError(f"model_dir {model_dir} holds no checkpoint and no --checkpoint-path was given; "
+                             "train first, or pass the run's --model-dir or --checkpoint-path")
 
 
 class Execution:
@@ -100,8 +100,8 @@ class Execution:
                 check_checkpoint(latest, self.params.model)
             except CheckpointMismatchError as err:
                 raise CheckpointMismatchError(
-                    f"{err}; model_dir {self.model_dir} holds another model: use a new --model_dir (warm start "
-                    f"from this one with --checkpoint_path {self.model_dir}) or that run's params.yaml") from None
+                    f"{err}; model_dir {self.model_dir} holds another model: use a new --model-dir (warm start "
+                    f"from this one with --checkpoint-path {self.model_dir}) or that run's params.yaml") from None
         return latest
 
     # Backends define: model, step, loss_scale, restore, save, train_step, eval_sums.
@@ -140,7 +140,7 @@ class CheckpointedExecution(Execution):
             except AssertionError as err:
                 raise CheckpointMismatchError(
                     f"checkpoint {latest} does not hold this run's state ({str(err).splitlines()[0]}); was it "
-                    "written with another optimizer? Use a new --model_dir with --checkpoint_path "
+                    "written with another optimizer? Use a new --model-dir with --checkpoint-path "
                     f"{self.model_dir} to warm start from its weights") from None
             if not self.training:
                 status.expect_partial()          # the optimizer's slots are not needed

@@ -1,10 +1,11 @@
-"""A weight store on disk for weight streaming: parameters, gradients and Adam slots as raw
-float32 files, memory-mapped one tensor at a time, so a model whose training state exceeds
-host RAM still trains.
+"""A weight store on disk for weight streaming: parameters, gradients and the optimizer's slots
+(Adam's m and v; SGD's momentum in m) as raw float32 files, memory-mapped one tensor at a time,
+so a model whose training state exceeds host RAM still trains.
 
 Layout under the store directory:
     param/<path>.f32  m/<path>.f32  v/<path>.f32  grad/<path>.f32    (path "/" -> "__")
-    state.json        {"step", "iterations", "loss_scale", "good_steps", "config"}
+    state.json        {"step", "iterations", "loss_scale", "good_steps", "clean"}: the counters of
+                      the state in the files; "clean" is false while a step is writing them
 
 A tensor is mapped only while it is used and unmapped after, so its pages leave this
 process's resident set (the OS page cache may keep them, reclaimable). Large tensors are

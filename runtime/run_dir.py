@@ -48,7 +48,7 @@ class ModelDirLock:
                 handle.close()
                 raise RunDirLockedError(
                     f"model_dir {self.model_dir} is in use by another training ({holder}); wait for it to "
-                    "finish or stop it, or use another --model_dir") from None
+                    "finish or stop it, or use another --model-dir") from None
             try:
                 if os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
                     return handle
@@ -121,20 +121,20 @@ def check_same_model(params: Params, model_dir: str) -> None:
             existing = (yaml.safe_load(f) or {}).get("model")
     except (OSError, yaml.YAMLError, AttributeError) as err:
         raise ParamsError(f"{path} cannot be read ({err}); it records the model this model_dir trains: "
-                          "repair it or use another --model_dir") from None
+                          "repair it or use another --model-dir") from None
     if not isinstance(existing, dict):
         return
     try:    # through the schema, so a renamed key of an older file reads as today's name
         recorded = to_dict(from_dict(ModelParams, existing, "model"))
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}; it records the model this model_dir trains: repair it or use "
-                          "another --model_dir") from None
+                          "another --model-dir") from None
     differing = _differences(recorded, to_dict(params.model), "model")
     if differing:
         shown = "; ".join(f"{key}: {old!r} in {path}, {new!r} now" for key, old, new in differing[:4])
         more = f" (and {len(differing) - 4} more)" if len(differing) > 4 else ""
-        raise ParamsError(f"model_dir {model_dir} trains another model: {shown}{more}. Use a new --model_dir "
-                          f"(warm start from this one with --checkpoint_path {model_dir}), or pass {path}")
+        raise ParamsError(f"model_dir {model_dir} trains another model: {shown}{more}. Use a new --model-dir "
+                          f"(warm start from this one with --checkpoint-path {model_dir}), or pass {path}")
 
 
 def _differences(old, new, path: str) -> list[tuple[str, object, object]]:

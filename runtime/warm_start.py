@@ -41,13 +41,13 @@ def warm_start(model: GPTJModel, checkpoint: str) -> WarmStartReport:
             continue
         if tuple(found[path]) != tuple(variable.shape):
             raise CheckpointMismatchError(
-                f"--checkpoint_path {prefix}: {path} has shape {list(found[path])} but model params imply "
+                f"--checkpoint-path {prefix}: {path} has shape {list(found[path])} but model params imply "
                 f"{list(variable.shape)}; use the model: section the checkpoint was converted with "
                 "(its params.yaml)")
         variable.assign(reader.get_tensor(checkpoint_key("model", path)))
         report.loaded.append(path)
     report.skipped = sorted(p for p in found if p not in variables)
     if not report.loaded:
-        raise CheckpointMismatchError(f"--checkpoint_path {prefix} holds no variable of this model "
+        raise CheckpointMismatchError(f"--checkpoint-path {prefix} holds no variable of this model "
                                       "(keys model/...); pass a converted model directory or a run's model_dir")
     return report

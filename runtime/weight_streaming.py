@@ -3,7 +3,7 @@
 Weights and optimizer state live on the host: as tf.Variables on the host device
 (`host_store: memory`) or as memory-mapped files (`host_store: disk`, runtime/host_store.py).
 A step runs the model piece by piece on the compute device with the same layer code as
-standard execution (`GPTJModel.embed`, `DecoderBlock.forward`, `GPTJModel.head`), each
+standard execution (`GPTJModel.trunk` walks embed and blocks, then `GPTJModel.head`), each
 piece's weights copied over just before it runs (the next `prefetch_blocks` pieces are copied
 ahead) and dropped after:
 
@@ -16,7 +16,7 @@ ahead) and dropped after:
 Global-norm clipping needs every gradient before any update, so the step's gradients are
 collected on the host first (one parameter-sized buffer, in RAM or on disk), then clipped
 and applied there: by the same Keras optimizer over the same variables as standard
-execution (memory), or by runtime/disk_streaming.py's Adam on the files (disk).
+execution (memory), or by runtime/disk_streaming.py's Adam/AdamW/SGD on the files (disk).
 """
 from __future__ import annotations
 

@@ -102,9 +102,9 @@ def test_decoding_flags_map_to_the_config(setup):
      "model.max_position_embeddings=32 leaves room for at most 2 with max_new_tokens=30"),
     (["--prompt", "the", "--num_beams", "2", "--stop", "x"], "stop strings work with greedy decoding and sampling"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does not exist"),
-    (["--prompt", "a", "--prompts_file", "f.txt"], "give exactly one of --prompt and --prompts_file"),
+    (["--prompt", "a", "--prompts_file", "f.txt"], "give exactly one of --prompt and --prompts-file"),
     ([], "--mode predict needs --prompt and --tokenizer"),
-    (["--prompt", "a", "--batch_size", "0"], "--batch_size=0 must be >= 1"),
+    (["--prompt", "a", "--batch_size", "0"], "--batch-size=0 must be >= 1"),
 ])
 def test_bad_input_exits_2_with_one_error_line(setup, tmp_path, capsys, extra, message):
     assert run.main(predict_argv(setup, tmp_path, *extra)) == 2
@@ -118,4 +118,16 @@ def test_predict_needs_weights(setup, tmp_path, capsys):
             if a != setup["checkpoint"]]
     argv.remove("--checkpoint_path")
     assert run.main(argv) == 2
-    assert "holds no checkpoint and no --checkpoint_path" in capsys.readouterr().err
+    assert "holds no checkpoint and no --checkpoint-path" in capsys.readouterr().err
+
+
+def test_one_flag_style_with_underscores_accepted():
+    """Hyphens are the canonical spelling; underscores are read as the same flag (not as a value)."""
+    hyphens = run.build_parser().parse_args(["--mode", "predict", "--params", "p", "--model-dir", "m",
+                                             "--max-new-tokens", "5", "--prompt", "--top_p=0.5 as text"])
+    underscores = run.build_parser().parse_args(["--mode", "predict", "--params", "p", "--model_dir", "m",
+                                                 "--max_new_tokens=5", "--prompt", "--top_p=0.5 as text"])
+    assert vars(hyphens) == vars(underscores)
+    assert (hyphens.model_dir, hyphens.max_new_tokens, hyphens.prompt) == ("m", 5, "--top_p=0.5 as text")
+    help_text = run.build_parser().format_help()
+    assert "--model-dir" in help_text and "--model_dir MODEL_DIR" not in help_text

@@ -17,7 +17,7 @@ TINY = ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads
 VARIANTS = {
     "gptj": TINY,
     "neox_fused": dataclasses.replace(TINY, rotary_style="neox", use_untied_layer_norm=True, fused_qkv=True,
-                                      use_projection_bias_in_attention=True, use_ffn_bias_in_attention=True,
+                                      use_projection_bias_in_attention=True, use_attention_output_bias=True,
                                       use_bias_in_output=False, nonlinearity="gelu"),
     "sequential": dataclasses.replace(TINY, use_parallel_residual=False, use_untied_layer_norm=True),
     "tied_with_bias": dataclasses.replace(TINY, share_embedding_weights=True, num_hidden_layers=3),

@@ -139,3 +139,11 @@ def test_bad_override_syntax():
         apply_overrides({}, ["model.hidden_size"])
     with pytest.raises(ParamsError, match="model.hidden_size is not a section"):
         apply_overrides({"model": {"hidden_size": 3}}, ["model.hidden_size.x=1"])
+
+
+def test_a_renamed_key_reads_under_its_new_name_and_is_reported(tmp_path, capsys):
+    params = load_with(tmp_path, "model.use_ffn_bias_in_attention=true")
+    assert params.model.use_attention_output_bias is True
+    assert "model.use_ffn_bias_in_attention is now called model.use_attention_output_bias" in capsys.readouterr().err
+    with pytest.raises(ParamsError, match="are the same setting .* keep only model.use_attention_output_bias"):
+        load_with(tmp_path, "model.use_ffn_bias_in_attention=true", "model.use_attention_output_bias=true")

@@ -82,9 +82,9 @@ def test_missing_files_and_argument_errors(params_file, tmp_path, capsys):
     assert run.main(["--mode", "train", "--params", str(tmp_path / "nope.yaml"), "--model_dir", "x"]) == 2
     assert "does not exist; pass --params" in capsys.readouterr().err
     assert run.main(["--mode", "train", "--params", params_file]) == 2
-    assert "pass --model_dir" in capsys.readouterr().err
+    assert "pass --model-dir" in capsys.readouterr().err
     assert run.main(["--mode", "eval", "--params", params_file, "--model_dir", str(tmp_path / "empty")]) == 2
-    assert "holds no checkpoint and no --checkpoint_path was given; train first" in capsys.readouterr().err
+    assert "holds no checkpoint and no --checkpoint-path was given; train first" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         run.main(["--mode", "fly", "--params", params_file])
     assert exit_info.value.code == 2
@@ -95,7 +95,7 @@ def test_help_explains_the_flags(capsys):
     with pytest.raises(SystemExit):
         run.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--mode", "--params", "--model_dir", "--max_steps", "--steps", "--checkpoint_path",
+    for flag in ("--mode", "--params", "--model-dir", "--max-steps", "--steps", "--checkpoint-path",
                  "--execution", "--set", "resumes from the last checkpoint"):
         assert flag in text
 

@@ -176,3 +176,25 @@ def test_a_runs_checkpoint_holds_model_keys_for_export_and_warm_start(data_root,
     warm.restore()
     for a, b in zip(trained.model.trainable_variables, warm.model.trainable_variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_eval_builds_no_optimizer_and_train_and_evaluate_restores_once(data_root, tmp_path):
+    params = tiny_params(data_root, runconfig={"max_steps": 4, "eval_every_steps": 2, "eval_steps": 1})
+    trainer = Estimator(params, str(tmp_path / "m"))
+    restores = []
+    original = trainer.execution.restore
+    trainer.execution.restore = lambda require: restores.append(require) or original(require)
+    trainer.train_and_evaluate()
+    assert restores == [False]          # one read of model_dir, none after its own saves
+    history = json.loads((tmp_path / "m" / "eval_results.json").read_text())["history"]
+    assert [h["step"] for h in history] == [2, 4]
+    evaluator = Estimator(params, str(tmp_path / "m"), training=False)
+    assert evaluator.execution.optimizer is None
+    model_variables = len(evaluator.model.variables)
+    assert len(evaluator.execution.checkpoint._trackable_children()) == 3    # model, loss_scale, step
+    # Same weights, batches and graph: only a different op schedule could reorder the float32 sums of
+    # ~250 token losses (relative error <= 250 x 2^-24 = 1.5e-5 in the worst case; 2e-5 bounds it).
+    assert evaluator.evaluate()["loss"] == pytest.approx(history[-1]["loss"], rel=2e-5)
+    assert len(evaluator.model.variables) == model_variables
+    with pytest.raises(RuntimeError, match="built for evaluation"):
+        evaluator.train()

@@ -1,5 +1,7 @@
 """GptTfRecordsProcessor through data.input_fn: values, order, sharding, resume, and bad input."""
+import json
 import logging
+import struct
 
 import numpy as np
 import pytest
@@ -223,7 +225,7 @@ def test_truncated_file_is_named_up_front_or_skipped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         batches = _indices(input_fn(_params(tmp_path, skip_corrupt_records=True), modes.TRAIN))
     assert sum(batches, []) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
-    assert f"{path}: truncated" in caplog.text and "reading its 4 good records" in caplog.text
+    assert f"{path} is truncated" in caplog.text and "reading its 4 good records" in caplog.text
 
 
 def test_truncated_preprocessed_shard_is_caught_by_its_recorded_size(tmp_path):
@@ -249,3 +251,53 @@ def test_corrupt_record_fails_naming_the_file_or_is_skipped_with_a_count(tmp_pat
     assert sum(batches, []) == [0, 1, 2, 3, 4, 5, 6]
     err = capfd.readouterr().err
     assert "skip_corrupt_records: skipped 3 unreadable records" in err and str(path) in err
+
+
+def _write_stats(directory, shard_records):
+    """stats.json as preprocessing leaves it, for the shard files as they are now."""
+    shards = [{"file": f"train-{i:05d}.tfrecord", "examples": n,
+               "bytes": (directory / f"train-{i:05d}.tfrecord").stat().st_size}
+              for i, n in enumerate(shard_records)]
+    (directory / "stats.json").write_text(json.dumps({"split": "train", "examples": sum(shard_records),
+                                                      "shards": shards}))
+
+
+def _cut_at_record_border(path, keep):
+    """Keep the first `keep` records of a TFRecord file: a cut that no framing check can see."""
+    data = path.read_bytes()
+    end = 0
+    for _ in range(keep):
+        (length,) = struct.unpack("<Q", data[end:end + 8])
+        end += 8 + 4 + length + 4          # length, length CRC, payload, payload CRC
+    path.write_bytes(data[:end])
+
+
+def test_shard_cut_at_a_record_border_disagrees_with_stats_json(tmp_path, caplog):
+    make_tiny_tfrecords(str(tmp_path), num_examples=219, shard_size=50)      # 50, 50, 50, 50, 19
+    _write_stats(tmp_path, [50, 50, 50, 50, 19])
+    assert sum(len(b) for b in _indices(input_fn(_params(tmp_path), modes.TRAIN))) == 219
+    path = tmp_path / "train-00004.tfrecord"
+    _cut_at_record_border(path, 12)
+    with pytest.raises(InputDataError, match=rf"^{path} holds 12 records \(\d+ bytes\) but "
+                                             rf"{tmp_path}/stats.json records 19 \(\d+ bytes\).*"
+                                             r"skip_corrupt_records: true"):
+        input_fn(_params(tmp_path), modes.TRAIN)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        batches = _indices(input_fn(_params(tmp_path, skip_corrupt_records=True), modes.TRAIN))
+    assert sum(len(b) for b in batches) == 212
+    assert f"{path} holds 12 records" in caplog.text and "7 records missing" in caplog.text
+
+
+def test_shard_listed_in_stats_json_but_missing(tmp_path, caplog):
+    make_tiny_tfrecords(str(tmp_path), num_examples=24, shard_size=5)        # 5, 5, 5, 5, 4
+    _write_stats(tmp_path, [5, 5, 5, 5, 4])
+    (tmp_path / "train-00002.tfrecord").unlink()
+    with pytest.raises(InputDataError, match=rf"{tmp_path}/stats.json lists train-00002.tfrecord \(5 records\) "
+                                             "but the file is missing"):
+        input_fn(_params(tmp_path), modes.TRAIN)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        batches = _indices(input_fn(_params(tmp_path, skip_corrupt_records=True), modes.TRAIN))
+    assert sum(len(b) for b in batches) == 19
+    assert "train-00002.tfrecord" in caplog.text and "5 records missing" in caplog.text

@@ -28,6 +28,7 @@ from checkpoint_utils.hf_source import HFWeights, read_config, resolve_source
 from checkpoint_utils.hf_tokenizer import RECORDED_TOKENIZER_DIR, record_tokenizer
 from checkpoint_utils.output_dir import atomic_directory
 from config.params import ModelParams
+from config.quiet import add_verbose_flag, quiet_tensorflow
 from config.schema import from_dict, to_dict
 
 CHECKPOINT_NAME = "ckpt-0"
@@ -150,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fused-qkv", action="store_true",
                         help="store attention q/k/v as one fused kernel (model.fused_qkv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
     start = time.time()
     try:
         model = convert(args.source, args.output_dir, args.revision, args.vocab_size, args.fused_qkv,

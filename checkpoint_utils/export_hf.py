@@ -30,6 +30,7 @@ from checkpoint_utils.hf_config import hf_config_from_params, model_type_of, neo
 from checkpoint_utils.hf_tokenizer import copy_tokenizer, recorded_tokenizer
 from checkpoint_utils.output_dir import atomic_directory
 from config.params import Params, load_params
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 # Files that only this exporter writes: an earlier export's ones the new export lacks are dropped.
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype in the export")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 500MB, 2GB")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
     try:
         result = export(args.params, args.checkpoint, args.output_dir, args.dtype,
                         _parse_size(args.max_shard_size), progress=not args.no_progress, tokenizer=args.tokenizer)

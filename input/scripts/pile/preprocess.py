@@ -50,6 +50,7 @@ from input.records import encode_varints, serialize_payloads
 from input.shards import ProgressLog, ShardWriter, write_json_atomic
 from input.tokenize_pool import TokenizePool
 from input.tokenizer import EOS_TOKEN, GptTokenizer, load_tokenizer
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 __all__ = ["preprocess", "main", "in_val_split"]
 
@@ -372,11 +373,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-empty", action="store_true",
                         help="write a split that gets no example (0 examples in stats.json) instead of failing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_flag(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    quiet_tensorflow(args.verbose)
     try:
         tokenizer = load_tokenizer(args.tokenizer, eos_token=args.eos_token)
         results = preprocess(args.input, args.output_dir, tokenizer,

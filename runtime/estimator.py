@@ -121,6 +121,7 @@ class Estimator:
         self._train_step = None
         self._eval_step = None
         self._streamer: WeightStreamingStep | None = None
+        self._restore_message: str | None = None
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -135,17 +136,24 @@ class Estimator:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
             ignored = (f"; runconfig.checkpoint_path {self.params.runconfig.checkpoint_path} is not used "
                        "when model_dir has a checkpoint") if self.params.runconfig.checkpoint_path else ""
-            log(f"restored {latest} (step {int(self.step.numpy())}){ignored}")
+            self._log_restore(f"restored {latest} (step {int(self.step.numpy())}){ignored}")
         elif self.params.runconfig.checkpoint_path:
             report = warm_start(self.model, self.params.model, self.params.runconfig.checkpoint_path)
-            log(report.summary())
+            self._log_restore(report.summary())
         elif require:
             raise FileNotFoundError(f"model_dir {self.model_dir} holds no checkpoint and no --checkpoint_path "
                                     "was given; train first, or pass the run's --model_dir or --checkpoint_path")
         else:
-            log(f"no checkpoint in {self.model_dir} and no runconfig.checkpoint_path: "
-                f"starting from a fresh initialisation (seed {self.params.runconfig.seed})")
+            self._log_restore(f"no checkpoint in {self.model_dir} and no runconfig.checkpoint_path: "
+                              f"starting from a fresh initialisation (seed {self.params.runconfig.seed})")
         return int(self.step.numpy())
+
+    def _log_restore(self, message: str) -> None:
+        """Say where the weights came from, unless it was just said: train_and_evaluate (and the
+        demo) call restore() before train(), which restores again into the same state."""
+        if message != self._restore_message:
+            log(message)
+        self._restore_message = message
 
     def _restore_disk(self, require: bool) -> int:
         """Disk weight streaming: the store is the live state; it is rebuilt from the latest
@@ -394,7 +402,8 @@ class Estimator:
                 tf.summary.scalar(name, results[name])
         self._record_eval(results)
         log(f"eval at step {step}: loss {loss:.4f}, perplexity {results['perplexity']:.2f}, "
-            f"accuracy {results['accuracy']:.4f} over {results['tokens']:,} tokens")
+            f"accuracy {results['accuracy']:.4f} over {results['tokens']:,} tokens; results in "
+            f"{os.path.join(self.model_dir, 'eval_results.json')} and TensorBoard {os.path.join(self.model_dir, 'eval')}")
         return results
 
     def _record_eval(self, results: dict) -> None:

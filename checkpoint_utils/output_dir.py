@@ -14,6 +14,8 @@ import stat
 import tempfile
 from typing import Callable, Iterator
 
+from config.files import current_umask
+
 
 class OutputDirError(ValueError):
     """The output directory cannot be used as asked."""
@@ -41,12 +43,6 @@ def _carry_over(old: str, new: str, is_own: Callable[[str], bool]) -> None:
             _link_or_copy(source, target)
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
 @contextlib.contextmanager
 def atomic_directory(target: str, describe_existing: Callable[[str], str | None],
                      is_own: Callable[[str], bool]) -> Iterator[str]:
@@ -68,7 +64,7 @@ def atomic_directory(target: str, describe_existing: Callable[[str], str | None]
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     # mkdtemp makes 0700; the output gets the old directory's mode, or what the umask gives.
-    os.chmod(work, stat.S_IMODE(os.stat(target).st_mode) if os.path.isdir(target) else _default_mode())
+    os.chmod(work, stat.S_IMODE(os.stat(target).st_mode) if os.path.isdir(target) else 0o777 & ~current_umask())
     try:
         yield work
         if os.path.isdir(target):

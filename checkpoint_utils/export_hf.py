@@ -45,6 +45,7 @@ class Exported:
     config: dict
     ids_from: str                  # where bos/eos came from, for the report
     tokenizer_from: str | None     # the tokenizer copied, if any
+    dropout_note: str | None       # what config.json cannot say about the dropouts
 
 
 def _parse_size(text: str) -> int:
@@ -152,7 +153,7 @@ def export(params_path: str, checkpoint: str, output_dir: str, dtype: str = "flo
             json.dump(config, f, indent=2, sort_keys=True)
         if tokenizer_source is not None:
             copy_tokenizer(tokenizer_source, loaded, work, model_type_of(model), model.max_position_embeddings)
-    return Exported(config, ids_from, tokenizer_source)
+    return Exported(config, ids_from, tokenizer_source, neox_dropout_note(model))
 
 
 def _name_shards(directory: str, shard_files: list[tuple[str, list[str]]]) -> None:
@@ -194,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     config = result.config
-    note = neox_dropout_note(load_params(args.params).model)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    if result.dropout_note:
+        print(f"note: {result.dropout_note}", file=sys.stderr)
     if config["eos_token_id"] is None:
         print("warning: no tokenizer given or recorded: config.json has bos/eos_token_id null, so generation "
               "will not stop at end-of-text; re-export with --tokenizer", file=sys.stderr)

@@ -44,6 +44,11 @@ def test_neox_export_carries_the_sources_token_ids_and_dropouts(tmp_path):
     config = _config(tmp_path / "out")
     assert (config["bos_token_id"], config["eos_token_id"]) == (3, 5)
     assert (config["attention_dropout"], config["hidden_dropout"]) == (0.125, 0.25)
+    # GPT-NeoX has one rate for embeddings and residuals: a different embedding rate is reported
+    params = _params_with(tmp_path / "tf" / "params.yaml", tmp_path / "params.yaml", embedding_dropout_rate=0.1)
+    result = export_hf.export(params, str(tmp_path / "tf"), str(tmp_path / "out"), progress=False)
+    assert "embedding_dropout_rate=0.1 differs" in result.dropout_note and _config(tmp_path / "out")[
+        "hidden_dropout"] == 0.25
 
 
 def test_gptj_dropouts_come_from_the_params(tmp_path):

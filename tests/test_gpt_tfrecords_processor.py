@@ -1,7 +1,5 @@
 """GptTfRecordsProcessor through data.input_fn: values, order, sharding, resume, and bad input."""
-import json
 import logging
-import struct
 
 import numpy as np
 import pytest
@@ -12,7 +10,8 @@ from input.errors import InputDataError
 from input.records import serialize_example
 from config import modes
 from config.params import ParamsError, parse_params
-from tests.data_helpers import example_tokens, make_tiny_preprocessed, make_tiny_tfrecords
+from tests.data_helpers import (cut_at_record_border, example_tokens, make_tiny_preprocessed, make_tiny_tfrecords,
+                               write_stats_json)
 
 SEQ, VOCAB = 8, 64
 
@@ -253,31 +252,12 @@ def test_corrupt_record_fails_naming_the_file_or_is_skipped_with_a_count(tmp_pat
     assert "skip_corrupt_records: skipped 3 unreadable records" in err and str(path) in err
 
 
-def _write_stats(directory, shard_records):
-    """stats.json as preprocessing leaves it, for the shard files as they are now."""
-    shards = [{"file": f"train-{i:05d}.tfrecord", "examples": n,
-               "bytes": (directory / f"train-{i:05d}.tfrecord").stat().st_size}
-              for i, n in enumerate(shard_records)]
-    (directory / "stats.json").write_text(json.dumps({"split": "train", "examples": sum(shard_records),
-                                                      "shards": shards}))
-
-
-def _cut_at_record_border(path, keep):
-    """Keep the first `keep` records of a TFRecord file: a cut that no framing check can see."""
-    data = path.read_bytes()
-    end = 0
-    for _ in range(keep):
-        (length,) = struct.unpack("<Q", data[end:end + 8])
-        end += 8 + 4 + length + 4          # length, length CRC, payload, payload CRC
-    path.write_bytes(data[:end])
-
-
 def test_shard_cut_at_a_record_border_disagrees_with_stats_json(tmp_path, caplog):
     make_tiny_tfrecords(str(tmp_path), num_examples=219, shard_size=50)      # 50, 50, 50, 50, 19
-    _write_stats(tmp_path, [50, 50, 50, 50, 19])
+    write_stats_json(tmp_path, [50, 50, 50, 50, 19])
     assert sum(len(b) for b in _indices(input_fn(_params(tmp_path), modes.TRAIN))) == 219
     path = tmp_path / "train-00004.tfrecord"
-    _cut_at_record_border(path, 12)
+    cut_at_record_border(path, 12)
     with pytest.raises(InputDataError, match=rf"^{path} holds 12 records \(\d+ bytes\) but "
                                              rf"{tmp_path}/stats.json records 19 \(\d+ bytes\).*"
                                              r"skip_corrupt_records: true"):
@@ -291,7 +271,7 @@ def test_shard_cut_at_a_record_border_disagrees_with_stats_json(tmp_path, caplog
 
 def test_shard_listed_in_stats_json_but_missing(tmp_path, caplog):
     make_tiny_tfrecords(str(tmp_path), num_examples=24, shard_size=5)        # 5, 5, 5, 5, 4
-    _write_stats(tmp_path, [5, 5, 5, 5, 4])
+    write_stats_json(tmp_path, [5, 5, 5, 5, 4])
     (tmp_path / "train-00002.tfrecord").unlink()
     with pytest.raises(InputDataError, match=rf"{tmp_path}/stats.json lists train-00002.tfrecord \(5 records\) "
                                              "but the file is missing"):

@@ -1,20 +1,30 @@
 # `make demo` and `make test` work from a fresh clone: both create .venv on first use.
+# The demo needs the runtime dependencies only; the tests add the `dev` extra (pytest and the
+# torch + transformers oracles, a few GB), so `make demo` never installs those.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-dev
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
 .PHONY: demo test bench clean-venv
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
-	touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 
-demo: $(STAMP)
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: $(RUNTIME_STAMP)
 	$(BIN)/python demo.py
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean-venv:

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PARAMS = os.path.join(ROOT, "configs", "params_gptj_demo.yaml")
@@ -69,12 +69,16 @@ def build_records(work: str, corpus: list[str], tokenizer, sequence_length: int)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default=os.path.join(ROOT, "demo_work"))
-    parser.add_argument("--params", default=DEFAULT_PARAMS)
-    parser.add_argument("--corpus-mb", type=float, default=6.0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--work-dir", default=os.path.join(ROOT, "demo_work"),
+                        help="corpus, tokenizer, records and the model go here; a rerun reuses them")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params YAML of the demo model")
+    parser.add_argument("--corpus-mb", type=float, default=6.0, help="text gathered for the corpus, in MB")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens of the greedy continuation")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key, e.g. --set runconfig.max_steps=50 (repeatable)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
 
     from generation.greedy import greedy_generate
     from runtime.estimator import Estimator

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 MODES = ("train", "eval", "train_and_eval", "predict")
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="runconfig.execution")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params key, e.g. --set model.num_hidden_layers=2 (repeatable)")
+    add_verbose_flag(parser)
     from generation.flags import add_predict_flags
     add_predict_flags(parser.add_argument_group("predict mode (see docs/generation.md)"))
     return parser
@@ -62,6 +63,7 @@ def effective_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_tensorflow(args.verbose)
     from runtime.estimator import Estimator, InputExhaustedError, NonFiniteLossError, TrainingTerminated
     from runtime.run_dir import RunDirLockedError
     from config.params import ParamsError, load_params

@@ -23,6 +23,8 @@ import numpy as np
 import psutil
 from safetensors.numpy import save_file
 
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
 GB = 1 << 30
 
 
@@ -105,13 +107,15 @@ print(sum(t.nbytes for t in tensors.values()))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default=None, help="where to build (default: a temp dir)")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=20)
-    parser.add_argument("--vocab", type=int, default=50400)
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size of the random GPT-J")
+    parser.add_argument("--layers", type=int, default=20, help="layers of the random GPT-J")
+    parser.add_argument("--vocab", type=int, default=50400, help="vocabulary of the random GPT-J")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="source shard size")
     parser.add_argument("--skip-peer", action="store_true", help="skip the naive whole-model load")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    add_verbose_flag(parser)
     args = parser.parse_args()
+    quiet_tensorflow(args.verbose)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-convert-")
     source, output = os.path.join(work, "hf"), os.path.join(work, "tf")
     shutil.rmtree(output, ignore_errors=True)

@@ -17,7 +17,8 @@ import shutil
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
 os.environ["TOKENIZERS_PARALLELISM"] = "true"     # the raw peer may use every core
 
 
@@ -32,12 +33,14 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer dir/file/hub id; default: train a byte-level BPE")
     parser.add_argument("--vocab-size", type=int, default=8192, help="size of the trained tokenizer")
     parser.add_argument("--max-mb", type=float, default=24.0, help="corpus size when making one")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2, help="tokenizer processes of preprocessing")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per example")
+    parser.add_argument("--batch-size", type=int, default=8, help="input_fn batch size while timing the read-back")
     parser.add_argument("--read-seconds", type=float, default=10.0, help="how long to time input_fn")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (corpus, tokenizer, shards)")
+    add_verbose_flag(parser)
     args = parser.parse_args()
+    quiet_tensorflow(args.verbose)
 
     from input.readers import expand_inputs, read_documents
     from input.scripts.make_local_corpus import make_local_corpus

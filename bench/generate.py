@@ -31,7 +31,8 @@ import statistics
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -142,19 +143,21 @@ def decode_rate(batch: int, new_tokens: int, ttft: float, total: float) -> float
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--rotary-dim", dest="rotary_dim", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=50400)
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random model")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads")
+    parser.add_argument("--rotary-dim", dest="rotary_dim", type=int, default=32, help="rotary dimensions per head")
+    parser.add_argument("--vocab", type=int, default=50400, help="vocabulary size")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (the median is reported)")
     parser.add_argument("--compile", default="xla", choices=("xla", "graph"), help="our compile mode")
     parser.add_argument("--beams", type=int, default=4, help="beam search with this many beams (0: skip)")
     parser.add_argument("--beam-batch", dest="beam_batch", type=int, default=2, help="prompts for beam search")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
 
     import numpy as np
     import torch

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 
 def bench_ours(args, flops_per_token: float) -> tuple[float, list[float]]:
@@ -97,17 +97,19 @@ def model_section(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--rotary-dim", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=50400)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random model")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads")
+    parser.add_argument("--rotary-dim", type=int, default=16, help="rotary dimensions per head")
+    parser.add_argument("--vocab", type=int, default=50400, help="vocabulary size")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per example")
+    parser.add_argument("--batch", type=int, default=8, help="examples per step")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing, compilation)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--no-xla", action="store_true", help="run our step without XLA jit_compile")
+    add_verbose_flag(parser)
     args = parser.parse_args()
+    quiet_tensorflow(args.verbose)
 
     import torch
 

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 GiB = 1 << 30
 
@@ -127,12 +127,14 @@ def part_b(work: str, layers: int | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("a", "b", "both"), default="both")
-    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--part", choices=("a", "b", "both"), default="both", help="which measurement to run (see the module docstring)")
+    parser.add_argument("--work-dir", default=None, help="where to build (default: a temp dir)")
     parser.add_argument("--layers", type=int, default=None, help="(b) layer count; default: the smallest "
                                                                  "whose state is >= 1.5x RAM")
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    add_verbose_flag(parser)
     args = parser.parse_args()
+    quiet_tensorflow(args.verbose)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-ws-")
     os.makedirs(work, exist_ok=True)
     try:

@@ -6,7 +6,8 @@
 Tensors are read, transformed and written one group at a time (see checkpoint_utils.tf_checkpoint),
 so peak memory stays near the largest tensor, not the model. The output directory gets
 `ckpt-0.*` + `checkpoint` (for --checkpoint-path), `params.yaml` (the `model:` section derived
-from config.json) and `conversion.json` (where it came from).
+from config.json), `conversion.json` (where it came from) and, when the source has one,
+`tokenizer/` (its tokenizer files, which export_hf copies into an export).
 """
 from __future__ import annotations
 
@@ -24,13 +25,19 @@ from tqdm import tqdm
 from checkpoint_utils.hf_config import params_from_hf_config
 from checkpoint_utils.hf_mapping import HF_NAME_ALIASES, IGNORED_HF_TENSORS, tensor_groups
 from checkpoint_utils.hf_source import HFWeights, read_config, resolve_source
+from checkpoint_utils.hf_tokenizer import RECORDED_TOKENIZER_DIR, record_tokenizer
 from checkpoint_utils.output_dir import atomic_directory
-from checkpoint_utils.tf_checkpoint import write_checkpoint, write_checkpoint_state
-from model import weight_shapes
 from config.params import ModelParams
+from config.quiet import add_verbose_flag, quiet_tensorflow
 from config.schema import from_dict, to_dict
 
 CHECKPOINT_NAME = "ckpt-0"
+# What convert writes; anything else in an output directory it rewrites is kept.
+_OWN_FILES = {"checkpoint", "params.yaml", "conversion.json", RECORDED_TOKENIZER_DIR}
+
+
+def _is_own(name: str) -> bool:
+    return name in _OWN_FILES or name.startswith(CHECKPOINT_NAME + ".")
 
 
 class ConversionError(ValueError):
@@ -104,8 +111,10 @@ def convert(source: str, output_dir: str, revision: str | None = None, vocab_siz
     weights.use_aliases(HF_NAME_ALIASES.get(hf_config["model_type"], {}))
     groups = tensor_groups(model, hf_vocab_size=hf_config["vocab_size"])
     check_tensors(weights, groups, model)
+    from checkpoint_utils.tf_checkpoint import write_checkpoint, write_checkpoint_state
+    from model import weight_shapes      # both load TensorFlow: only once the source checks out
     shapes = weight_shapes(model)
-    with atomic_directory(output_dir, lambda d: _existing_model(d, model)) as work:
+    with atomic_directory(output_dir, lambda d: _existing_model(d, model), _is_own) as work:
         keys = write_checkpoint(os.path.join(work, CHECKPOINT_NAME),
                                 _converted_tensors(weights, groups, shapes, progress))
         if len(keys) != len(shapes):
@@ -120,6 +129,7 @@ def convert(source: str, output_dir: str, revision: str | None = None, vocab_siz
             json.dump({"source": source, "revision": revision, "resolved_path": os.path.abspath(local),
                        "model_type": hf_config["model_type"], "hf_tensors": len(weights.names()),
                        "variables": len(keys), "hf_config": hf_config}, f, indent=2)
+        record_tokenizer(local, work)
     return model
 
 
@@ -141,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fused-qkv", action="store_true",
                         help="store attention q/k/v as one fused kernel (model.fused_qkv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
     start = time.time()
     try:
         model = convert(args.source, args.output_dir, args.revision, args.vocab_size, args.fused_qkv,
@@ -149,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from model import weight_shapes
     n_params = sum(int(math.prod(s)) for s in weight_shapes(model).values())
     print(f"converted {args.source} -> {args.output_dir}: {n_params:,} parameters, "
           f"{model.num_hidden_layers} layers, in {time.time() - start:.1f}s")

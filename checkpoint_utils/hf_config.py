@@ -55,7 +55,10 @@ def params_from_hf_config(config: dict, vocab_size: int | None = None) -> ModelP
             nonlinearity=_activation(config.get("activation_function", "gelu_new"), "activation_function"),
             use_ffn_bias=True, use_projection_bias_in_attention=False, use_attention_output_bias=False,
             use_bias_in_output=True, share_embedding_weights=bool(config.get("tie_word_embeddings", False)),
-            use_untied_layer_norm=False, use_parallel_residual=True)
+            use_untied_layer_norm=False, use_parallel_residual=True,
+            embedding_dropout_rate=float(config.get("embd_pdrop", 0.0)),
+            attention_dropout_rate=float(config.get("attn_pdrop", 0.0)),
+            residual_dropout_rate=float(config.get("resid_pdrop", 0.0)))
     else:
         hidden = config["hidden_size"]
         heads = config["num_attention_heads"]
@@ -72,7 +75,11 @@ def params_from_hf_config(config: dict, vocab_size: int | None = None) -> ModelP
             use_ffn_bias=True, use_projection_bias_in_attention=attention_bias,
             use_attention_output_bias=attention_bias, use_bias_in_output=False,
             share_embedding_weights=bool(config.get("tie_word_embeddings", False)),
-            use_untied_layer_norm=True, use_parallel_residual=parallel)
+            use_untied_layer_norm=True, use_parallel_residual=parallel,
+            # GPT-NeoX drops out the embeddings and both residual branches with one rate.
+            embedding_dropout_rate=float(config.get("hidden_dropout", 0.0)),
+            attention_dropout_rate=float(config.get("attention_dropout", 0.0)),
+            residual_dropout_rate=float(config.get("hidden_dropout", 0.0)))
     if vocab_size is not None:
         if vocab_size < fields["vocab_size"]:
             raise ParamsError(f"--vocab-size {vocab_size} is smaller than the checkpoint's vocab_size "
@@ -95,13 +102,27 @@ def _require_switches(model: ModelParams, model_type: str, expected: dict) -> No
                                     f"{model_type} checkpoint: {desc}")
 
 
-def hf_config_from_params(model: ModelParams) -> dict:
-    """A config.json that transformers' GPTJConfig / GPTNeoXConfig loads for these params."""
+def neox_dropout_note(model: ModelParams) -> str | None:
+    """What a GPT-NeoX config.json cannot say about these params' dropouts, if anything."""
+    if model_type_of(model) == "gpt_neox" and model.embedding_dropout_rate != model.residual_dropout_rate:
+        return (f"model.embedding_dropout_rate={model.embedding_dropout_rate} differs from "
+                f"model.residual_dropout_rate={model.residual_dropout_rate}, but GPT-NeoX has one "
+                f"hidden_dropout for both; config.json gets hidden_dropout={model.residual_dropout_rate}")
+    return None
+
+
+def hf_config_from_params(model: ModelParams, bos_token_id: int | None, eos_token_id: int | list[int] | None
+                          ) -> dict:
+    """A config.json that transformers' GPTJConfig / GPTNeoXConfig loads for these params.
+
+    The token ids come from the model's tokenizer or the converted source; None is written as
+    null (unknown) rather than left out, since transformers would fill in another model's default."""
     model_type = model_type_of(model)
     activation = model.nonlinearity
     common = dict(model_type=model_type, vocab_size=model.vocab_size,
                   tie_word_embeddings=model.share_embedding_weights,
-                  initializer_range=model.initializer.stddev, bos_token_id=50256, eos_token_id=50256)
+                  initializer_range=model.initializer.stddev, bos_token_id=bos_token_id,
+                  eos_token_id=eos_token_id)
     if model_type == "gptj":
         _require_switches(model, model_type, dict(
             use_ffn_bias=True, use_projection_bias_in_attention=False, use_attention_output_bias=False,
@@ -111,7 +132,8 @@ def hf_config_from_params(model: ModelParams) -> dict:
                     n_layer=model.num_hidden_layers, n_head=model.num_heads, rotary_dim=model.rotary_dim,
                     n_inner=model.filter_size, n_positions=model.max_position_embeddings,
                     layer_norm_epsilon=model.layer_norm_epsilon, activation_function=activation,
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                    resid_pdrop=model.residual_dropout_rate, embd_pdrop=model.embedding_dropout_rate,
+                    attn_pdrop=model.attention_dropout_rate)
     _require_switches(model, model_type, dict(
         use_ffn_bias=True, use_attention_output_bias=model.use_projection_bias_in_attention,
         use_bias_in_output=False, use_untied_layer_norm=True))
@@ -129,4 +151,4 @@ def hf_config_from_params(model: ModelParams) -> dict:
                 rotary_pct=rotary_pct, rotary_emb_base=model.rotary_base,
                 rope_parameters=dict(rope_type="default", rope_theta=model.rotary_base,
                                      partial_rotary_factor=rotary_pct),
-                attention_dropout=0.0, hidden_dropout=0.0)
+                attention_dropout=model.attention_dropout_rate, hidden_dropout=model.residual_dropout_rate)

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from checkpoint_utils.hf_tokenizer import TOKENIZER_FILES
 from checkpoint_utils.host_arrays import aligned_copy
 from checkpoint_utils.safetensors_reader import SafetensorsFile
 
@@ -34,16 +35,40 @@ def resolve_source(source: str, revision: str | None = None, cache_dir: str | No
     if os.path.exists(expanded) or _looks_like_path(source):
         raise FileNotFoundError(f"--source {source!r} is not a directory; pass the directory that "
                                 "holds config.json and the weight files, or a hub id like EleutherAI/gpt-j-6b")
-    from huggingface_hub import snapshot_download
-    # Safetensors when the repo has them, else PyTorch bins; only config + weights are fetched.
-    # With HF_HUB_OFFLINE=1 both calls resolve from the local huggingface_hub cache.
+    # Safetensors when the repo has them, else PyTorch bins; only config, weights and the
+    # tokenizer files are fetched. With HF_HUB_OFFLINE=1 both calls resolve from the local
+    # huggingface_hub cache.
     for patterns in (["config.json", "*.safetensors", SAFETENSORS_INDEX],
                      ["config.json", "pytorch_model*.bin", BIN_INDEX]):
-        local = snapshot_download(source, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+        local = _snapshot(source, revision, cache_dir, patterns + list(TOKENIZER_FILES))
         if any(name.endswith((".safetensors", ".bin")) for name in os.listdir(local)):
             return local
     raise FileNotFoundError(f"hub repo {source!r} (revision {revision or 'main'}) has no "
                             "safetensors or pytorch_model.bin weights")
+
+
+def _snapshot(source: str, revision: str | None, cache_dir: str | None, patterns: list[str]) -> str:
+    """huggingface_hub's snapshot_download, its many-line errors turned into one line for people."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RevisionNotFoundError
+
+    try:
+        return snapshot_download(source, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"hub repo {source!r} has no revision {revision!r}; check --revision") from None
+    except GatedRepoError:
+        raise FileNotFoundError(f"hub repo {source!r} is gated: accept its terms on the hub and log in "
+                                "(hf auth login), or pass a local directory") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:     # not found, offline, no network, bad id
+        from huggingface_hub import constants
+        if constants.HF_HUB_OFFLINE:
+            reason = "HF_HUB_OFFLINE is set and the local hub cache holds no snapshot of it"
+        else:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line.split(". ")[0][:200]
+        raise FileNotFoundError(f"--source {source!r} is not a local directory and not reachable on the hub "
+                                f"({reason}); pass the directory holding config.json and the weights, or "
+                                "check the hub id and the network") from None
 
 
 def read_config(directory: str) -> dict:

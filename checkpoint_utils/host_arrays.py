@@ -8,7 +8,6 @@ that way and hands them over with `as_tensor`.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
 ALIGNMENT = 64
 
@@ -32,6 +31,8 @@ def aligned_copy(array: np.ndarray, dtype=None) -> np.ndarray:
 
 def as_tensor(array: np.ndarray) -> tf.Tensor:
     """A tf.Tensor sharing `array`'s memory when possible (the array must not change afterwards)."""
+    import tensorflow as tf      # here, so the readers (and the CLIs' --help) do not load TensorFlow
+
     if (array.flags.c_contiguous and array.flags.writeable and array.size
             and array.ctypes.data % ALIGNMENT == 0):
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())

@@ -16,7 +16,7 @@ import numpy as np
 
 from checkpoint_utils.convert_hf import load_converted_params
 from checkpoint_utils.hf_source import read_config, resolve_source
-from checkpoint_utils.load import load_model
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 
 def _hf_model(source: str):
@@ -33,6 +33,8 @@ def _hf_model(source: str):
 def compare(source: str, converted: str, cases: dict[str, np.ndarray]) -> dict[str, float]:
     """{case: max |logits_ours - logits_hf|} over the HF vocabulary."""
     import tensorflow as tf
+
+    from checkpoint_utils.load import load_model
     hf, torch = _hf_model(source)
     ours = load_model(load_converted_params(converted), converted)
     results = {}
@@ -45,15 +47,19 @@ def compare(source: str, converted: str, cases: dict[str, np.ndarray]) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m checkpoint_utils.verify", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", required=True, help="the HF checkpoint (directory or hub id)")
     parser.add_argument("--converted", required=True, help="the directory convert_hf wrote")
     parser.add_argument("--ids", default=None, help="comma-separated token ids to also compare")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--batch", type=int, default=2, help="rows of random token ids")
+    parser.add_argument("--length", type=int, default=16, help="tokens per row of random ids")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random ids")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest max |logits difference| that passes (exit 1 above it)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
     if not os.path.isdir(args.converted):
         print(f"error: --converted {args.converted} is not a directory", file=sys.stderr)
         return 2

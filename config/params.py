@@ -6,6 +6,7 @@ once; the result is a tree of frozen dataclasses that the rest of the code reads
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -318,7 +319,30 @@ def load_params(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ParamsError(f"{path} is empty; it needs at least a `model:` section")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping of sections")
-    return parse_params(apply_overrides(raw, list(overrides)), source=path)
+    overrides = list(overrides)
+    try:
+        return from_dict(Params, apply_overrides(raw, overrides), "")
+    except ParamsError as err:
+        raise ParamsError(f"{_blame(str(err), raw, overrides, path)}: {err}") from None
+
+
+def _blame(message: str, raw: dict, overrides: list[str], path: str) -> str:
+    """What to name as the source of a params error: the override whose key the message names
+    (first as its subject, then anywhere), else the file, or the file with the overrides when
+    the file alone is valid."""
+    keys = [(o, o.partition("=")[0].strip()) for o in overrides]
+    for anywhere in (False, True):
+        for override, key in reversed(keys):            # the last override of a key is the one in effect
+            pattern = rf"(?<![\w.]){re.escape(key)}(?![\w])" if anywhere else rf"{re.escape(key)}(?![\w])"
+            if (re.search if anywhere else re.match)(pattern, message):
+                return f"override {override!r}"
+    if overrides:
+        try:
+            from_dict(Params, raw, "")
+        except ParamsError:
+            return path
+        return f"{path} with override{'s' if len(overrides) > 1 else ''} {', '.join(map(repr, overrides))}"
+    return path
 
 
 def save_params(params: Params, path: str | os.PathLike) -> None:

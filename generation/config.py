@@ -143,6 +143,10 @@ class GenerationConfig:
         limit = max_positions - self.max_new_tokens
         for i, prompt in enumerate(prompts):
             _require(len(prompt) > 0, f"prompt {i} is empty; give at least one token")
+            _require(limit > 0,
+                     f"max_new_tokens={self.max_new_tokens} leaves no position for the prompt: "
+                     f"model.max_position_embeddings={max_positions} holds prompt and new tokens together; "
+                     f"ask for at most {max_positions - 1} new tokens (fewer with longer prompts)")
             _require(len(prompt) <= limit,
                      f"prompt {i} has {len(prompt)} tokens but model.max_position_embeddings="
                      f"{max_positions} leaves room for at most {limit} with max_new_tokens="

@@ -94,7 +94,10 @@ def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
 
 
 def run_job(model: GPTJModel, job: PredictJob, output_path: str) -> list[Completion]:
-    return predict(model, job.tokenizer, job.requests, job.config, output_path, job.batch_size, job.compile_mode)
+    done = predict(model, job.tokenizer, job.requests, job.config, output_path, job.batch_size, job.compile_mode)
+    # stderr: stdout carries the completions themselves and may be piped
+    print(f"{len(done)} completion(s) appended to {output_path}", file=sys.stderr)
+    return done
 
 
 def check_requests(requests: list[PromptRequest], tokenizer: GptTokenizer, config: GenerationConfig,

@@ -3,10 +3,13 @@
 Errors raised inside tf.data surface at iteration time without a file name, so every
 shard is checked here first, in plain Python, and problems are reported naming the file:
 an empty or missing directory, a truncated or garbled file (framing walk of
-`records.scan_tfrecord`, or a size that differs from the `stats.json` preprocessing
-wrote), and a first record with a missing feature, another sequence length or a token id
-the model cannot embed. The exact record count of every file comes out of this too; the
-input pipeline uses it to skip whole epochs when resuming.
+`records.scan_tfrecord`), a file whose size or record count differs from the `stats.json`
+preprocessing wrote or that stats.json lists but is gone (a file cut exactly at a record
+border passes the framing walk: only stats.json tells), and a first record with a missing
+feature, another sequence length or a token id the model cannot embed. With
+`skip_corrupt_records` the damage becomes a warning that counts the records lost. The
+exact record count of every file comes out of this too; the input pipeline uses it to skip
+whole epochs when resuming.
 
 Cost: with a matching `stats.json` a file costs one header read; without, one header read
 per record (no payloads), which is seconds for thousands of shards.
@@ -70,14 +73,26 @@ def check_example(path: str, serialized: bytes, seq_len: int, vocab_size: int, k
                 "model.vocab_size")
 
 
-def _stats_sizes(directory: str) -> dict[str, tuple[int, int]]:
-    """{file name: (examples, bytes)} from the stats.json preprocessing leaves, if any."""
+@dataclass(frozen=True)
+class _Recorded:
+    """What stats.json says of one shard file."""
+    stats_path: str
+    examples: int
+    bytes: int
+
+
+def _stats_sizes(directory: str) -> dict[str, _Recorded]:
+    """{file name: what stats.json records of it}; empty when preprocessing left no stats.json."""
     path = os.path.join(directory, "stats.json")
+    if not os.path.exists(path):
+        return {}
     try:
         with open(path, encoding="utf-8") as f:
             shards = json.load(f)["shards"]
-        return {s["file"]: (int(s["examples"]), int(s["bytes"])) for s in shards}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {s["file"]: _Recorded(path, int(s["examples"]), int(s["bytes"])) for s in shards}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s is unreadable (%s: %s); the shard files are checked without it", path,
+                    type(err).__name__, err)
         return {}
 
 
@@ -91,23 +106,44 @@ def _first_record_span(path: str) -> tuple[int, int] | None:
     return (12, length) if masked_crc32c(header[:8]) == crc else None
 
 
-def _index_file(path: str, known: tuple[int, int] | None, skip_corrupt: bool, key: str
+def _damaged(message: str, fix: str, kept: str, lost: int | None, skip_corrupt: bool, key: str) -> None:
+    """Raise `message; fix`, naming skip_corrupt_records; with it set, warn and count what is lost."""
+    if not skip_corrupt:
+        raise InputDataError(f"{message}; {fix}, or set {key}.skip_corrupt_records: true to read {kept}")
+    log.warning("%s; skip_corrupt_records is set: reading %s%s", message, kept,
+                f" ({lost} records missing)" if lost is not None and lost > 0 else "")
+
+
+def _index_file(path: str, known: _Recorded | None, skip_corrupt: bool, key: str
                 ) -> tuple[int, tuple[int, int] | None]:
     """(readable records, span of the first record) of one file, raising on damage unless skipping."""
-    if known is not None and known[1] == os.path.getsize(path):
-        first = _first_record_span(path) if known[0] else None
-        if first is not None or known[0] == 0:
-            return known[0], first
+    size = os.path.getsize(path)
+    if known is not None and known.bytes == size:
+        first = _first_record_span(path) if known.examples else None
+        if first is not None or known.examples == 0:
+            return known.examples, first
     scan = scan_tfrecord(path)
+    rewrite = "re-run preprocessing to rewrite it (finished shards are kept), delete it"
+    lost = known.examples - scan.records if known is not None else None
     if scan.problem is not None:
-        if not skip_corrupt:
-            raise InputDataError(
-                f"{path} is {scan.problem}; re-run preprocessing to rewrite it (finished shards are kept), "
-                f"delete it, or set {key}.skip_corrupt_records: true to read its {scan.records} good records")
-        log.warning("%s: %s; skip_corrupt_records is set, reading its %d good records and skipping the rest",
-                    path, scan.problem, scan.records)
+        _damaged(f"{path} is {scan.problem}", rewrite, f"its {scan.records} good records", lost, skip_corrupt, key)
+    elif known is not None:        # whole records, but not the ones preprocessing wrote
+        _damaged(f"{path} holds {scan.records} records ({size} bytes) but {known.stats_path} records "
+                 f"{known.examples} ({known.bytes} bytes): the file was cut or replaced after preprocessing",
+                 rewrite, f"the {scan.records} records it holds", lost, skip_corrupt, key)
     first = (scan.first_record_offset, scan.first_record_length) if scan.records else None
     return scan.records, first
+
+
+def _check_listed_files_exist(known: dict[str, _Recorded], present: list[str],
+                              skip_corrupt: bool, key: str) -> None:
+    """A shard stats.json lists that is gone is lost data, not a smaller data set."""
+    names = {os.path.basename(p) for p in present}
+    for name, recorded in sorted(known.items()):
+        if name not in names and recorded.examples:
+            _damaged(f"{recorded.stats_path} lists {name} ({recorded.examples} records) but the file is missing",
+                     "restore it or re-run preprocessing (finished shards are kept)", "the other files",
+                     recorded.examples, skip_corrupt, key)
 
 
 def index_shards(data_dirs: Sequence[str], *, seq_len: int, vocab_size: int, skip_corrupt: bool,
@@ -123,6 +159,7 @@ def index_shards(data_dirs: Sequence[str], *, seq_len: int, vocab_size: int, ski
             raise InputDataError(f"{key}.data_dir {directory} holds no *.tfrecord files; create them with "
                                  f"{_PREPROCESS_HINT} --output-dir ... or fix the path")
         known = _stats_sizes(directory)
+        _check_listed_files_exist(known, paths, skip_corrupt, key)
         for path in paths:
             records, first = _index_file(path, known.get(os.path.basename(path)), skip_corrupt, key)
             if first is None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
+from config.files import atomic_write_text
 from input.errors import InputDataError
 
 __all__ = ["ShardInfo", "ShardWriter", "ProgressLog", "shard_name", "write_json_atomic"]
@@ -27,19 +27,7 @@ def shard_name(prefix: str, index: int) -> str:
 
 
 def write_json_atomic(path: str, data) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; outputs are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,8 @@ class Estimator:
                 tf.summary.scalar(name, results[name])
         path = self._record_eval(results)
         log(f"eval at step {step}: loss {loss:.4f}, perplexity {results['perplexity']:.2f}, "
-            f"accuracy {results['accuracy']:.4f} over {results['tokens']:,} tokens; written to {path}")
+            f"accuracy {results['accuracy']:.4f} over {results['tokens']:,} tokens; results in {path} and "
+            f"TensorBoard {os.path.join(self.model_dir, 'eval')}")
         return results
 
     def _record_eval(self, results: dict) -> str:

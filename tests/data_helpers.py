@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +19,8 @@ from input.scripts.train_tokenizer import train_tokenizer
 from input.tokenizer import GptTokenizer
 
 __all__ = ["SAMPLE_TEXT", "make_tiny_tokenizer", "make_documents", "write_jsonl_zst", "write_jsonl",
-           "make_tiny_corpus", "make_tiny_tfrecords", "example_tokens", "make_tiny_preprocessed"]
+           "make_tiny_corpus", "make_tiny_tfrecords", "example_tokens", "make_tiny_preprocessed",
+           "write_stats_json", "cut_at_record_border"]
 
 SAMPLE_TEXT = """\
 The quick brown fox jumps over the lazy dog. A tokenizer splits text into pieces.
@@ -138,3 +140,24 @@ def make_tiny_preprocessed(directory: str, *, seq_len: int = 16, shard_size: int
     paths, _ = make_tiny_corpus(os.path.join(directory, "corpus"))
     return preprocess(paths, os.path.join(directory, "tfrecords"), tokenizer, max_sequence_length=seq_len,
                       shard_size=shard_size, val_fraction=val_fraction, workers=0, progress=False)
+
+
+def write_stats_json(directory, shard_records: Sequence[int], prefix: str = "train") -> None:
+    """The stats.json preprocessing leaves, for `make_tiny_tfrecords` shards as they are now."""
+    shards = [{"file": f"{prefix}-{i:05d}.tfrecord", "examples": n,
+               "bytes": os.path.getsize(os.path.join(directory, f"{prefix}-{i:05d}.tfrecord"))}
+              for i, n in enumerate(shard_records)]
+    with open(os.path.join(directory, "stats.json"), "w", encoding="utf-8") as f:
+        json.dump({"split": prefix, "examples": sum(shard_records), "shards": shards}, f)
+
+
+def cut_at_record_border(path, keep: int) -> None:
+    """Keep the first `keep` records of a TFRecord file: a cut that no framing check can see."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = 0
+    for _ in range(keep):
+        (length,) = struct.unpack("<Q", data[end:end + 8])
+        end += 8 + 4 + length + 4          # length, length CRC, payload, payload CRC
+    with open(path, "wb") as f:
+        f.write(data[:end])

@@ -35,16 +35,17 @@ def _randomize(model, seed: int) -> None:
             param.copy_(noise + 1.0 if is_norm_scale else noise)
 
 
-def make_hf_model(kind: str, seed: int = 0):
-    """A tiny random transformers model (eval mode, float32) for a name in GPTJ_SHAPES / NEOX_SHAPES."""
+def make_hf_model(kind: str, seed: int = 0, **overrides):
+    """A tiny random transformers model (eval mode, float32) for a name in GPTJ_SHAPES / NEOX_SHAPES,
+    with `overrides` of its config (e.g. eos_token_id=5)."""
     import torch
     import transformers
     torch.manual_seed(seed)
     if kind in GPTJ_SHAPES:
-        config = transformers.GPTJConfig(**GPTJ_SHAPES[kind])
+        config = transformers.GPTJConfig(**{**GPTJ_SHAPES[kind], **overrides})
         model = transformers.GPTJForCausalLM(config)
     else:
-        config = transformers.GPTNeoXConfig(**NEOX_SHAPES[kind])
+        config = transformers.GPTNeoXConfig(**{**NEOX_SHAPES[kind], **overrides})
         model = transformers.GPTNeoXForCausalLM(config)
     _randomize(model, seed)
     return model.eval()

@@ -100,6 +100,8 @@ def test_decoding_flags_map_to_the_config(setup):
     (["--prompt", ""], "prompt 0 is empty"),
     (["--prompt", "the cat sat on the mat", "--max_new_tokens", "30"],
      "model.max_position_embeddings=32 leaves room for at most 2 with max_new_tokens=30"),
+    (["--prompt", "the", "--max_new_tokens", "100000"],
+     "max_new_tokens=100000 leaves no position for the prompt: model.max_position_embeddings=32"),
     (["--prompt", "the", "--num_beams", "2", "--stop", "x"], "stop strings work with greedy decoding and sampling"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does not exist"),
     (["--prompt", "a", "--prompts_file", "f.txt"], "give exactly one of --prompt and --prompts-file"),

@@ -233,5 +233,8 @@ def test_model_and_prompt_checks():
                                                     "leaves room for at most 54 with max_new_tokens=10"):
         config.check_prompts([[1] * 55], 64, 100)
     config.check_prompts([[1] * 54], 64, 100)
+    with pytest.raises(GenerationConfigError, match=r"^max_new_tokens=100000 leaves no position for the prompt: "
+                                                    r"model.max_position_embeddings=64 .* at most 63 new tokens"):
+        GenerationConfig(max_new_tokens=100000).check_prompts([[1]], 64, 100)
     with pytest.raises(GenerationConfigError, match="prompt 0 holds token id 100 outside"):
         config.check_prompts([[100]], 64, 100)

@@ -10,7 +10,8 @@ from input.errors import InputDataError
 from input.records import serialize_example
 from config import modes
 from config.params import ParamsError, parse_params
-from tests.data_helpers import example_tokens, make_tiny_preprocessed, make_tiny_tfrecords
+from tests.data_helpers import (cut_at_record_border, example_tokens, make_tiny_preprocessed, make_tiny_tfrecords,
+                               write_stats_json)
 
 SEQ, VOCAB = 8, 64
 
@@ -223,7 +224,7 @@ def test_truncated_file_is_named_up_front_or_skipped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         batches = _indices(input_fn(_params(tmp_path, skip_corrupt_records=True), modes.TRAIN))
     assert sum(batches, []) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
-    assert f"{path}: truncated" in caplog.text and "reading its 4 good records" in caplog.text
+    assert f"{path} is truncated" in caplog.text and "reading its 4 good records" in caplog.text
 
 
 def test_truncated_preprocessed_shard_is_caught_by_its_recorded_size(tmp_path):
@@ -249,3 +250,34 @@ def test_corrupt_record_fails_naming_the_file_or_is_skipped_with_a_count(tmp_pat
     assert sum(batches, []) == [0, 1, 2, 3, 4, 5, 6]
     err = capfd.readouterr().err
     assert "skip_corrupt_records: skipped 3 unreadable records" in err and str(path) in err
+
+
+def test_shard_cut_at_a_record_border_disagrees_with_stats_json(tmp_path, caplog):
+    make_tiny_tfrecords(str(tmp_path), num_examples=219, shard_size=50)      # 50, 50, 50, 50, 19
+    write_stats_json(tmp_path, [50, 50, 50, 50, 19])
+    assert sum(len(b) for b in _indices(input_fn(_params(tmp_path), modes.TRAIN))) == 219
+    path = tmp_path / "train-00004.tfrecord"
+    cut_at_record_border(path, 12)
+    with pytest.raises(InputDataError, match=rf"^{path} holds 12 records \(\d+ bytes\) but "
+                                             rf"{tmp_path}/stats.json records 19 \(\d+ bytes\).*"
+                                             r"skip_corrupt_records: true"):
+        input_fn(_params(tmp_path), modes.TRAIN)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        batches = _indices(input_fn(_params(tmp_path, skip_corrupt_records=True), modes.TRAIN))
+    assert sum(len(b) for b in batches) == 212
+    assert f"{path} holds 12 records" in caplog.text and "7 records missing" in caplog.text
+
+
+def test_shard_listed_in_stats_json_but_missing(tmp_path, caplog):
+    make_tiny_tfrecords(str(tmp_path), num_examples=24, shard_size=5)        # 5, 5, 5, 5, 4
+    write_stats_json(tmp_path, [5, 5, 5, 5, 4])
+    (tmp_path / "train-00002.tfrecord").unlink()
+    with pytest.raises(InputDataError, match=rf"{tmp_path}/stats.json lists train-00002.tfrecord \(5 records\) "
+                                             "but the file is missing"):
+        input_fn(_params(tmp_path), modes.TRAIN)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        batches = _indices(input_fn(_params(tmp_path, skip_corrupt_records=True), modes.TRAIN))
+    assert sum(len(b) for b in batches) == 19
+    assert "train-00002.tfrecord" in caplog.text and "5 records missing" in caplog.text

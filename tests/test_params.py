@@ -106,7 +106,19 @@ def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ParamsError) as err:
         load_with(tmp_path, override)
     assert message in str(err.value)
-    assert str(err.value).startswith(str(tmp_path / "params.yaml"))
+    # the override is blamed, not the params file (which is valid on its own)
+    assert str(err.value).startswith(f"override {override!r}: ") or \
+        str(err.value).startswith(f"{tmp_path / 'params.yaml'} with override {override!r}: ")
+
+
+def test_errors_in_the_file_blame_the_file_and_errors_from_overrides_blame_them(tmp_path):
+    bad_file = {**MINIMAL, "model": {**MINIMAL["model"], "rotary_dim": 3}}
+    with pytest.raises(ParamsError) as err:
+        load_with(tmp_path, "runconfig.max_steps=5", base=bad_file)
+    assert str(err.value).startswith(f"{tmp_path / 'params.yaml'}: model.rotary_dim=3 must be even")
+    with pytest.raises(ParamsError) as err:       # a later override of the same key is the one in effect
+        load_with(tmp_path, "model.rotary_dim=2", "model.rotary_dim=5")
+    assert str(err.value).startswith("override 'model.rotary_dim=5': model.rotary_dim=5 must be even")
 
 
 def test_adam_with_weight_decay_is_rejected(tmp_path):

@@ -344,3 +344,39 @@ def test_stream_packer_windows_overlap_by_one_and_report_where_the_next_starts(s
         assert (final.labels[final.num_real:] == 0).all()
     else:
         assert final is None
+
+
+@pytest.mark.parametrize("case", ["empty_file", "blank_lines", "other_subsets", "drop_last_short"])
+def test_input_without_an_example_is_an_error_that_writes_nothing(tmp_path, tokenizer, capsys, case):
+    path, extra = tmp_path / "input.jsonl", []
+    if case == "empty_file":
+        path = tmp_path / "input.txt"
+        path.write_text("")
+    elif case == "blank_lines":
+        path.write_text('\n\n{"text": ""}\n')
+    elif case == "other_subsets":
+        write_jsonl(str(path), make_documents(3), ["A"] * 3)
+        extra = ["--pile-set-name", "B"]
+    else:
+        write_jsonl(str(path), ["short"], ["A"])
+        extra = ["--drop-last"]
+    out = tmp_path / "out"
+    argv = ["--input", str(path), "--output-dir", str(out), "--tokenizer", tokenizer.source,
+            "--max-sequence-length", "16", "--workers", "0", "--no-progress", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: no example for split train") and "--allow-empty" in err
+    assert err.count("\n") == 1
+    assert not out.exists()                      # nothing left behind
+    assert main(argv + ["--allow-empty"]) == 0
+    assert json.loads((out / "train" / "stats.json").read_text())["examples"] == 0
+    assert f"0 examples in 0 shards, 0 padded tokens; written to {out / 'train'}" in capsys.readouterr().out
+
+
+def test_empty_val_split_is_an_error_naming_it(tmp_path, tokenizer):
+    docs = make_documents(3)
+    path = write_jsonl(str(tmp_path / "input.jsonl"), docs, ["A"] * 3)
+    with pytest.raises(InputDataError, match=r"no example for split val: all 3 documents went to the other split \(--val-fraction"):
+        _run([path], tmp_path / "out", tokenizer, val_fraction=1e-9)
+    assert not (tmp_path / "out" / "val").exists()
+    assert json.loads((tmp_path / "out" / "train" / "stats.json").read_text())["examples"] > 0

@@ -43,8 +43,12 @@ def test_train_eval_train_and_eval_predict(params_file, tmp_path, capsys):
     assert run.main(["--mode", "eval", "--params", params_file, "--model_dir", model_dir, "--steps", "1"]) == 0
     results = json.load(open(os.path.join(model_dir, "eval_results.json")))["latest"]
     assert results["step"] == 4 and results["batches"] == 1
+    capsys.readouterr()
     assert run.main(["--mode", "train_and_eval", "--params", params_file, "--model_dir", model_dir,
                      "--max_steps", "6", "--set", "runconfig.eval_every_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"restored {model_dir}/ckpt-4 (step 4)") == 1       # said once, not per restore() call
+    assert f"results in {model_dir}/eval_results.json" in out
     history = json.load(open(os.path.join(model_dir, "eval_results.json")))["history"]
     assert [h["step"] for h in history] == [4, 5, 6]
     effective = yaml.safe_load(open(os.path.join(model_dir, "params.yaml")))
@@ -60,7 +64,9 @@ def test_train_eval_train_and_eval_predict(params_file, tmp_path, capsys):
     assert len(record["token_ids"]) == 5 if record["finish_reason"] == "length" else len(record["token_ids"]) < 5
     assert all(0 <= t < TOKENIZER_VOCAB for t in record["token_ids"])
     assert record["completion"] == tokenizer.decode(record["token_ids"], skip_unknown=True)
-    assert capsys.readouterr().out.endswith(record["completion"] + "\n")     # streamed to the console
+    streamed = capsys.readouterr()
+    assert streamed.out.endswith(record["completion"] + "\n")     # streamed to the console
+    assert f"1 completion(s) appended to {model_dir}/predictions.jsonl" in streamed.err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 
 import zstandard
 
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
 __all__ = ["make_local_corpus", "default_sources", "main"]
 
 _SUBSETS = {".py": "PythonStdlib", ".txt": "PythonStdlibDocs", ".rst": "PythonStdlibDocs",
@@ -115,13 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m input.scripts.make_local_corpus",
                                      description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="directory for the .jsonl.zst shards")
     parser.add_argument("--source", action="append", default=None,
                         help="directory to gather text from (repeatable); default: the Python stdlib")
     parser.add_argument("--max-mb", type=float, default=16.0, help="stop after this much text (10^6 bytes)")
     parser.add_argument("--shard-mb", type=float, default=8.0, help="text per .jsonl.zst shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file order")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
     try:
         summary = make_local_corpus(args.output_dir, sources=args.source, max_mb=args.max_mb,
                                     shard_mb=args.shard_mb, seed=args.seed)

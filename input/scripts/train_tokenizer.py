@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from input.errors import InputDataError
 from input.readers import expand_inputs, read_documents
 from input.tokenizer import EOS_TOKEN, GptTokenizer, gpt2_tokenizer_from_files
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 __all__ = ["train_tokenizer", "main"]
 
@@ -51,11 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m input.scripts.train_tokenizer", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="jsonl.zst / jsonl / txt files, dirs or globs")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="where vocab.json, merges.txt and tokenizer.json go")
     parser.add_argument("--vocab-size", type=int, default=512, help="tokens including 256 bytes and EOS")
-    parser.add_argument("--min-frequency", type=int, default=2)
+    parser.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a merged pair")
     parser.add_argument("--max-documents", type=int, default=None, help="train on the first N documents only")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
     try:
         texts = (d.text for d in read_documents(expand_inputs(args.input)))
         if args.max_documents is not None:

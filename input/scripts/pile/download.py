@@ -21,6 +21,7 @@ import sys
 from typing import Sequence
 
 from input.errors import InputDataError
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 __all__ = ["download_pile", "main"]
 
@@ -98,13 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", required=True, help="hub dataset id (owner/name) or a local directory")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="directory the shards are gathered into")
     parser.add_argument("--pattern", action="append", default=None,
                         help=f"glob of files to fetch, relative to the repo root (repeatable); default "
                              f"{DEFAULT_PATTERNS[0]}")
     parser.add_argument("--revision", default=None, help="hub branch, tag or commit")
     parser.add_argument("--symlink", action="store_true", help="local source: link instead of copying")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.verbose)
     try:
         files = download_pile(args.source, args.output_dir, patterns=args.pattern or DEFAULT_PATTERNS,
                               revision=args.revision, symlink=args.symlink)

@@ -21,6 +21,10 @@ Output layout: `<output-dir>/<split>/<split>-00000.tfrecord`, ... plus `stats.js
 hash of its text (so the split is stable and duplicates never straddle it), and the two
 splits are written in two passes over the input.
 
+An input that yields no example for a split (empty files, every document filtered out,
+too few tokens for one window with `--drop-last`, no document drawn for `val`) is an error
+that leaves nothing behind, unless `--allow-empty` asks for an empty split.
+
 Re-running the same command resumes: finished shards are kept, reading restarts right after
 them, and the bytes written are the same as an uninterrupted run's. Documents are not
 shuffled here (the input pipeline shuffles records); `--seed` only drives the val split.
@@ -31,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ from input.records import encode_varints, serialize_payloads
 from input.shards import ProgressLog, ShardWriter, write_json_atomic
 from input.tokenize_pool import TokenizePool
 from input.tokenizer import EOS_TOKEN, GptTokenizer, load_tokenizer
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
 __all__ = ["preprocess", "main", "in_val_split"]
 
@@ -184,11 +190,43 @@ class _SplitOutput:
             self.log.record(info, None, self.state(now()))
 
 
+def _first_missing(directory: str) -> str | None:
+    """The outermost of `directory` and its parents that does not exist yet (what makedirs would create)."""
+    path, missing = os.path.abspath(directory), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def _describe_inputs(paths: list[str]) -> str:
+    return paths[0] if len(paths) == 1 else f"{len(paths)} input files ({paths[0]}, ...)"
+
+
+def _why_no_example(job: SplitJob, tally: InputTally, counters: ReadCounters, other_split: int,
+                    dropped: int, seq_len: int) -> str:
+    """Why a split got no example, and the fix, for the error message."""
+    if tally.documents:
+        return (f"its {tally.tokens} tokens fill no whole window of {seq_len + 1} and --drop-last dropped "
+                "them; omit --drop-last or lower --max-sequence-length")
+    if other_split:
+        return (f"all {other_split} documents went to the other split (--val-fraction "
+                f"{job.settings['val_fraction']}); change --val-fraction or add documents")
+    if counters.filtered_out:
+        return (f"all {counters.filtered_out} documents have a meta.pile_set_name other than "
+                f"{', '.join(job.settings['pile_set_names'])}; check the --pile-set-name values")
+    skipped = f", {counters.bad_lines} bad lines and {len(counters.bad_files)} bad files skipped" \
+        if counters.bad_lines or counters.bad_files else ""
+    return (f"it holds no non-empty document ({counters.empty_documents} empty documents{skipped}); "
+            "check that --input names the right files")
+
+
 def _run_split(job: SplitJob, paths: list[str], tokenizer: GptTokenizer, *, seq_len: int, shard_size: int,
                drop_last: bool, subsets: Sequence[str] | None, skip_bad_files: bool, workers: int,
-               overwrite: bool, progress: bool, chunk_bytes: int) -> dict:
+               overwrite: bool, progress: bool, chunk_bytes: int, allow_empty: bool) -> dict:
+    created = _first_missing(job.directory)
     os.makedirs(job.directory, exist_ok=True)
     log = ProgressLog(job.directory)
+    created = created or (None if os.path.isdir(log.folder) else log.folder)
     log.check_settings(job.settings, overwrite)
     stats_path = os.path.join(job.directory, "stats.json")
     done, last = log.resume_point(job.name)
@@ -214,8 +252,16 @@ def _run_split(job: SplitJob, paths: list[str], tokenizer: GptTokenizer, *, seq_
     sizes = [os.path.getsize(p) for p in paths]
     bar = _progress_bar(sum(sizes), sum(sizes[:cursor[0]]), job.name, progress)
     started, tokens_before = time.perf_counter(), tally.tokens
-    documents = (d for d in read_documents(paths, start=cursor, subsets=subsets, skip_bad=skip_bad_files,
-                                           counters=counters) if job.select(d))
+    other_split = 0
+
+    def selected(document: Document) -> bool:
+        nonlocal other_split
+        keep = job.select(document)
+        other_split += not keep
+        return keep
+
+    documents = filter(selected, read_documents(paths, start=cursor, subsets=subsets, skip_bad=skip_bad_files,
+                                                counters=counters))
     try:
         with TokenizePool(tokenizer, workers) as pool:
             for metas, tokens, lengths in pool.map(_batches(documents, counters, chunk_bytes)):
@@ -244,6 +290,12 @@ def _run_split(job: SplitJob, paths: list[str], tokenizer: GptTokenizer, *, seq_
     finally:
         bar.close()
 
+    if output.examples == 0 and not allow_empty:
+        if created is not None:            # nothing but this run's settings record is in there
+            shutil.rmtree(created)
+        raise InputDataError(f"{_describe_inputs(paths)}: no example for split {job.name}: "
+                             f"{_why_no_example(job, tally, counters, other_split, output.dropped, seq_len)}"
+                             ", or pass --allow-empty to write an empty split")
     stats = {"split": job.name, **tally.snapshot(), **counters.to_dict(), "examples": output.examples,
              "padded_tokens": output.padded, "dropped_labels": output.dropped, "shards": output.shards,
              "settings": job.settings}
@@ -256,8 +308,11 @@ def preprocess(inputs: Sequence[str], output_dir: str, tokenizer: GptTokenizer |
                val_fraction: float = 0.0, seed: int = 0, pile_set_names: Sequence[str] | None = None,
                drop_last: bool = False, skip_bad_files: bool = False, workers: int | None = None,
                overwrite: bool = False, progress: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               ) -> dict[str, dict]:
-    """Write `<output_dir>/<split>/` (and `<output_dir>/val/` when val_fraction > 0); return stats per split."""
+               allow_empty: bool = False) -> dict[str, dict]:
+    """Write `<output_dir>/<split>/` (and `<output_dir>/val/` when val_fraction > 0); return stats per split.
+
+    A split that gets no example raises InputDataError (removing what this call created for
+    it) unless `allow_empty`."""
     if max_sequence_length < 1 or shard_size < 1:
         raise ValueError("max_sequence_length and shard_size must be positive")
     if not 0.0 <= val_fraction < 1.0:
@@ -284,7 +339,7 @@ def preprocess(inputs: Sequence[str], output_dir: str, tokenizer: GptTokenizer |
     return {job.name: _run_split(job, paths, tokenizer, seq_len=max_sequence_length, shard_size=shard_size,
                                  drop_last=drop_last, subsets=pile_set_names, skip_bad_files=skip_bad_files,
                                  workers=workers, overwrite=overwrite, progress=progress,
-                                 chunk_bytes=chunk_bytes)
+                                 chunk_bytes=chunk_bytes, allow_empty=allow_empty)
             for job in jobs}
 
 
@@ -315,12 +370,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="tokenizer processes (0: tokenize in this process)")
     parser.add_argument("--overwrite", action="store_true", help="discard shards of an earlier run")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write a split that gets no example (0 examples in stats.json) instead of failing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_flag(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    quiet_tensorflow(args.verbose)
     try:
         tokenizer = load_tokenizer(args.tokenizer, eos_token=args.eos_token)
         results = preprocess(args.input, args.output_dir, tokenizer,
@@ -328,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                              pile_set_names=args.pile_set_name, drop_last=args.drop_last,
                              skip_bad_files=args.skip_bad_files, workers=args.workers,
-                             overwrite=args.overwrite, progress=not args.no_progress)
+                             overwrite=args.overwrite, progress=not args.no_progress,
+                             allow_empty=args.allow_empty)
     except (InputDataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -337,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: {stats['documents']} documents, {stats['tokens']} tokens, {stats['examples']} "
               f"examples in {len(stats['shards'])} shards, {stats['padded_tokens']} padded tokens"
               + (f", {skipped} bad files and {stats['bad_lines']} bad lines skipped" if skipped or
-                 stats["bad_lines"] else ""))
+                 stats["bad_lines"] else "")
+              + f"; written to {os.path.join(args.output_dir, name)} (stats.json beside the shards)")
     return 0
 
 

@@ -62,7 +62,7 @@ def test_a_changed_model_section_is_refused_before_anything_is_written(trained, 
     assert run.main(["--mode", "train", "--params", params, "--model_dir", model_dir, "--max_steps", "4",
                      "--set", "model.num_hidden_layers=3"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "model.num_hidden_layers: 2 in" in line and "3 now" in line and "--checkpoint_path" in line
+    assert "model.num_hidden_layers: 2 in" in line and "3 now" in line and "--checkpoint-path" in line
     assert tree_digest(model_dir) == before
     # the README's next command still works on the good run
     assert run.main(["--mode", "eval", "--params", os.path.join(model_dir, "params.yaml"),

@@ -12,13 +12,13 @@ last checkpoint, so an interrupted demo picks up where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
 import time
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PARAMS = os.path.join(ROOT, "configs", "params_gptj_demo.yaml")
@@ -68,7 +68,7 @@ def build_records(work: str, corpus: list[str], tokenizer, sequence_length: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "demo_work"),
                         help="corpus, tokenizer, records and the model go here; a rerun reuses them")
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="params YAML of the demo model")

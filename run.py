@@ -24,9 +24,9 @@ MODES = ("train", "eval", "train_and_eval", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from config.cli import ALIAS_NOTE, ArgumentParser
+    from config.cli import ArgumentParser
     parser = ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0],
-                            epilog=__doc__.split("\n\n", 1)[1] + "\n" + ALIAS_NOTE,
+                            epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", required=True, choices=MODES,
                         help="train: train to max_steps; eval: evaluate the latest checkpoint; train_and_eval: "

@@ -10,7 +10,6 @@ below 40% of the checkpoint size.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import psutil
 from safetensors.numpy import save_file
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 GB = 1 << 30
 
@@ -105,7 +105,7 @@ print(sum(t.nbytes for t in tensors.values()))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default=None, help="where to build (default: a temp dir)")
     parser.add_argument("--hidden", type=int, default=2048, help="hidden size of the random GPT-J")
     parser.add_argument("--layers", type=int, default=20, help="layers of the random GPT-J")

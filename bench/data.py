@@ -11,13 +11,13 @@ input_fn >= 2 M tokens/s on 2 cores.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 import time
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 os.environ["TOKENIZERS_PARALLELISM"] = "true"     # the raw peer may use every core
 
@@ -28,7 +28,7 @@ def _row(name: str, seconds: float, text_bytes: float | None, tokens: float, not
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", help="directory of *.jsonl.zst; default: make one from the stdlib")
     parser.add_argument("--tokenizer", help="tokenizer dir/file/hub id; default: train a byte-level BPE")
     parser.add_argument("--vocab-size", type=int, default=8192, help="size of the trained tokenizer")

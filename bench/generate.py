@@ -24,7 +24,6 @@ best repeat is kept. Target: decode >= 1.5x transformers.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -32,6 +31,7 @@ import tempfile
 import time
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -142,7 +142,7 @@ def decode_rate(batch: int, new_tokens: int, ttft: float, total: float) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random model")
     parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
     parser.add_argument("--heads", type=int, default=8, help="attention heads")

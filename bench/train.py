@@ -9,13 +9,13 @@ higher of TensorFlow's and PyTorch's). Targets: >= 1.0x PyTorch tokens/s, >= 40%
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 import time
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 
 def bench_ours(args, flops_per_token: float) -> tuple[float, list[float]]:
@@ -96,7 +96,7 @@ def model_section(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random model")
     parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
     parser.add_argument("--heads", type=int, default=8, help="attention heads")

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ import threading
 import time
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 GiB = 1 << 30
 
@@ -126,7 +126,7 @@ def part_b(work: str, layers: int | None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("a", "b", "both"), default="both", help="which measurement to run (see the module docstring)")
     parser.add_argument("--work-dir", default=None, help="where to build (default: a temp dir)")
     parser.add_argument("--layers", type=int, default=None, help="(b) layer count; default: the smallest "

@@ -30,6 +30,7 @@ from checkpoint_utils.output_dir import atomic_directory
 from config.params import ModelParams
 from config.quiet import add_verbose_flag, quiet_tensorflow
 from config.schema import from_dict, to_dict
+from config.cli import ArgumentParser
 
 CHECKPOINT_NAME = "ckpt-0"
 # What convert writes; anything else in an output directory it rewrites is kept.
@@ -139,7 +140,7 @@ def load_converted_params(directory: str) -> ModelParams:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True,
                         help="hub id (e.g. EleutherAI/gpt-j-6b) or a local HF checkpoint directory")

@@ -16,7 +16,6 @@ Re-exporting into the same directory replaces only the exporter's own files.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from checkpoint_utils.hf_tokenizer import copy_tokenizer, recorded_tokenizer
 from checkpoint_utils.output_dir import atomic_directory
 from config.params import Params, load_params
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 # Files that only this exporter writes: an earlier export's ones the new export lacks are dropped.
@@ -172,7 +172,7 @@ def _name_shards(directory: str, shard_files: list[tuple[str, list[str]]]) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m checkpoint_utils.export_hf",
+    parser = ArgumentParser(prog="python -m checkpoint_utils.export_hf",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", required=True, help="params YAML with the model: section")
     parser.add_argument("--checkpoint", required=True, help="checkpoint prefix or directory")

@@ -7,7 +7,12 @@ that way and hands them over with `as_tensor`.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 ALIGNMENT = 64
 

@@ -17,6 +17,7 @@ import numpy as np
 from checkpoint_utils.convert_hf import load_converted_params
 from checkpoint_utils.hf_source import read_config, resolve_source
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 
 def _hf_model(source: str):
@@ -47,7 +48,7 @@ def compare(source: str, converted: str, cases: dict[str, np.ndarray]) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m checkpoint_utils.verify", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m checkpoint_utils.verify", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", required=True, help="the HF checkpoint (directory or hub id)")
     parser.add_argument("--converted", required=True, help="the directory convert_hf wrote")

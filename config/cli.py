@@ -13,6 +13,9 @@ ALIAS_NOTE = "Flags are written with hyphens; the same flag with underscores wor
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, epilog: str | None = None, **kwargs):
+        super().__init__(*args, epilog=f"{epilog}\n\n{ALIAS_NOTE}" if epilog else ALIAS_NOTE, **kwargs)
+
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(self._hyphenated(args), namespace)

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import zstandard
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 __all__ = ["make_local_corpus", "default_sources", "main"]
 
@@ -114,7 +115,7 @@ def make_local_corpus(output_dir: str, *, sources: Sequence[str] | None = None, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m input.scripts.make_local_corpus",
+    parser = ArgumentParser(prog="python -m input.scripts.make_local_corpus",
                                      description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="directory for the .jsonl.zst shards")

@@ -22,6 +22,7 @@ from input.errors import InputDataError
 from input.readers import expand_inputs, read_documents
 from input.tokenizer import EOS_TOKEN, GptTokenizer, gpt2_tokenizer_from_files
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 __all__ = ["train_tokenizer", "main"]
 
@@ -49,7 +50,7 @@ def train_tokenizer(texts: Iterable[str], output_dir: str, *, vocab_size: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m input.scripts.train_tokenizer", description=__doc__.split("\n")[0],
+    parser = ArgumentParser(prog="python -m input.scripts.train_tokenizer", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="jsonl.zst / jsonl / txt files, dirs or globs")
     parser.add_argument("--output-dir", required=True, help="where vocab.json, merges.txt and tokenizer.json go")

@@ -22,6 +22,7 @@ from typing import Sequence
 
 from input.errors import InputDataError
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 __all__ = ["download_pile", "main"]
 
@@ -95,7 +96,7 @@ def download_pile(source: str, output_dir: str, *, patterns: Sequence[str] = DEF
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m input.scripts.pile.download",
+    parser = ArgumentParser(prog="python -m input.scripts.pile.download",
                                      description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", required=True, help="hub dataset id (owner/name) or a local directory")

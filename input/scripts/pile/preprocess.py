@@ -51,6 +51,7 @@ from input.shards import ProgressLog, ShardWriter, write_json_atomic
 from input.tokenize_pool import TokenizePool
 from input.tokenizer import EOS_TOKEN, GptTokenizer, load_tokenizer
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from config.cli import ArgumentParser
 
 __all__ = ["preprocess", "main", "in_val_split"]
 
@@ -344,7 +345,7 @@ def preprocess(inputs: Sequence[str], output_dir: str, tokenizer: GptTokenizer |
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m input.scripts.pile.preprocess",
         description="Tokenize Pile-style text (jsonl.zst, jsonl, txt) into packed GPT-J TFRecords.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -156,7 +156,10 @@ def step_rows(model: GPTJModel, state: SlotState, settings: RowSettings) -> tupl
                 cache_index=last_slot, last_only=True)
     chosen = choose_tokens(out.logits[:, -1], settings, state.tokens, valid, state.new_tokens)
     tokens = write_row_tokens(state.tokens, state.next_slot, chosen)
-    return SlotState(out.cache, tokens, state.first_slot, state.next_slot + 1, state.new_tokens + 1), chosen
+    # A free row keeps stepping until a request takes it: its slot stops at the last one so its
+    # writes stay in range (an active row never passes L - 1: admission leaves room for its tokens).
+    next_slot = tf.minimum(state.next_slot + 1, cache_length - 1)
+    return SlotState(out.cache, tokens, state.first_slot, next_slot, state.new_tokens + 1), chosen
 
 
 def insert_row(state: SlotState, row: tf.Tensor, joined: SlotState) -> SlotState:

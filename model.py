@@ -109,7 +109,8 @@ class GPTJModel(Layer):
         position_ids [b, s]: default cache_index + 0..s-1.
         attention_mask [b, s_k]: 1 for real tokens; s_k = s without a cache, the cache length with one.
         cache: per-block (keys, values) [b, h, L, hd]; the new tokens are written at slots
-            [cache_index, cache_index + s) and attend to every valid earlier slot.
+            [cache_index, cache_index + s) and attend to every valid earlier slot. cache_index
+            is a scalar, or [b] when each row writes at its own slot (serving's slot batch).
         dropout_seed [2] int: enables dropout (training) with masks derived from it.
         last_only: run the LM head on the last position only (generation's prefill needs no
             other logits, and at V=50k the head is most of a prompt's cost).
@@ -129,9 +130,13 @@ class GPTJModel(Layer):
         """Rotary (sin, cos) [b, s, 1, r] and the causal + padding bias [b, 1, s, s_k] of input_ids [b, s]
         (the defaults of `forward`'s arguments are applied here)."""
         batch, length = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
-        query_slots = tf.range(length) + tf.cast(cache_index, tf.int32)            # [s]
+        cache_index = tf.cast(cache_index, tf.int32)
+        if cache_index.shape.rank == 0:
+            query_slots = tf.range(length) + cache_index                           # [s]
+        else:
+            query_slots = cache_index[:, None] + tf.range(length)[None, :]         # [b, s]: per-row starts
         if position_ids is None:
-            position_ids = tf.broadcast_to(query_slots[None, :], [batch, length])   # [b, s]
+            position_ids = tf.broadcast_to(query_slots, [batch, length])            # [b, s]
         if attention_mask is None:
             key_length = length if cache is None else tf.shape(cache[0][0])[2]
             attention_mask = tf.ones([batch, key_length], tf.int32)
@@ -180,6 +185,8 @@ def _check_cache_room(input_ids: tf.Tensor, cache: tuple[KVCache, ...], cache_in
     length, slots = input_ids.shape[1], cache[0][0].shape[2]
     if index is None or length is None or slots is None:
         return
+    starts = [int(i) for i in getattr(index, "flat", [index])]       # one start, or one per row
+    index = min(starts) if min(starts) < 0 else max(starts)
     if int(index) < 0 or int(index) + length > slots:
         raise ValueError(f"writing {length} tokens at cache slot {int(index)} needs {int(index) + length} slots "
                          f"but the cache has {slots}; build it with empty_cache(batch, cache_length >= "

@@ -22,13 +22,22 @@ KVCache = tuple[tf.Tensor, tf.Tensor]
 def write_cache(cache: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     """Place new [b, s, h, d] at slots [index, index + s) of cache [b, h, L, d].
 
-    A dynamic update slice: the cache keeps its static shape (one compiled decode step serves
-    every position) and XLA updates it in place, touching s slots rather than all L. The
-    caller keeps index + s <= L (out-of-range starts are clamped, as XLA defines it)."""
+    A scalar index is a dynamic update slice: the cache keeps its static shape (one compiled
+    decode step serves every position) and XLA updates it in place, touching s slots rather
+    than all L. An index [b] (one start per row, as a serving batch whose rows joined at
+    different steps has) is a scatter of b*h*s vectors of d: the same bytes written, where a
+    one-hot blend would rewrite all L slots of every row. The caller keeps index + s <= L
+    (out-of-range starts are clamped by the slice; the scatter drops them)."""
     new = tf.cast(tf.transpose(new, [0, 2, 1, 3]), cache.dtype)           # [b, h, s, d]
-    zero = tf.constant(0, tf.int32)
-    start = tf.stack([zero, zero, tf.cast(index, tf.int32), zero])
-    return dynamic_update_slice(cache, new, start)
+    index = tf.cast(index, tf.int32)
+    if index.shape.rank == 0:
+        zero = tf.constant(0, tf.int32)
+        return dynamic_update_slice(cache, new, tf.stack([zero, zero, index, zero]))
+    b, h, s = tf.shape(new)[0], tf.shape(new)[1], tf.shape(new)[2]
+    rows = tf.broadcast_to(tf.range(b)[:, None, None], [b, h, s])
+    heads = tf.broadcast_to(tf.range(h)[None, :, None], [b, h, s])
+    slots = tf.broadcast_to(index[:, None, None] + tf.range(s)[None, None, :], [b, h, s])
+    return tf.tensor_scatter_nd_update(cache, tf.stack([rows, heads, slots], axis=-1), new)   # indices [b, h, s, 3]
 
 
 class SelfAttention(Layer):

@@ -8,9 +8,14 @@ MASKED = -1e9
 
 
 def causal_attention_bias(query_slots: tf.Tensor, key_valid: tf.Tensor) -> tf.Tensor:
-    """query_slots [s_q] (index of each query in the key axis), key_valid [b, s_k] (1 = a real token)
-    -> float32 bias [b, 1, s_q, s_k]: a query sees valid keys at or before its own slot."""
+    """query_slots [s_q], or [b, s_q] when rows sit at different slots (index of each query in
+    the key axis), key_valid [b, s_k] (1 = a real token) -> float32 bias [b, 1, s_q, s_k]: a
+    query sees valid keys at or before its own slot."""
     key_slots = tf.range(tf.shape(key_valid)[1])                         # [s_k]
-    causal = key_slots[None, :] <= tf.cast(query_slots, tf.int32)[:, None]  # [s_q, s_k]
-    allowed = tf.logical_and(causal[None, :, :], tf.cast(key_valid, tf.bool)[:, None, :])  # [b, s_q, s_k]
+    query_slots = tf.cast(query_slots, tf.int32)
+    if query_slots.shape.rank == 1:
+        causal = (key_slots[None, :] <= query_slots[:, None])[None]      # [1, s_q, s_k]
+    else:
+        causal = key_slots[None, None, :] <= query_slots[:, :, None]     # [b, s_q, s_k]
+    allowed = tf.logical_and(causal, tf.cast(key_valid, tf.bool)[:, None, :])  # [b, s_q, s_k]
     return tf.where(allowed, 0.0, MASKED)[:, None, :, :]

@@ -1,0 +1,150 @@
+"""Benchmark: the HTTP server's continuous batching vs static (whole-request) batching.
+
+    python -m bench.serve [--hidden 256] [--layers 4] [--vocab 2048] [--slots 16]
+                          [--concurrency 1,4,16] [--requests-per-client 3] [--compile xla]
+
+One random GPT-J is served on loopback twice, once per batching mode, with the same slots.
+At each concurrency level, that many clients each send their share of one fixed list of
+greedy requests with mixed prompt lengths (8-200 tokens) and output lengths (mostly short,
+some long; EOS ignored so every request makes exactly max_tokens), one after another.
+Reported: requests/s, generated tokens/s, p50/p99 request latency; then the continuous/static
+ratios. Target: continuous >= 1.5x static tokens/s at concurrency 16, and a lower p99.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import requests
+
+from config.cli import ArgumentParser
+from config.params import ModelParams
+from input.scripts.train_tokenizer import train_tokenizer
+from model import GPTJModel
+from serving.server import Limits, build_server
+
+
+def cpu_description() -> str:
+    """CPU model and the ISA extensions that matter for TF's CPU kernels (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = {"AVX2": "avx2", "AVX-512F": "avx512f", "AVX-512 BF16": "avx512_bf16", "AMX-BF16": "amx_bf16",
+           "AMX-TILE": "amx_tile"}
+    shown = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in isa.items())
+    return f"{model}; {os.cpu_count()} cores visible; {shown}"
+
+
+def workload(count: int, vocab: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for i in range(count):
+        prompt = rng.integers(1, vocab, size=int(rng.integers(8, 200))).tolist()
+        max_tokens = int(rng.choice([8, 16, 24, 32, 128], p=[0.3, 0.25, 0.2, 0.1, 0.15]))
+        jobs.append({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    return jobs
+
+
+def run_level(url: str, jobs: list[dict], concurrency: int) -> dict:
+    latencies, tokens = [], []
+    lock = threading.Lock()
+
+    def client(share: list[dict]) -> None:
+        for body in share:
+            start = time.perf_counter()
+            reply = requests.post(url + "/v1/completions", json=body, timeout=600)
+            reply.raise_for_status()
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                tokens.append(reply.json()["usage"]["completion_tokens"])
+
+    shares = [jobs[i::concurrency] for i in range(concurrency)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, shares))
+    seconds = time.perf_counter() - start
+    return {"requests/s": len(jobs) / seconds, "tokens/s": sum(tokens) / seconds,
+            "p50 s": float(np.percentile(latencies, 50)), "p99 s": float(np.percentile(latencies, 99))}
+
+
+def serve_in_thread(server) -> tuple[object, threading.Thread, str]:
+    import socket
+
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            requests.get(url + "/health", timeout=1)
+            return uv, thread, url
+        except requests.ConnectionError:
+            time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--compile", choices=("xla", "graph"), default="xla")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print(f"CPU: {cpu_description()}")
+    config = ModelParams(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                         num_heads=max(args.hidden // 64, 1), rotary_dim=min(64, args.hidden // max(args.hidden // 64, 1)),
+                         filter_size=4 * args.hidden, max_position_embeddings=512)
+    model = GPTJModel(config, seed=0)
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = train_tokenizer(["the cat sat on the mat"] * 3, os.path.join(work, "tok"), vocab_size=300)
+    limits = Limits(max_prompt_tokens=224, max_tokens=128, request_timeout=600)
+    print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.slots} slots; "
+          f"compile {args.compile}")
+    results: dict[tuple[str, int], dict] = {}
+    for mode in ("continuous", "static"):
+        server = build_server(model, tokenizer, args.slots, mode, limits, max_queue=1024, max_wait=0.02,
+                              compile_mode=args.compile)
+        uv, thread, url = serve_in_thread(server)
+        run_level(url, workload(4, args.vocab, seed=99), 4)         # warm-up: traces every prompt bucket used below
+        run_level(url, workload(16, args.vocab, seed=98), 16)
+        for c in levels:
+            results[(mode, c)] = run_level(url, workload(c * args.requests_per_client, args.vocab, seed=c), c)
+            r = results[(mode, c)]
+            print(f"{mode:10s} c={c:3d}  {r['requests/s']:7.2f} req/s  {r['tokens/s']:8.1f} tok/s  "
+                  f"p50 {r['p50 s']:6.2f}s  p99 {r['p99 s']:6.2f}s", flush=True)
+        uv.should_exit = True
+        thread.join(60)
+        server.scheduler.stop(60)
+    print("\ncontinuous / static:")
+    for c in levels:
+        a, b = results[("continuous", c)], results[("static", c)]
+        print(f"  c={c:3d}  tokens/s x{a['tokens/s'] / b['tokens/s']:.2f}   p99 x{a['p99 s'] / b['p99 s']:.2f}"
+              " (lower is better)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

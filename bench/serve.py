@@ -12,15 +12,18 @@ ratios. Target: continuous >= 1.5x static tokens/s at concurrency 16, and a lowe
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import platform
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
+if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
+    quiet_tensorflow("--verbose" in sys.argv[1:])
 
 import numpy as np
 import requests
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--compile", choices=("xla", "graph"), default="xla")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"CPU: {cpu_description()}")

@@ -18,12 +18,15 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
+if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
+    quiet_tensorflow("--verbose" in sys.argv[1:])
 
 import numpy as np
 import tensorflow as tf
 
-from config.cli import ALIAS_NOTE, ArgumentParser
+from config.cli import ArgumentParser
 from generation.batch import round_up
 from generation.beam_search import BeamDecoder
 from generation.config import GenerationConfig
@@ -152,8 +155,7 @@ def export(model: GPTJModel, output_dir: str, beam_config: GenerationConfig | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0],
-                            epilog=ALIAS_NOTE)
+    parser = ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", required=True, help="params YAML the weights were trained with")
     parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint is exported")
     parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beam-max-new-tokens", type=int, default=64, help="beam_search's max_new_tokens")
     parser.add_argument("--beam-stop-id", type=int, action="append", default=[],
                         help="stop token id of beam_search (repeatable), e.g. the tokenizer's EOS id")
+    add_verbose_flag(parser)
     return parser
 
 

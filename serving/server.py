@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
@@ -24,14 +23,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Optional, Union
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.quiet import add_verbose_flag, quiet_tensorflow
 
-from fastapi import FastAPI, Request
+if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
+    quiet_tensorflow("--verbose" in sys.argv[1:])
+
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from config.cli import ALIAS_NOTE, ArgumentParser
+from config.cli import ArgumentParser
 from generation.batch import round_up
 from generation.config import GenerationConfig, GenerationConfigError
 from generation.text import TextStream, find_stop_string, stop_string_checker, strip_stop_token
@@ -315,7 +317,7 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0], epilog=ALIAS_NOTE)
+    parser = ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", required=True, help="params YAML the weights were trained with")
     parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint is served")
     parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
@@ -334,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-beams", type=int, default=Limits.max_beams)
     parser.add_argument("--request-timeout", type=float, default=Limits.request_timeout, help="seconds")
     parser.add_argument("--compile", choices=("xla", "graph", "eager"), default="xla")
+    add_verbose_flag(parser)
     return parser
 
 

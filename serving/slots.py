@@ -6,11 +6,15 @@ those the Generator computes), but rows joined at different times: each has its 
 `next_slot` (where its next chosen token goes) and its own decoding settings as tensors, so
 one compiled step serves any mix of greedy and sampling requests.
 
-    admit(state, row, prompt [1, P], first_slot, settings of the row) -> state, first token
-    step(state, settings [S]) -> state, chosen [S]
+    prefill_rows(model, prompts [b, P], first_slot, L, settings) -> (state, first tokens)
+    step_rows(model, state, settings [S]) -> (state, chosen [S])
 
-The host reads `chosen` after every step and decides who finished (stop id, length, stop
-string, cancellation); a free row keeps decoding garbage at slot 0 until a request takes it.
+`SlotDecoder` keeps the state of S rows in variables (written in place: a join writes one
+row, not the batch) and runs up to `steps_per_call` steps per compiled call in a loop that
+also ends as soon as a row reaches a stop id or its token budget, so the host syncs once per
+call and a finished row frees its slot at once. The host then reads the chosen tokens and
+decides who finished (stop id, length, stop string, cancellation); a free row keeps decoding
+garbage until a request takes it.
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
 from generation.batch import key_valid
 from generation.config import GenerationConfig
@@ -95,27 +98,34 @@ def choose_tokens(logits: tf.Tensor, settings: RowSettings, history: tf.Tensor, 
     process_scores + greedy_tokens / sample_tokens for a row's GenerationConfig: the
     processors that a config turns off are exact identities here (x * 1, x / 1)."""
     vocab = logits.shape[-1]
-    scores = repetition_penalty(logits, history, history_valid, settings.repetition_penalty[:, None])
+    # The penalty and the sampling filters run only when some row asks for them (a cond, not a
+    # select): greedy-only batches skip two [b, V] sorts and b Philox draws of V per step.
+    scores = tf.cond(tf.reduce_any(settings.repetition_penalty != 1.0),
+                     lambda: repetition_penalty(logits, history, history_valid, settings.repetition_penalty[:, None]),
+                     lambda: logits)
     stop_mask = tf.reduce_any(tf.one_hot(settings.stop_ids, vocab, on_value=True, off_value=False,
                                          dtype=tf.bool), axis=1)                             # [b, V]
     early = (new_tokens < settings.min_new_tokens)[:, None]
     scores = suppress(scores, tf.logical_and(stop_mask, early))
     greedy = greedy_tokens(scores)
-    scaled = scores / settings.temperature[:, None]
-    ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")                                # [b, V]
-    k = tf.where(settings.top_k > 0, tf.minimum(settings.top_k, vocab), vocab)
-    kth = tf.gather(ranked, k - 1, axis=1, batch_dims=1)                                      # [b]
-    scaled = suppress(scaled, scaled < kth[:, None])
-    # top-p, as top_p_filter, on the top-k survivors; p = 1 skips it (a cumsum may round past 1)
-    ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")
-    mass_above = tf.math.cumsum(tf.nn.softmax(ranked, axis=-1), axis=-1, exclusive=True)
-    p = settings.top_p[:, None]
-    survivors = tf.maximum(tf.reduce_sum(tf.cast(mass_above < p, tf.int32), axis=-1), 1)
-    threshold = tf.gather(ranked, survivors - 1, axis=1, batch_dims=1)
-    filtered = tf.where(p < 1.0, suppress(scaled, scaled < threshold[:, None]), scaled)
-    counters = settings.streams * 2 ** 32 + tf.cast(new_tokens, tf.int64)
-    sampled = greedy_tokens(filtered + row_gumbel_noise(settings.seeds, counters, vocab))
-    return tf.where(settings.do_sample, sampled, greedy)
+
+    def sampled() -> tf.Tensor:
+        scaled = scores / settings.temperature[:, None]
+        ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")                            # [b, V]
+        k = tf.where(settings.top_k > 0, tf.minimum(settings.top_k, vocab), vocab)
+        kth = tf.gather(ranked, k - 1, axis=1, batch_dims=1)                                  # [b]
+        scaled = suppress(scaled, scaled < kth[:, None])
+        # top-p, as top_p_filter, on the top-k survivors; p = 1 skips it (a cumsum may round past 1)
+        ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")
+        mass_above = tf.math.cumsum(tf.nn.softmax(ranked, axis=-1), axis=-1, exclusive=True)
+        p = settings.top_p[:, None]
+        survivors = tf.maximum(tf.reduce_sum(tf.cast(mass_above < p, tf.int32), axis=-1), 1)
+        threshold = tf.gather(ranked, survivors - 1, axis=1, batch_dims=1)
+        filtered = tf.where(p < 1.0, suppress(scaled, scaled < threshold[:, None]), scaled)
+        counters = settings.streams * 2 ** 32 + tf.cast(new_tokens, tf.int64)
+        drawn = greedy_tokens(filtered + row_gumbel_noise(settings.seeds, counters, vocab))
+        return tf.where(settings.do_sample, drawn, greedy)
+    return tf.cond(tf.reduce_any(settings.do_sample), sampled, lambda: greedy)
 
 
 def write_row_tokens(tokens: tf.Tensor, slots: tf.Tensor, chosen: tf.Tensor) -> tf.Tensor:
@@ -162,36 +172,85 @@ def step_rows(model: GPTJModel, state: SlotState, settings: RowSettings) -> tupl
     return SlotState(out.cache, tokens, state.first_slot, next_slot, state.new_tokens + 1), chosen
 
 
-def insert_row(state: SlotState, row: tf.Tensor, joined: SlotState) -> SlotState:
-    """state with its row `row` replaced by the one-row state `joined` (same cache length): a
-    dynamic update slice per tensor, so joining costs one row's cache, not the batch's."""
-    def put(whole, one):
-        start = tf.concat([row[None], tf.zeros([len(whole.shape) - 1], tf.int32)], axis=0)
-        return dynamic_update_slice(whole, one, start)
-    return tf.nest.map_structure(put, state, joined)
+def reached_stop(chosen: tf.Tensor, settings: RowSettings) -> tf.Tensor:
+    """[S] bool: the row chose one of its stop ids (-1, no stop id, matches no token)."""
+    return tf.reduce_any(chosen[:, None] == settings.stop_ids, axis=-1)
 
 
 class SlotDecoder:
-    """The compiled admit/step pair for S slots of cache length L (one trace per prompt bucket
-    for admit, one for step)."""
+    """S rows of cache length L in variables, and the two compiled calls over them:
 
-    def __init__(self, model: GPTJModel, slots: int, cache_length: int, compile_mode: str = "xla"):
+        admit(row, prompt [1, P], first_slot [1], settings of the row) -> first token [1]
+        decode(settings [S], budget [S], limit) -> (chosen [K, S], steps run)
+
+    `decode` runs steps until `limit` (<= K = steps_per_call) are done or a row chose a stop id
+    or used its budget (tokens it may still make); rows' tokens after such an end are not read.
+    One trace of `admit` per prompt bucket (see `warm_up`), one of `decode`."""
+
+    def __init__(self, model: GPTJModel, slots: int, cache_length: int, compile_mode: str = "xla",
+                 steps_per_call: int = 8):
         from generation.batch import compiled
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call={steps_per_call} must be at least 1")
         self.model = model
         self.slots = slots
         self.cache_length = cache_length
-        self.admit = compiled(self._admit, compile_mode)
-        self.step = compiled(self._step, compile_mode)
+        self.steps_per_call = steps_per_call
+        s, length = slots, cache_length
+        # Variables, not tensors passed in and out: a compiled call that returns a new state
+        # copies every byte of the cache (no buffer donation from Python); a variable is
+        # updated in place, so a step writes S slots and a join one row.
+        self.state = tf.nest.map_structure(
+            lambda t: tf.Variable(t, trainable=False),
+            SlotState(model.empty_cache(s, length), tf.zeros([s, length], tf.int32), tf.zeros([s], tf.int32),
+                      tf.ones([s], tf.int32), tf.zeros([s], tf.int32)))
+        self._admit = compiled(self._admit_row, compile_mode)
+        self._decode = compiled(self._decode_steps, compile_mode)
 
-    def empty_state(self) -> SlotState:
-        s, length = self.slots, self.cache_length
-        return SlotState(self.model.empty_cache(s, length), tf.zeros([s, length], tf.int32),
-                         tf.zeros([s], tf.int32), tf.ones([s], tf.int32), tf.zeros([s], tf.int32))
+    def admit(self, row: int, tokens: np.ndarray, first_slot: np.ndarray, settings: RowSettings) -> np.ndarray:
+        """Prefill prompt tokens [1, P] (left padded; P a multiple of the bucket) into `row`."""
+        return self._admit(tf.constant(row, tf.int32), tf.constant(tokens, tf.int32),
+                           tf.constant(first_slot, tf.int32), settings).numpy()
 
-    def _admit(self, state: SlotState, row: tf.Tensor, tokens: tf.Tensor, first_slot: tf.Tensor,
-               settings: RowSettings) -> tuple[SlotState, tf.Tensor]:
+    def decode(self, settings: RowSettings, budget: np.ndarray, limit: int | None = None) -> np.ndarray:
+        """Up to `limit` (default K) steps -> the chosen tokens [steps, S] of the steps run."""
+        limit = self.steps_per_call if limit is None else min(limit, self.steps_per_call)
+        chosen, steps = self._decode(settings, tf.constant(budget, tf.int32), tf.constant(limit, tf.int32))
+        return chosen.numpy()[:int(steps)]
+
+    def warm_up(self, prompt_slots: Sequence[int], settings: RowSettings) -> None:
+        """Trace and compile `admit` for each prompt bucket and `decode`, before requests come
+        (an XLA compilation takes seconds; in a request's path it stalls every slot)."""
+        for length in prompt_slots:
+            self.admit(0, np.zeros([1, length], np.int32), np.zeros([1], np.int32), row_settings(
+                [GenerationConfig()], [0], [0]))
+        self.decode(settings, np.full([self.slots], self.steps_per_call + 1, np.int32), 1)
+
+    def _read(self) -> SlotState:
+        return tf.nest.map_structure(lambda v: v.read_value(), self.state)
+
+    def _write(self, state: SlotState) -> None:
+        tf.nest.map_structure(lambda v, t: v.assign(t), self.state, state)
+
+    def _admit_row(self, row: tf.Tensor, tokens: tf.Tensor, first_slot: tf.Tensor,
+                   settings: RowSettings) -> tf.Tensor:
         joined, chosen = prefill_rows(self.model, tokens, first_slot, self.cache_length, settings)
-        return insert_row(state, row, joined), chosen
+        tf.nest.map_structure(lambda v, t: v.scatter_nd_update(row[None, None], t), self.state, joined)
+        return chosen
 
-    def _step(self, state: SlotState, settings: RowSettings) -> tuple[SlotState, tf.Tensor]:
-        return step_rows(self.model, state, settings)
+    def _decode_steps(self, settings: RowSettings, budget: tf.Tensor, limit: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        chosen_steps = tf.zeros([self.steps_per_call, self.slots], tf.int32)                 # [K, S]
+
+        def running(step, state, chosen_steps, ended):
+            return tf.logical_and(step < limit, tf.logical_not(tf.reduce_any(ended)))
+
+        def advance(step, state, chosen_steps, ended):
+            state, chosen = step_rows(self.model, state, settings)
+            chosen_steps = tf.tensor_scatter_nd_update(chosen_steps, step[None, None], chosen[None])
+            ended = tf.logical_or(reached_stop(chosen, settings), step + 1 >= budget)
+            return step + 1, state, chosen_steps, ended
+
+        steps, state, chosen_steps, _ = tf.while_loop(
+            running, advance, (tf.constant(0), self._read(), chosen_steps, tf.zeros([self.slots], tf.bool)))
+        self._write(state)
+        return chosen_steps, steps

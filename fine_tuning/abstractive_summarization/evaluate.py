@@ -12,7 +12,7 @@ the article (or MLPerf's template with `--prompt mlperf`) without that frame, as
 feeds its reference checkpoint.
 
 Outputs in `--output-dir`: `predictions.jsonl` (one line per article: index, id, reference,
-prediction, token counts) appended one whole batch at a time and flushed to disk, so a
+prediction, token counts, generated ids without the final eos) appended one whole batch at a time and flushed to disk, so a
 killed run keeps every finished batch and a re-run of the same command continues after
 them (a partly written last line is dropped and its batch redone); `rouge.json` (ROUGE-1,
 -2, -L, -Lsum x 100 and MLPerf's gen_len / gen_num, `rouge.py`) at the end;
@@ -176,7 +176,7 @@ def evaluate(model, tokenizer: GptTokenizer, articles: list[EvalArticle], config
             outputs = summarize_batch(generator, tokenizer, [a.prompt_ids for a in chunk], config, batch_size)
             records = [{"index": a.index, "id": a.id, "reference": a.reference, "prediction": text,
                         "prompt_tokens": len(a.prompt_ids), "article_tokens_cut": a.article_tokens_cut,
-                        "generated_tokens": len(ids), "finish_reason": finish}
+                        "generated_tokens": len(ids), "generated_ids": ids, "finish_reason": finish}
                        for a, (text, ids, finish) in zip(chunk, outputs)]
             predictions.append(records)
             done.update({r["index"]: r for r in records})

@@ -155,8 +155,9 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool) -> None:
 
 def evaluate(model, tokenizer: GptTokenizer, articles: list[EvalArticle], config, output_dir: str, *,
              batch_size: int = 8, settings: dict | None = None, overwrite: bool = False, progress: bool = True,
-             compile_mode: str = "xla", length_multiple: int = 32) -> dict:
-    """Generate the missing predictions batch by batch, then score all of them; returns rouge.json's content."""
+             compile_mode: str = "xla", length_multiple: int = 32, generator=None) -> dict:
+    """Generate the missing predictions batch by batch, then score all of them; returns rouge.json's content.
+    `generator`: a Generator of `model` to reuse (its compiled decoders), else a new one."""
     from tqdm import tqdm
 
     from generation.generator import Generator
@@ -166,7 +167,8 @@ def evaluate(model, tokenizer: GptTokenizer, articles: list[EvalArticle], config
     predictions = PredictionsFile(os.path.join(output_dir, PREDICTIONS))
     done = predictions.load()
     pending = [a for a in articles if a.index not in done]
-    generator = Generator(model, compile_mode=compile_mode, length_multiple=length_multiple)
+    if generator is None:
+        generator = Generator(model, compile_mode=compile_mode, length_multiple=length_multiple)
     batch_size = max(1, min(batch_size, len(pending) or 1))
     started, generated = time.perf_counter(), 0
     with tqdm(total=len(articles), initial=len(articles) - len(pending), unit="article", desc="summarize",

@@ -107,13 +107,13 @@ def serve_in_thread(server) -> tuple[object, threading.Thread, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--slots", type=int, default=16)
-    parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--requests-per-client", type=int, default=3)
-    parser.add_argument("--compile", choices=("xla", "graph"), default="xla")
+    parser.add_argument("--hidden", type=int, default=256, help="model width")
+    parser.add_argument("--layers", type=int, default=4, help="decoder blocks")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size")
+    parser.add_argument("--slots", type=int, default=16, help="KV-cache slots (largest batch)")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--requests-per-client", type=int, default=3, help="requests each client sends")
+    parser.add_argument("--compile", choices=("xla", "graph"), default="xla", help="how the decode step runs")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]

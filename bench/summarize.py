@@ -24,10 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.cli import ArgumentParser
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
+if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
+    quiet_tensorflow("--verbose" in sys.argv[1:])
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EOS, SEP = 0, 1      # random ids in a random model: eos stops and pads, sep frames the article
@@ -86,20 +91,21 @@ def run_ours(generator, tokenizer, articles, config, batch: int, output_dir: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--rotary-dim", dest="rotary_dim", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=50400)
-    parser.add_argument("--articles", type=int, default=16)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=256, help="model width")
+    parser.add_argument("--layers", type=int, default=4, help="decoder blocks")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads")
+    parser.add_argument("--rotary-dim", dest="rotary_dim", type=int, default=16, help="rotary dims per head")
+    parser.add_argument("--vocab", type=int, default=50400, help="vocabulary rows (GPT-J: 50400)")
+    parser.add_argument("--articles", type=int, default=16, help="articles summarized per run")
     parser.add_argument("--article-tokens", default="256,512", help="min,max random article length")
     parser.add_argument("--batch", type=int, default=4, help="articles per batch")
-    parser.add_argument("--beams", type=int, default=4)
-    parser.add_argument("--min-new", dest="min_new", type=int, default=30)
-    parser.add_argument("--max-new", dest="max_new", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--compile", default="xla", choices=("xla", "graph"))
+    parser.add_argument("--beams", type=int, default=4, help="beam search width")
+    parser.add_argument("--min-new", dest="min_new", type=int, default=30, help="minimum new tokens")
+    parser.add_argument("--max-new", dest="max_new", type=int, default=64, help="maximum new tokens")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side (best is reported)")
+    parser.add_argument("--compile", default="xla", choices=("xla", "graph"), help="how our decode step runs")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     import numpy as np

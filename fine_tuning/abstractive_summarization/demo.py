@@ -27,14 +27,17 @@ Every stage reuses what an earlier run built under demo_work/summarization/.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.cli import ArgumentParser
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
+if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
+    quiet_tensorflow("--verbose" in sys.argv[1:])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "params_gptj_demo_summarization.yaml")
@@ -103,13 +106,16 @@ def rouge_of(model, tokenizer, articles, config, output_dir: str, batch_size: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default=os.path.join(ROOT, "demo_work"))
-    parser.add_argument("--params", default=CONFIG)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", default=os.path.join(ROOT, "demo_work"),
+                        help="the make demo work dir: its model is the base; summarization data and runs go under it")
+    parser.add_argument("--params", default=CONFIG, help="params YAML of the fine-tuning run")
     parser.add_argument("--test-size", type=int, default=64, help="held-out functions scored before and after")
     parser.add_argument("--train-size", type=int, default=4000, help="functions written as training records")
     parser.add_argument("--batch-size", type=int, default=16, help="articles per generation batch")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key (repeatable)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     from checkpoint_utils.load import load_model

@@ -1,7 +1,7 @@
 """Summarize every article with the project's generation module and score it with ROUGE.
 
     python -m fine_tuning.abstractive_summarization.evaluate --params runs/cnn/params.yaml \\
-        --model_dir runs/cnn --input data/cnn_dailymail/validation.parquet \\
+        --model-dir runs/cnn --input data/cnn_dailymail/validation.parquet \\
         --tokenizer EleutherAI/gpt-j-6b --output-dir runs/cnn/rouge
 
 MLPerf's settings are the defaults: beam search with 4 beams and early stopping, 30 to 128
@@ -28,7 +28,12 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from config.cli import ArgumentParser
+from generation.config import COMPILE_MODES
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
+if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
+    quiet_tensorflow("--verbose" in sys.argv[1:])
 
 from config.files import atomic_write_text
 from fine_tuning.abstractive_summarization.formats import FORMATS, expand_article_inputs, read_articles
@@ -193,24 +198,28 @@ def evaluate(model, tokenizer: GptTokenizer, articles: list[EvalArticle], config
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fine_tuning.abstractive_summarization.evaluate",
         description="Summarize articles with a (fine-tuned) GPT-J and score ROUGE-1/2/L/Lsum as MLPerf does.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--params", required=True, help="params YAML (its model: section describes the checkpoint)")
+    parser.add_argument("--params", required=True,
+                        help="params YAML (its model: section describes the checkpoint)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model_dir", help="a training run's directory: its latest checkpoint")
-    source.add_argument("--checkpoint_path", help="a checkpoint prefix or directory (e.g. a converted model)")
+    source.add_argument("--model-dir", help="a training run's directory: its latest checkpoint")
+    source.add_argument("--checkpoint-path", help="a checkpoint prefix or directory (e.g. a converted model)")
     parser.add_argument("--input", nargs="+", required=True,
                         help="articles with references: jsonl/csv/parquet/.story/MLPerf cnn_eval.json")
-    parser.add_argument("--format", default="auto", choices=FORMATS)
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="input format (auto: by file name and content)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory, tokenizer.json or hub id")
     parser.add_argument("--output-dir", required=True, help="predictions.jsonl, rouge.json, settings.json go here")
     parser.add_argument("--limit", type=int, default=None, help="only the first N articles")
     parser.add_argument("--num-beams", type=int, default=4, help="beam search width")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (same as --num-beams 1)")
-    parser.add_argument("--min-new-tokens", type=int, default=30)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--min-new-tokens", type=int, default=30,
+                        help="the end-of-text token is suppressed before this many new tokens (MLPerf: 30)")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="at most this many new tokens per summary (MLPerf: 128)")
     parser.add_argument("--max-input-tokens", type=int, default=MLPERF_MAX_INPUT_TOKENS,
                         help="cap on the prompt, frame included (the article's end is cut)")
     parser.add_argument("--prompt", default="none", choices=PROMPTS, help="as given to prepare")
@@ -218,11 +227,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--raw-prompt", action="store_true",
                         help="no [eos] ... [sep] frame: for models not fine-tuned on prepare's records")
     parser.add_argument("--batch-size", type=int, default=8, help="articles decoded together")
-    parser.add_argument("--generation-compile", choices=("xla", "graph", "eager"), default="xla")
+    parser.add_argument("--generation-compile", choices=COMPILE_MODES, default="xla",
+                        help="how the decode step runs: XLA (fastest), graph, or eager")
     parser.add_argument("--length-multiple", type=int, default=32,
                         help="prompt slots are rounded up to this (fewer shapes, fewer compilations)")
     parser.add_argument("--overwrite", action="store_true", help="discard predictions of an earlier run")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_flag(parser)
     return parser
 
 

@@ -28,6 +28,12 @@ import sys
 import time
 from typing import Iterator, Sequence
 
+from config.cli import ArgumentParser
+from config.quiet import add_verbose_flag, quiet_tensorflow
+
+if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
+    quiet_tensorflow("--verbose" in sys.argv[1:])
+
 import numpy as np
 
 from fine_tuning.abstractive_summarization.formats import (FORMATS, Article, expand_article_inputs, format_of,
@@ -218,7 +224,7 @@ def _write_batch(batch: list[Article], article_ids: list[list[int]], summary_ids
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fine_tuning.abstractive_summarization.prepare",
         description="Article/summary pairs (CNN/DailyMail jsonl, csv, parquet, .story, MLPerf cnn_eval.json) "
                     "to summarization TFRecords: one example per record, loss on the summary only.",
@@ -249,6 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eos-token", default=EOS_TOKEN, help="the tokenizer's end-of-text token")
     parser.add_argument("--overwrite", action="store_true", help="discard the records of an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_flag(parser)
     return parser
 
 

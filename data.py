@@ -8,12 +8,14 @@ int32 [batch, seq]; docs/data.md describes the records and the meaning of the ma
 from __future__ import annotations
 
 from input.gpt_tfrecords_processor import GptTfRecordsProcessor
+from input.summarization_processor import SummarizationTfRecordsProcessor
 from config import modes
 from config.params import Params, ParamsError
 
 __all__ = ["PROCESSORS", "SECTION_OF_MODE", "input_fn"]
 
-PROCESSORS = {"GptTfRecordsProcessor": GptTfRecordsProcessor}
+PROCESSORS = {"GptTfRecordsProcessor": GptTfRecordsProcessor,
+              "SummarizationTfRecordsProcessor": SummarizationTfRecordsProcessor}
 SECTION_OF_MODE = {modes.TRAIN: "train_input", modes.EVAL: "eval_input", modes.PREDICT: "eval_input"}
 
 

@@ -109,7 +109,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainInputParams:
     """Where and how a mode reads its data; see docs/data.md for the record format."""
-    data_processor: Literal["GptTfRecordsProcessor"] = "GptTfRecordsProcessor"
+    data_processor: Literal["GptTfRecordsProcessor", "SummarizationTfRecordsProcessor"] = "GptTfRecordsProcessor"
     data_dir: str | tuple[str, ...] = ""
     batch_size: int = 8
     max_sequence_length: int = 2048

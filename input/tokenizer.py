@@ -66,6 +66,17 @@ class GptTokenizer:
         return self._tokenizer.decode([i for i in ids if 0 <= i < self.vocab_size],
                                       skip_special_tokens=False)
 
+    @property
+    def base_vocab_size(self) -> int:
+        """Tokens of the BPE model itself, without added tokens (50257 for GPT-2/GPT-J's files)."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
     def check_fits_model(self, model_vocab_size: int, where: str = "model.vocab_size") -> None:
         """Fail early when the model cannot embed every id this tokenizer produces."""
         if self.vocab_size > model_vocab_size:

@@ -94,8 +94,7 @@ class LoopProfile:
                 f"{self.admissions} prefills at {self.admit / max(self.admissions, 1) * 1e3:.1f} ms; "
                 f"host {self.host / steps * 1e3:.2f} ms/step; share of busy time: decode "
                 f"{self.decode / max(busy, 1e-9):.0%}, prefill {self.admit / max(busy, 1e-9):.0%}, host "
-                f"{self.host / max(busy, 1e-9):.0%}; compile at warm-up {self.warm_up:.1f} s; "
-                f"static batch wait {self.waiting:.2f} s")
+                f"{self.host / max(busy, 1e-9):.0%}; static batch wait {self.waiting:.2f} s")
 
 
 class Scheduler:

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from config.cli import ArgumentParser
+from generation.config import COMPILE_MODES
 from generation.batch import round_up
 from generation.config import GenerationConfig, GenerationConfigError
 from generation.text import TextStream, find_stop_string, stop_string_checker, strip_stop_token
@@ -328,19 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory/file or hub id")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--max-batch", type=int, default=8, help="cache slots decoded together")
     parser.add_argument("--batching", choices=MODES, default="continuous",
                         help="continuous: requests join and leave at every step; static: whole batches")
     parser.add_argument("--max-wait-ms", type=float, default=20.0, help="static batching: wait this long to fill")
     parser.add_argument("--max-queue", type=int, default=64, help="queued requests before 429")
-    parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
+    parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens,
+                        help="longer prompts get a 400")
     parser.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens, help="largest max_tokens")
-    parser.add_argument("--max-n", type=int, default=Limits.max_n)
-    parser.add_argument("--max-beams", type=int, default=Limits.max_beams)
+    parser.add_argument("--max-n", type=int, default=Limits.max_n, help="largest n (completions per request)")
+    parser.add_argument("--max-beams", type=int, default=Limits.max_beams, help="largest num_beams")
     parser.add_argument("--request-timeout", type=float, default=Limits.request_timeout, help="seconds")
-    parser.add_argument("--compile", choices=("xla", "graph", "eager"), default="xla")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="xla",
+                        help="how the decode step runs: XLA (fastest), graph, or eager")
     parser.add_argument("--steps-per-call", type=int, default=8,
                         help="decode steps per compiled call (a call also ends when a row finishes)")
     parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,

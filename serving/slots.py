@@ -196,6 +196,7 @@ class SlotDecoder:
         self.slots = slots
         self.cache_length = cache_length
         self.steps_per_call = steps_per_call
+        self.traces = 0                # compilations so far (a trace of admit or decode; XLA compiles each)
         s, length = slots, cache_length
         # Variables, not tensors passed in and out: a compiled call that returns a new state
         # copies every byte of the cache (no buffer donation from Python); a variable is
@@ -234,11 +235,13 @@ class SlotDecoder:
 
     def _admit_row(self, row: tf.Tensor, tokens: tf.Tensor, first_slot: tf.Tensor,
                    settings: RowSettings) -> tf.Tensor:
+        self.traces += 1               # Python runs only while tracing
         joined, chosen = prefill_rows(self.model, tokens, first_slot, self.cache_length, settings)
         tf.nest.map_structure(lambda v, t: v.scatter_nd_update(row[None, None], t), self.state, joined)
         return chosen
 
     def _decode_steps(self, settings: RowSettings, budget: tf.Tensor, limit: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        self.traces += 1
         chosen_steps = tf.zeros([self.steps_per_call, self.slots], tf.int32)                 # [K, S]
 
         def running(step, state, chosen_steps, ended):

@@ -18,6 +18,11 @@ CLI_MODULES = ["run", "demo", "checkpoint_utils.convert_hf", "checkpoint_utils.e
                "input.scripts.pile.preprocess", "input.scripts.pile.download", "input.scripts.train_tokenizer",
                "input.scripts.make_local_corpus", "bench.convert", "bench.data", "bench.generate", "bench.train",
                "bench.weight_streaming"]
+# These import TensorFlow (or tensorflow-text) at module level: their --help is quiet but not light.
+CLI_MODULES_LOADING_TENSORFLOW = [
+    "fine_tuning.abstractive_summarization.prepare", "fine_tuning.abstractive_summarization.evaluate",
+    "fine_tuning.abstractive_summarization.demo", "serving.server", "serving.export", "bench.serve",
+    "bench.summarize"]
 # Lines this TensorFlow printed on this machine (2 cores, no GPU, no CUDA driver).
 NOISE = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
@@ -82,9 +87,18 @@ def test_help_loads_no_tensorflow_and_prints_nothing_on_stderr():
     assert report == {m: {"exit": 0, "verbose_flag": True, "tensorflow": False} for m in CLI_MODULES}
 
 
+def test_help_of_the_clis_that_load_tensorflow_prints_nothing_on_stderr():
+    result = subprocess.run([sys.executable, "-c", _HELP_DRIVER, *CLI_MODULES_LOADING_TENSORFLOW],
+                            capture_output=True, text=True, cwd=ROOT, env=USER_ENV, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    report = json.loads(result.stdout)
+    assert {m: (r["exit"], r["verbose_flag"]) for m, r in report.items()} == {
+        m: (0, True) for m in CLI_MODULES_LOADING_TENSORFLOW}
+
+
 def test_every_cli_flag_has_help_text():
     missing = []
-    for module in CLI_MODULES:
+    for module in CLI_MODULES + CLI_MODULES_LOADING_TENSORFLOW:
         path = os.path.join(ROOT, *module.split(".")) + ".py"
         for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
             if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument"

@@ -10,7 +10,8 @@ import yaml
 from config.params import ParamsError, apply_overrides, load_params, save_params
 from config.schema import to_dict
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")) +
+                 glob.glob(os.path.join(os.path.dirname(__file__), "..", "fine_tuning", "*", "configs", "*.yaml")))
 MINIMAL = {"model": {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 4,
                      "rotary_dim": 4, "filter_size": 64, "max_position_embeddings": 32}}
 

@@ -2,9 +2,10 @@
 generator in this process or over the HTTP server.
 
     python -m bench.mlperf.run --scenario Offline|Server --mode performance|accuracy --sut generator|http \
-        (--params P (--model-dir M | --checkpoint-path C) --tokenizer TOK --dataset cnn_eval.json | --tiny)
+        (--tokenizer TOK --dataset cnn_eval.json (--params P (--model-dir M | --checkpoint-path C)
+         | --sut http --url http://127.0.0.1:8000) | --tiny)
         [--count N] [--user-conf bench/mlperf/user.conf] [--output-dir mlperf_logs] [--batch-size 1]
-        [--url http://127.0.0.1:8000] [--http-concurrency 8] [--compile xla]
+        [--http-concurrency 8] [--compile xla]
 
 Prompts: the Alpaca template over each article, GPT-J tokens cut to 1,919; decoding: 4 beams,
 early stopping, 30 to 128 new tokens (bench/mlperf/dataset.py). LoadGen's settings come from
@@ -35,11 +36,14 @@ TINY_SAMPLES = 8
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m bench.mlperf.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", choices=("Offline", "Server"), required=True)
-    parser.add_argument("--mode", choices=("performance", "accuracy"), default="performance")
+    parser.add_argument("--scenario", choices=("Offline", "Server"), required=True,
+                        help="Offline: every sample at once; Server: samples arriving as a Poisson process")
+    parser.add_argument("--mode", choices=("performance", "accuracy"), default="performance",
+                        help="performance: LoadGen's timing summary; accuracy: every sample once, then ROUGE")
     parser.add_argument("--sut", choices=("generator", "http"), default="generator",
                         help="generator: generation.Generator in this process; http: POST /v1/completions")
-    parser.add_argument("--params", default=None, help="params YAML of the model (not with --tiny)")
+    parser.add_argument("--params", default=None,
+                        help="params YAML of the model to load here (not with --tiny or --sut http --url)")
     parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint")
     parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16")
@@ -55,7 +59,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1, help="generator SUT: samples generated together")
     parser.add_argument("--url", default=None, help="http SUT: a running serving.server (default: start one)")
     parser.add_argument("--http-concurrency", type=int, default=8, help="http SUT: requests in flight")
-    parser.add_argument("--compile", choices=("xla", "graph", "eager"), default="xla")
+    parser.add_argument("--compile", choices=("xla", "graph", "eager"), default="xla",
+                        help="how generation runs: XLA (fastest), graph, or eager")
     add_verbose_flag(parser)
     return parser
 
@@ -66,6 +71,7 @@ def tiny_setup(work: str, count: int):
     from config.params import ModelParams
     from input.scripts.train_tokenizer import train_tokenizer
     from model import GPTJModel
+    os.makedirs(work, exist_ok=True)
     dataset = os.path.join(work, "cnn_eval_local.json")
     write_local_set(dataset, count)
     tokenizer = train_tokenizer(sample_texts(local_samples(count)), os.path.join(work, "tokenizer"), vocab_size=400)
@@ -97,12 +103,14 @@ def summary_p99_seconds(summary: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.tiny == (args.params is not None):
-        print("error: give either --tiny or --params with --model-dir/--checkpoint-path, --tokenizer and --dataset",
-              file=sys.stderr)
+    remote = args.sut == "http" and args.url is not None        # the server holds the model
+    if args.tiny and (args.params or remote):
+        print("error: --tiny builds its own model and server; drop --params and --url", file=sys.stderr)
         return 2
-    if not args.tiny and (args.tokenizer is None or args.dataset is None):
-        print("error: --tokenizer and --dataset are needed with --params", file=sys.stderr)
+    if not args.tiny and (args.tokenizer is None or args.dataset is None or (args.params is None) != remote):
+        print("error: give --tiny, or --tokenizer and --dataset with either --params and --model-dir/"
+              "--checkpoint-path (the model in this process) or --sut http --url (a running server)",
+              file=sys.stderr)
         return 2
     import mlperf_loadgen as lg
 
@@ -117,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer, dataset = tiny_setup(args.output_dir, args.count or TINY_SAMPLES)
         else:
             from input.tokenizer import load_tokenizer
-            from serving.loading import load_serving_model
-            _, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype)
-            tokenizer, dataset = load_tokenizer(args.tokenizer), args.dataset
-            tokenizer.check_fits_model(model.config.vocab_size)
+            tokenizer, dataset, model = load_tokenizer(args.tokenizer), args.dataset, None
+            if not remote:
+                from serving.loading import load_serving_model
+                _, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype)
+                tokenizer.check_fits_model(model.config.vocab_size)
         samples = load_samples(dataset, args.count)
         settings = test_settings(args, lg)
     except (ParamsError, FileNotFoundError, ValueError) as err:
@@ -141,12 +150,15 @@ def main(argv: list[str] | None = None) -> int:
             from serving.server import Limits, build_server
             limits = Limits(max_prompt_tokens=max(map(len, prompts)), max_tokens=config.max_new_tokens,
                             max_beams=config.num_beams, request_timeout=3600)
-            server = build_server(model, tokenizer, slots=1, limits=limits, max_queue=len(prompts) + 1,
+            server = build_server(model, tokenizer, slots=1, limits=limits, max_queue=args.http_concurrency,
                                   compile_mode=args.compile)
             uv, thread, url = serve_in_thread(server)
         sut = HttpSUT(url, config, prompts, args.http_concurrency)
-    qsl = lg.ConstructQSL(len(prompts), min(len(prompts), settings.performance_sample_count_override or len(prompts)),
-                          lambda indices: None, lambda indices: None)     # prompts are tokenized up front
+    # mlperf.conf's GPT-J sets 13,368 performance samples; a smaller set (--count, --tiny) has fewer.
+    performance_samples = min(len(prompts), settings.performance_sample_count_override or len(prompts))
+    settings.performance_sample_count_override = performance_samples
+    qsl = lg.ConstructQSL(len(prompts), performance_samples, lambda indices: None,
+                          lambda indices: None)                           # prompts are tokenized up front
     log_settings = lg.LogSettings()
     log_settings.log_output.outdir = os.path.abspath(args.output_dir)
     log_settings.log_output.copy_summary_to_stdout = True

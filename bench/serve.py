@@ -5,7 +5,8 @@
                           [--compile xla]
 
 One random GPT-J is served on loopback by two servers, one per batching mode, with the same
-slots, each compiled for every prompt bucket before it is measured. At concurrency c, c clients keep
+slots, each compiled for every prompt bucket before it is measured. At concurrency c, c clients (in a
+process of their own, bench/serve_client.py) keep
 c requests in flight: each takes the next request of one fixed list of c x
 requests-per-client greedy requests with mixed prompt lengths (8-200 tokens) and output
 lengths (mostly short, some long; EOS ignored so every request makes exactly max_tokens) as
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
 
@@ -34,48 +35,13 @@ import numpy as np
 import requests
 
 from bench.machine import describe_machine
+from bench.serve_client import run_level, workload
 from config.cli import ArgumentParser
 from config.params import ModelParams
 from input.scripts.train_tokenizer import train_tokenizer
 from model import GPTJModel
 from serving.scheduler import MODES, LoopProfile
 from serving.server import Limits, build_server
-
-
-def workload(count: int, vocab: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    jobs = []
-    for i in range(count):
-        prompt = rng.integers(1, vocab, size=int(rng.integers(8, 200))).tolist()
-        max_tokens = int(rng.choice([8, 16, 24, 32, 128], p=[0.3, 0.25, 0.2, 0.1, 0.15]))
-        jobs.append({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
-    return jobs
-
-
-def run_level(url: str, jobs: list[dict], concurrency: int) -> dict:
-    """Send `jobs` with `concurrency` in flight -> figures and the latencies."""
-    latencies, tokens = [], []
-    lock = threading.Lock()
-    pending = iter(jobs)
-
-    def client(_: int) -> None:
-        while True:
-            with lock:
-                body = next(pending, None)
-            if body is None:
-                return
-            start = time.perf_counter()
-            reply = requests.post(url + "/v1/completions", json=body, timeout=600)
-            reply.raise_for_status()
-            with lock:
-                latencies.append(time.perf_counter() - start)
-                tokens.append(reply.json()["usage"]["completion_tokens"])
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client, range(concurrency)))
-    seconds = time.perf_counter() - start
-    return {"requests/s": len(jobs) / seconds, "tokens/s": sum(tokens) / seconds, "latencies": latencies}
 
 
 def combine(rounds: list[dict]) -> dict:
@@ -133,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(max_prompt_tokens=224, max_tokens=128, request_timeout=600)
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.slots} slots; "
           f"compile {args.compile}; {args.steps_per_call} steps per decode call")
+    import multiprocessing
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))   # the load generator
+
+    def load(url: str, jobs: list[dict], concurrency: int) -> dict:
+        return clients.submit(run_level, url, jobs, concurrency).result()
+
     servers, running = {}, []
     for mode in MODES:
         server = build_server(model, tokenizer, args.slots, mode, limits, max_queue=1024, max_wait=0.02,
@@ -141,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         uv, thread, url = serve_in_thread(server)
         servers[mode] = (server.scheduler, url)
         running.append((uv, thread, server))
-        run_level(url, workload(8, args.vocab, seed=99), 4)         # warm-up: the HTTP path, thread pools
+        load(url, workload(8, args.vocab, seed=99), 4)              # warm-up: the HTTP path, thread pools
     results: dict[tuple[str, int], dict] = {}
     for c in levels:
         jobs = workload(c * args.requests_per_client, args.vocab, seed=c)
@@ -151,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in MODES:
                 scheduler, url = servers[mode]
                 scheduler.profile, traces = LoopProfile(), scheduler.decoder.traces   # idle between runs
-                rounds[mode].append(run_level(url, jobs, c))
+                rounds[mode].append(load(url, jobs, c))
                 profiles[mode] = scheduler.profile
                 if scheduler.decoder.traces != traces:
                     print(f"warning: {mode} compiled {scheduler.decoder.traces - traces} time(s) while serving",
@@ -161,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:10s} c={c:3d}  {r['requests/s']:7.2f} req/s  {r['tokens/s']:8.1f} tok/s  "
                   f"p50 {r['p50 s']:6.2f}s  p99 {r['p99 s']:6.2f}s", flush=True)
             print(f"{'':10s}        last round: {profiles[mode].summary(args.slots)}", flush=True)
+    clients.shutdown()
     for uv, thread, server in running:
         uv.should_exit = True
         thread.join(60)

@@ -106,3 +106,36 @@ def test_slot_decoder_greedy_and_sampling_match_the_generator(model, steps_per_c
         decode()
     for request in range(3):
         assert got[request] == expected[request], request
+
+
+def test_warm_up_compiles_every_prompt_bucket_before_serving(model):
+    """After Scheduler.warm_up, requests of any allowed prompt length trace nothing more (a trace
+    in a request's path is an XLA compilation that stalls every slot), and still decode as the
+    Generator does."""
+    import threading
+
+    from serving.scheduler import Job, Scheduler
+    scheduler = Scheduler(model, slots=2, cache_length=96, compile_mode="graph", steps_per_call=4)
+    scheduler.warm_up(max_prompt_tokens=64)
+    traces = scheduler.decoder.traces
+    assert traces == 3                               # prompt buckets 32 and 64, and the decode call
+    scheduler.start()
+    generator = Generator(model, compile_mode="eager")
+    config = GenerationConfig(max_new_tokens=5)
+    prompts = [list(range(1, 30)), list(range(5, 60))]          # one prompt per bucket
+    done, results = threading.Event(), {}
+
+    def sink(index):
+        def receive(kind, sequence, payload):
+            if kind == "finish":
+                results[index] = payload.token_ids
+                if len(results) == len(prompts):
+                    done.set()
+        return receive
+    for index, prompt in enumerate(prompts):
+        scheduler.submit(Job(prompt, config, 0, sink(index)))
+    assert done.wait(120)
+    scheduler.stop(60)
+    assert scheduler.decoder.traces == traces
+    for index, prompt in enumerate(prompts):
+        assert results[index] == generator.generate([prompt], config)[0].token_ids

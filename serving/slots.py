@@ -143,14 +143,18 @@ def prefill_rows(model: GPTJModel, tokens: tf.Tensor, first_slot: tf.Tensor, cac
     batch, prompt_slots = tf.shape(tokens)[0], tf.shape(tokens)[1]
     positions = tf.maximum(tf.range(prompt_slots)[None, :] - first_slot[:, None], 0)          # [b, P]
     valid = key_valid(first_slot, prompt_slots, cache_length)                                # [b, L]
-    cache = model.empty_cache(batch, cache_length)
-    out = model(tokens, position_ids=positions, attention_mask=tf.cast(valid, tf.int32), cache=cache,
-                cache_index=tf.constant(0), last_only=True)
+    # Prompts attend to prompt slots only: with a static P (a serving bucket) the prefill runs on a
+    # P-slot cache, attention over P keys rather than L, and the cache is padded to L after.
+    width = tokens.shape[1] if tokens.shape[1] is not None else cache_length
+    out = model(tokens, position_ids=positions, attention_mask=tf.cast(valid[:, :width], tf.int32),
+                cache=model.empty_cache(batch, width), cache_index=tf.constant(0), last_only=True)
+    cache = tf.nest.map_structure(lambda t: tf.pad(t, [[0, 0], [0, 0], [0, cache_length - width], [0, 0]]),
+                                  out.cache)                                                  # [b, h, L, hd]
     history = tf.pad(tokens, [[0, 0], [0, cache_length - prompt_slots]])                      # [b, L]
     new_tokens = tf.zeros([batch], tf.int32)
     chosen = choose_tokens(out.logits[:, -1], settings, history, valid, new_tokens)
     next_slot = tf.fill([batch], prompt_slots)
-    state = SlotState(out.cache, write_row_tokens(history, next_slot, chosen), first_slot, next_slot + 1,
+    state = SlotState(cache, write_row_tokens(history, next_slot, chosen), first_slot, next_slot + 1,
                       new_tokens + 1)
     return state, chosen
 

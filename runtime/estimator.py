@@ -117,6 +117,7 @@ class Estimator:
         self._restored = False        # restore() ran: the state is model_dir's, warm started, or fresh
         self._has_weights = False     # ... and it is not a fresh initialisation
         self._in_training_run = False
+        self._params_recorded = False     # this training run wrote model_dir/params.yaml
 
     @property
     def model(self) -> model_module.GPTJModel:
@@ -169,9 +170,8 @@ class Estimator:
     @contextlib.contextmanager
     def _training_run(self):
         """Hold model_dir for training: its lock (chief only), the model check against its
-        params.yaml, the restore (which checks the checkpoint's shapes), and only then params.yaml
-        written. Nothing is written when a check fails. Re-entered by train() inside
-        train_and_evaluate(), it does nothing more."""
+        params.yaml and the restore (which checks the checkpoint's shapes); nothing is written
+        when a check fails. Re-entered by train() inside train_and_evaluate(), it does nothing more."""
         if self._in_training_run:
             yield
             return
@@ -180,13 +180,18 @@ class Estimator:
         with ModelDirLock(self.model_dir) if is_chief() else contextlib.nullcontext():
             check_same_model(self.params, self.model_dir)
             self.restore()
-            if is_chief():
-                save_params(self.params, os.path.join(self.model_dir, "params.yaml"))
-            self._in_training_run = True
+            self._in_training_run, self._params_recorded = True, False
             try:
                 yield
             finally:
                 self._in_training_run = False
+
+    def _record_params(self) -> None:
+        """model_dir/params.yaml, once per training run, when it starts: after the checks and the
+        input pipeline's own (missing files, record layout), before the first step."""
+        if not self._params_recorded and is_chief():
+            save_params(self.params, os.path.join(self.model_dir, "params.yaml"))
+        self._params_recorded = True
 
     def train(self, max_steps: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
         """Train until `max_steps` (runconfig.max_steps by default); returns the last step's logs."""
@@ -198,10 +203,11 @@ class Estimator:
             if start >= max_steps:
                 log(f"model_dir {self.model_dir} is already at step {start} >= max_steps {max_steps}; nothing to train")
                 return {}
-            return self._train_from(start, max_steps, on_step)
+            iterator = iter(self.execution.dataset(modes.TRAIN, start))
+            self._record_params()
+            return self._train_from(iterator, start, max_steps, on_step)
 
-    def _train_from(self, start: int, max_steps: int, on_step) -> dict:
-        iterator = iter(self.execution.dataset(modes.TRAIN, start))
+    def _train_from(self, iterator, start: int, max_steps: int, on_step) -> dict:
         progress = ProgressLine(start, max_steps)
         metrics_path = os.path.join(self.model_dir, "train_metrics.jsonl")
         _truncate_metrics(metrics_path, start)

@@ -2,7 +2,6 @@
 SIGTERM saves and the rerun resumes (issue 11, items 2-4)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,21 +14,11 @@ import pytest
 import yaml
 
 import run
+from tests.disk_state import snapshot
 from tests.runtime_helpers import make_data, raw_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
-
-
-def tree_digest(directory: str) -> dict[str, str]:
-    """{relative path: sha256} of every file under directory (what 'nothing changed' compares)."""
-    out = {}
-    for base, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def metrics(model_dir: str) -> dict[int, float]:
@@ -57,13 +46,13 @@ def one_error_line(err: str) -> str:
 
 def test_a_changed_model_section_is_refused_before_anything_is_written(trained, capsys):
     params, model_dir = trained
-    before = tree_digest(model_dir)
+    before = snapshot(model_dir)
     capsys.readouterr()
     assert run.main(["--mode", "train", "--params", params, "--model_dir", model_dir, "--max_steps", "4",
                      "--set", "model.num_hidden_layers=3"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "model.num_hidden_layers: 2 in" in line and "3 now" in line and "--checkpoint-path" in line
-    assert tree_digest(model_dir) == before
+    assert snapshot(model_dir) == before
     # the README's next command still works on the good run
     assert run.main(["--mode", "eval", "--params", os.path.join(model_dir, "params.yaml"),
                      "--model_dir", model_dir]) == 0
@@ -77,13 +66,13 @@ def test_a_checkpoint_of_another_shape_names_the_tensor_and_both_shapes(trained,
         if name.startswith(("ckpt-", "checkpoint")):
             with open(os.path.join(model_dir, name), "rb") as src, open(copy / name, "wb") as dst:
                 dst.write(src.read())
-    before = tree_digest(str(copy))
+    before = snapshot(str(copy))
     capsys.readouterr()
     assert run.main(["--mode", "train", "--params", params, "--model_dir", str(copy), "--max_steps", "4",
                      "--set", "model.filter_size=128"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "blocks/0/mlp/fc_in/kernel has shape [32, 64] but the params imply [32, 128]" in line
-    assert tree_digest(str(copy)) == before
+    assert snapshot(str(copy)) == before
 
 
 HOLD_LOCK = textwrap.dedent("""
@@ -102,12 +91,12 @@ def test_a_second_training_is_refused_while_one_holds_the_lock_and_a_dead_holder
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        before = tree_digest(model_dir)
+        before = snapshot(model_dir)
         capsys.readouterr()
         assert run.main(["--mode", "train", "--params", params, "--model_dir", model_dir, "--max_steps", "3"]) == 2
         line = one_error_line(capsys.readouterr().err)
         assert f"in use by another training (pid {holder.pid} on host " in line and "started 20" in line
-        assert tree_digest(model_dir) == before
+        assert snapshot(model_dir) == before
     finally:
         holder.kill()              # SIGKILL: the lock file stays, its flock goes with the process
         holder.wait()

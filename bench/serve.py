@@ -1,24 +1,30 @@
 """Benchmark: the HTTP server's continuous batching vs static (whole-request) batching.
 
     python -m bench.serve [--hidden 256] [--layers 4] [--vocab 2048] [--slots 16]
-                          [--concurrency 1,4,16] [--requests-per-client 3] [--compile xla]
+                          [--concurrency 1,4,16] [--requests-per-client 8] [--steps-per-call 8] [--rounds 3]
+                          [--compile xla]
 
-One random GPT-J is served on loopback twice, once per batching mode, with the same slots.
-At each concurrency level, that many clients each send their share of one fixed list of
-greedy requests with mixed prompt lengths (8-200 tokens) and output lengths (mostly short,
-some long; EOS ignored so every request makes exactly max_tokens), one after another.
-Reported: requests/s, generated tokens/s, p50/p99 request latency; then the continuous/static
-ratios. Target: continuous >= 1.5x static tokens/s at concurrency 16, and a lower p99.
+One random GPT-J is served on loopback by two servers, one per batching mode, with the same
+slots, each compiled for every prompt bucket before it is measured. At concurrency c, c clients (in a
+process of their own, bench/serve_client.py) keep
+c requests in flight: each takes the next request of one fixed list of c x
+requests-per-client greedy requests with mixed prompt lengths (8-200 tokens) and output
+lengths (mostly short, some long; EOS ignored so every request makes exactly max_tokens) as
+soon as its previous one is answered. (Fixed per-client shares would time the client that
+drew the most long requests, whatever the server does.) Each level runs --rounds times per
+mode, the modes alternating, so a busy spell of a shared machine hits both. Reported: median requests/s and
+generated tokens/s, p50/p99 latency over all rounds' requests, and where the scheduler thread's time went (decode
+steps, prefills, host work, compilation); then the continuous/static ratios. Target:
+continuous >= 1.5x static tokens/s at concurrency 16, and a lower p99.
 """
 from __future__ import annotations
 
 import os
 import sys
-import platform
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
 
@@ -28,61 +34,21 @@ if __name__ == "__main__":      # before the imports below load TensorFlow (--ve
 import numpy as np
 import requests
 
+from bench.machine import describe_machine
+from bench.serve_client import run_level, workload
 from config.cli import ArgumentParser
 from config.params import ModelParams
 from input.scripts.train_tokenizer import train_tokenizer
 from model import GPTJModel
+from serving.scheduler import MODES, LoopProfile
 from serving.server import Limits, build_server
 
 
-def cpu_description() -> str:
-    """CPU model and the ISA extensions that matter for TF's CPU kernels (from /proc/cpuinfo)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    isa = {"AVX2": "avx2", "AVX-512F": "avx512f", "AVX-512 BF16": "avx512_bf16", "AMX-BF16": "amx_bf16",
-           "AMX-TILE": "amx_tile"}
-    shown = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in isa.items())
-    return f"{model}; {os.cpu_count()} cores visible; {shown}"
-
-
-def workload(count: int, vocab: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    jobs = []
-    for i in range(count):
-        prompt = rng.integers(1, vocab, size=int(rng.integers(8, 200))).tolist()
-        max_tokens = int(rng.choice([8, 16, 24, 32, 128], p=[0.3, 0.25, 0.2, 0.1, 0.15]))
-        jobs.append({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
-    return jobs
-
-
-def run_level(url: str, jobs: list[dict], concurrency: int) -> dict:
-    latencies, tokens = [], []
-    lock = threading.Lock()
-
-    def client(share: list[dict]) -> None:
-        for body in share:
-            start = time.perf_counter()
-            reply = requests.post(url + "/v1/completions", json=body, timeout=600)
-            reply.raise_for_status()
-            with lock:
-                latencies.append(time.perf_counter() - start)
-                tokens.append(reply.json()["usage"]["completion_tokens"])
-
-    shares = [jobs[i::concurrency] for i in range(concurrency)]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client, shares))
-    seconds = time.perf_counter() - start
-    return {"requests/s": len(jobs) / seconds, "tokens/s": sum(tokens) / seconds,
+def combine(rounds: list[dict]) -> dict:
+    """Rounds of one mode and level -> median rates, p50/p99 over every request of every round."""
+    latencies = [t for r in rounds for t in r["latencies"]]
+    return {"requests/s": float(np.median([r["requests/s"] for r in rounds])),
+            "tokens/s": float(np.median([r["tokens/s"] for r in rounds])),
             "p50 s": float(np.percentile(latencies, 50)), "p99 s": float(np.percentile(latencies, 99))}
 
 
@@ -93,7 +59,9 @@ def serve_in_thread(server) -> tuple[object, threading.Thread, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    # log_config=None: uvicorn would otherwise re-configure logging process-wide (a bench or harness
+    # runs it inside its own process)
+    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -112,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size")
     parser.add_argument("--slots", type=int, default=16, help="KV-cache slots (largest batch)")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
-    parser.add_argument("--requests-per-client", type=int, default=3, help="requests each client sends")
+    parser.add_argument("--requests-per-client", type=int, default=8,
+                        help="requests per client: c x this many requests at concurrency c")
+    parser.add_argument("--steps-per-call", type=int, default=8, help="decode steps per compiled call")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs per mode and level, the modes alternating; rates are the median")
     parser.add_argument("--compile", choices=("xla", "graph"), default="xla", help="how the decode step runs")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"CPU: {cpu_description()}")
+    print(describe_machine())
     config = ModelParams(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                          num_heads=max(args.hidden // 64, 1), rotary_dim=min(64, args.hidden // max(args.hidden // 64, 1)),
                          filter_size=4 * args.hidden, max_position_embeddings=512)
@@ -126,19 +98,43 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = train_tokenizer(["the cat sat on the mat"] * 3, os.path.join(work, "tok"), vocab_size=300)
     limits = Limits(max_prompt_tokens=224, max_tokens=128, request_timeout=600)
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.slots} slots; "
-          f"compile {args.compile}")
-    results: dict[tuple[str, int], dict] = {}
-    for mode in ("continuous", "static"):
+          f"compile {args.compile}; {args.steps_per_call} steps per decode call")
+    import multiprocessing
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))   # the load generator
+
+    def load(url: str, jobs: list[dict], concurrency: int) -> dict:
+        return clients.submit(run_level, url, jobs, concurrency).result()
+
+    servers, running = {}, []
+    for mode in MODES:
         server = build_server(model, tokenizer, args.slots, mode, limits, max_queue=1024, max_wait=0.02,
-                              compile_mode=args.compile)
+                              compile_mode=args.compile, steps_per_call=args.steps_per_call, warm_up=True)
+        print(f"{mode}: compiled {server.scheduler.profile.warm_up:.1f} s before serving", flush=True)
         uv, thread, url = serve_in_thread(server)
-        run_level(url, workload(4, args.vocab, seed=99), 4)         # warm-up: traces every prompt bucket used below
-        run_level(url, workload(16, args.vocab, seed=98), 16)
-        for c in levels:
-            results[(mode, c)] = run_level(url, workload(c * args.requests_per_client, args.vocab, seed=c), c)
-            r = results[(mode, c)]
+        servers[mode] = (server.scheduler, url)
+        running.append((uv, thread, server))
+        load(url, workload(8, args.vocab, seed=99), 4)              # warm-up: the HTTP path, thread pools
+    results: dict[tuple[str, int], dict] = {}
+    for c in levels:
+        jobs = workload(c * args.requests_per_client, args.vocab, seed=c)
+        rounds: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        profiles: dict[str, LoopProfile] = {}
+        for _ in range(args.rounds):                                # modes alternate: a busy spell hits both
+            for mode in MODES:
+                scheduler, url = servers[mode]
+                scheduler.profile, traces = LoopProfile(), scheduler.decoder.traces   # idle between runs
+                rounds[mode].append(load(url, jobs, c))
+                profiles[mode] = scheduler.profile
+                if scheduler.decoder.traces != traces:
+                    print(f"warning: {mode} compiled {scheduler.decoder.traces - traces} time(s) while serving",
+                          flush=True)
+        for mode in MODES:
+            r = results[(mode, c)] = combine(rounds[mode])
             print(f"{mode:10s} c={c:3d}  {r['requests/s']:7.2f} req/s  {r['tokens/s']:8.1f} tok/s  "
                   f"p50 {r['p50 s']:6.2f}s  p99 {r['p99 s']:6.2f}s", flush=True)
+            print(f"{'':10s}        last round: {profiles[mode].summary(args.slots)}", flush=True)
+    clients.shutdown()
+    for uv, thread, server in running:
         uv.should_exit = True
         thread.join(60)
         server.scheduler.stop(60)

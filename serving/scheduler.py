@@ -1,9 +1,10 @@
 """The batching scheduler: a fixed set of cache slots, one compiled step over all of them.
 
-One thread owns the model. Between steps it drops cancelled and expired jobs, admits queued
-jobs into free slots (prefill, then the job's rows join the next step), runs one step for
-every slot, and hands each row's new token to its job's sink; a row whose job finished frees
-its slot at once. So a short request never waits for a long one to finish.
+One thread owns the model. Between decode calls it drops cancelled and expired jobs, admits
+queued jobs into free slots (prefill, then the job's rows join the next step), runs up to
+`steps_per_call` steps for every slot (the call ends early when a row finishes), and hands
+each row's new tokens to its job's sink; a row whose job finished frees its slot at once. So
+a short request never waits for a long one to finish.
 
     continuous: admit whenever slots are free.
     static:     admit only when every slot is free (whole requests batched together, waiting up
@@ -24,7 +25,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from generation.batch import left_pad
+from generation.batch import left_pad, round_up
 from generation.config import GenerationConfig
 from generation.generator import Generator
 from generation.results import Generation
@@ -69,13 +70,40 @@ class Row:
     sequence: int
 
 
+@dataclass
+class LoopProfile:
+    """Where the scheduler thread's time went (seconds; read by bench/serve.py). Each compiled
+    call's time includes its host sync; host is the rest of the busy loop (settings, token
+    hand-off, stop checks, expiry); waiting is static batching holding a batch to fill."""
+    warm_up: float = 0.0          # compilation before serving
+    decode: float = 0.0
+    decode_calls: int = 0
+    decode_steps: int = 0
+    busy_row_steps: int = 0       # sum over steps of the rows decoding a request
+    admit: float = 0.0
+    admissions: int = 0
+    whole: float = 0.0            # beam search / bad-word requests through the Generator
+    host: float = 0.0
+    waiting: float = 0.0
+
+    def summary(self, slots: int) -> str:
+        steps, calls = max(self.decode_steps, 1), max(self.decode_calls, 1)
+        busy = self.decode + self.admit + self.whole + self.host
+        return (f"{self.decode_steps} steps in {self.decode_calls} calls ({self.decode_steps / calls:.1f}/call), "
+                f"{self.decode / steps * 1e3:.1f} ms/step, {self.busy_row_steps / steps:.1f}/{slots} rows busy; "
+                f"{self.admissions} prefills at {self.admit / max(self.admissions, 1) * 1e3:.1f} ms; "
+                f"host {self.host / steps * 1e3:.2f} ms/step; share of busy time: decode "
+                f"{self.decode / max(busy, 1e-9):.0%}, prefill {self.admit / max(busy, 1e-9):.0%}, host "
+                f"{self.host / max(busy, 1e-9):.0%}; static batch wait {self.waiting:.2f} s")
+
+
 class Scheduler:
     def __init__(self, model: GPTJModel, slots: int, cache_length: int, mode: str = "continuous",
                  max_queue: int = 64, max_wait: float = 0.02, compile_mode: str = "xla",
-                 length_multiple: int = 32, metrics=None):
+                 length_multiple: int = 32, metrics=None, steps_per_call: int = 8):
         if mode not in MODES:
             raise ValueError(f"batching mode {mode!r} is not one of {', '.join(MODES)}")
-        self.decoder = SlotDecoder(model, slots, cache_length, compile_mode)
+        self.decoder = SlotDecoder(model, slots, cache_length, compile_mode, steps_per_call)
         self.generator = Generator(model, compile_mode, length_multiple)
         self.slots, self.cache_length, self.mode = slots, cache_length, mode
         self.max_queue, self.max_wait, self.length_multiple = max_queue, max_wait, length_multiple
@@ -86,10 +114,21 @@ class Scheduler:
         self.draining = False
         self._stopped = False
         self._settings = None
-        self._state = self.decoder.empty_state()
+        self.profile = LoopProfile()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     # ---- client side (any thread) ----------------------------------------------------------
+
+    def warm_up(self, max_prompt_tokens: int) -> None:
+        """Compile the prefill of every prompt bucket up to max_prompt_tokens and the decode
+        call now, not in the first requests' path. Before start()."""
+        if self._thread.is_alive():
+            raise RuntimeError("warm_up() runs before start(): the scheduler thread owns the model")
+        longest = round_up(max_prompt_tokens, self.length_multiple)
+        buckets = [p for p in range(self.length_multiple, longest + 1, self.length_multiple) if p < self.cache_length]
+        start = time.perf_counter()
+        self.decoder.warm_up(buckets, self._row_settings())
+        self.profile.warm_up += time.perf_counter() - start
 
     def start(self) -> "Scheduler":
         self._thread.start()
@@ -135,12 +174,18 @@ class Scheduler:
                     self.condition.wait(0.5)
                 if self._stopped and not self.queue and not self.busy_rows:
                     return
+            start = time.perf_counter()
+            compiled = self.profile.decode + self.profile.admit + self.profile.whole
             self._expire()
             admitted = self._admit()
             if self.busy_rows:
                 self._step()
             elif not admitted:
                 time.sleep(0.001)     # static mode waiting for its batch to fill
+                self.profile.waiting += time.perf_counter() - start
+                continue
+            compiled = self.profile.decode + self.profile.admit + self.profile.whole - compiled
+            self.profile.host += time.perf_counter() - start - compiled
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -193,27 +238,43 @@ class Scheduler:
         job.tokens = [[] for _ in rows]
         job.open_rows = len(rows)
         for sequence, row in enumerate(rows):
-            self._state, first = self.decoder.admit(
-                self._state, tf.constant(row), tf.constant(batch.tokens), tf.constant(batch.first_slot),
-                row_settings([config], [job.seed], [sequence]))
+            start = time.perf_counter()
+            first = self.decoder.admit(row, batch.tokens, batch.first_slot,
+                                       row_settings([config], [job.seed], [sequence]))
+            self.profile.admit += time.perf_counter() - start
+            self.profile.admissions += 1
             self.rows[row] = Row(job, sequence)
             self._settings = None
             if self.metrics is not None:
                 self.metrics.first_token(time.monotonic() - job.arrived)
             self._take(row, int(first[0]))
 
+    def _row_settings(self):
+        configs = [r.job.config if r else IDLE for r in self.rows]
+        return row_settings(configs, [r.job.seed if r else 0 for r in self.rows],
+                            [r.sequence if r else 0 for r in self.rows])
+
     def _step(self) -> None:
+        """One decode call: up to steps_per_call tokens per row, ending early when a row
+        reaches a stop id or its max_new_tokens (stop strings are checked here, per token)."""
         if self._settings is None:
-            configs = [r.job.config if r else IDLE for r in self.rows]
-            self._settings = row_settings(configs, [r.job.seed if r else 0 for r in self.rows],
-                                          [r.sequence if r else 0 for r in self.rows])
-        active = self.busy_rows
-        self._state, chosen = self.decoder.step(self._state, self._settings)
-        if self.metrics is not None:
-            self.metrics.step(active, self.slots)
-        for row, token in enumerate(np.asarray(chosen)):
-            if self.rows[row] is not None:
-                self._take(row, int(token))
+            self._settings = self._row_settings()
+        budget = np.full([self.slots], self.decoder.steps_per_call + 1, np.int32)   # free rows: never end a call
+        for index, row in enumerate(self.rows):
+            if row is not None:
+                budget[index] = row.job.config.max_new_tokens - len(row.job.tokens[row.sequence])
+        start = time.perf_counter()
+        chosen = self.decoder.decode(self._settings, budget)                           # [steps, S]
+        self.profile.decode += time.perf_counter() - start
+        self.profile.decode_calls += 1
+        self.profile.decode_steps += len(chosen)
+        for tokens in chosen:
+            self.profile.busy_row_steps += self.busy_rows
+            if self.metrics is not None:
+                self.metrics.step(self.busy_rows, self.slots)
+            for row, token in enumerate(tokens):
+                if self.rows[row] is not None:
+                    self._take(row, int(token))
 
     def _take(self, row: int, token: int) -> None:
         """Row `row` chose `token`: record it, tell the sink, end the sequence if it finished."""
@@ -239,11 +300,14 @@ class Scheduler:
 
     def _run_whole(self, job: Job) -> None:
         """Beam search / bad words: the whole request through the Generator."""
+        start = time.perf_counter()
         try:
             results = self.generator.generate([job.prompt_ids], job.config, seeds=[job.seed])
         except Exception as err:               # a request must never take the scheduler down
             job.sink("error", 0, f"generation failed: {err}")
             return
+        finally:
+            self.profile.whole += time.perf_counter() - start
         for sequence, result in enumerate(results):
             if self.metrics is not None:
                 self.metrics.tokens(len(result.token_ids))

@@ -306,14 +306,19 @@ class Server:
 
 def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str = "continuous",
                  limits: Limits = Limits(), max_queue: int = 64, max_wait: float = 0.02,
-                 compile_mode: str = "xla", model_name: str = "gptj") -> Server:
-    """A Server whose cache fits the longest prompt and output the limits allow."""
+                 compile_mode: str = "xla", model_name: str = "gptj", steps_per_call: int = 8,
+                 warm_up: bool = False) -> Server:
+    """A Server whose cache fits the longest prompt and output the limits allow; with warm_up,
+    every prompt bucket is compiled before it listens."""
     max_positions = model.config.max_position_embeddings
     cache_length = min(round_up(limits.max_prompt_tokens, 32) + limits.max_tokens, round_up(max_positions, 32) + 32)
     cache_length = round_up(cache_length, 32)
     metrics = Metrics()
     scheduler = Scheduler(model, slots, cache_length, batching, max_queue, max_wait, compile_mode,
-                          metrics=metrics).start()
+                          metrics=metrics, steps_per_call=steps_per_call)
+    if warm_up:
+        scheduler.warm_up(limits.max_prompt_tokens)
+    scheduler.start()
     return Server(scheduler, tokenizer, limits, metrics, model_name, max_positions)
 
 
@@ -339,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=Limits.request_timeout, help="seconds")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="xla",
                         help="how the decode step runs: XLA (fastest), graph, or eager")
+    parser.add_argument("--steps-per-call", type=int, default=8,
+                        help="decode steps per compiled call (a call also ends when a row finishes)")
+    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile every prompt bucket before listening (seconds each under XLA)")
     add_verbose_flag(parser)
     return parser
 
@@ -369,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams,
                         args.request_timeout)
         server = build_server(model, tokenizer, args.max_batch, args.batching, limits, args.max_queue,
-                              args.max_wait_ms / 1000, args.compile)
+                              args.max_wait_ms / 1000, args.compile, steps_per_call=args.steps_per_call,
+                              warm_up=args.warm_up)
     except (ParamsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

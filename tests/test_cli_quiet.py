@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI_MODULES = ["run", "demo", "checkpoint_utils.convert_hf", "checkpoint_utils.export_hf", "checkpoint_utils.verify",
                "input.scripts.pile.preprocess", "input.scripts.pile.download", "input.scripts.train_tokenizer",
                "input.scripts.make_local_corpus", "bench.convert", "bench.data", "bench.generate", "bench.train",
-               "bench.weight_streaming"]
+               "bench.weight_streaming", "bench.mlperf.run", "bench.mlperf.accuracy"]
 # These import TensorFlow (or tensorflow-text) at module level: their --help is quiet but not light.
 CLI_MODULES_LOADING_TENSORFLOW = [
     "fine_tuning.abstractive_summarization.prepare", "fine_tuning.abstractive_summarization.evaluate",

@@ -60,9 +60,11 @@ def test_rows_at_different_slots_match_the_full_forward(model):
                 np.testing.assert_allclose(out.logits[row, -1].numpy(), full, atol=ATOL)
 
 
-def test_slot_decoder_greedy_and_sampling_match_the_generator(model):
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_slot_decoder_greedy_and_sampling_match_the_generator(model, steps_per_call):
     """Rows admitted at different steps, mixing greedy and sampling settings, produce the
-    Generator's tokens for each request alone."""
+    Generator's tokens for each request alone, one step per call or several (a call ends
+    early at a row's stop id or token budget, as the scheduler relies on)."""
     rng = np.random.default_rng(2)
     prompts = [rng.integers(1, 97, size=n).tolist() for n in (4, 11, 7)]
     configs = [GenerationConfig(max_new_tokens=6),
@@ -72,30 +74,68 @@ def test_slot_decoder_greedy_and_sampling_match_the_generator(model):
     generator = Generator(model, compile_mode="eager")
     expected = [generator.generate([p], c, seeds=[c.seed])[0].token_ids for p, c in zip(prompts, configs)]
 
-    decoder = SlotDecoder(model, slots=4, cache_length=64, compile_mode="graph")
-    state = decoder.empty_state()
+    decoder = SlotDecoder(model, slots=4, cache_length=64, compile_mode="graph", steps_per_call=steps_per_call)
     rows: dict[int, int] = {}                    # slot row -> request
     got: dict[int, list[int]] = {}
+    done: set[int] = set()
     idle = GenerationConfig()
     table = [idle] * 4
-    for request, (prompt, config) in enumerate(zip(prompts, configs)):
-        row = [1, 3, 0][request]                  # arbitrary rows, joining one step apart
-        batch = left_pad([prompt], 0, 32)
-        state, first = decoder.admit(state, tf.constant(row), tf.constant(batch.tokens),
-                                     tf.constant(batch.first_slot), row_settings([config], [config.seed], [0]))
-        rows[row], got[request], table[row] = request, [int(first[0])], config
+
+    def decode():
         settings = row_settings(table, [c.seed for c in table], [0] * 4)
-        state, chosen = decoder.step(state, settings)
+        budget = np.full([4], steps_per_call + 1, np.int32)
         for r, req in rows.items():
-            if len(got[req]) < 6:
-                got[req].append(int(chosen[r]))
-    while any(len(v) < 6 for v in got.values()):
-        state, chosen = decoder.step(state, row_settings(table, [c.seed for c in table], [0] * 4))
-        for r, req in rows.items():
-            if len(got[req]) < 6:
-                got[req].append(int(chosen[r]))
+            if req not in done:
+                budget[r] = configs[req].max_new_tokens - len(got[req])
+        chosen = decoder.decode(settings, budget)
+        assert 1 <= len(chosen) <= steps_per_call
+        for tokens in chosen:
+            for r, req in rows.items():
+                if req not in done:
+                    got[req].append(int(tokens[r]))
+                    if len(got[req]) == configs[req].max_new_tokens or got[req][-1] in configs[req].stop_token_ids:
+                        done.add(req)
+
+    for request, (prompt, config) in enumerate(zip(prompts, configs)):
+        row = [1, 3, 0][request]                  # arbitrary rows, joining one call apart
+        batch = left_pad([prompt], 0, 32)
+        first = decoder.admit(row, batch.tokens, batch.first_slot, row_settings([config], [config.seed], [0]))
+        rows[row], got[request], table[row] = request, [int(first[0])], config
+        decode()
+    while len(done) < 3:
+        decode()
     for request in range(3):
-        ids = got[request]
-        if 4 in ids:                              # the Generator stops at the stop id
-            ids = ids[:ids.index(4) + 1]
-        assert ids == expected[request], request
+        assert got[request] == expected[request], request
+
+
+def test_warm_up_compiles_every_prompt_bucket_before_serving(model):
+    """After Scheduler.warm_up, requests of any allowed prompt length trace nothing more (a trace
+    in a request's path is an XLA compilation that stalls every slot), and still decode as the
+    Generator does."""
+    import threading
+
+    from serving.scheduler import Job, Scheduler
+    scheduler = Scheduler(model, slots=2, cache_length=96, compile_mode="graph", steps_per_call=4)
+    scheduler.warm_up(max_prompt_tokens=64)
+    traces = scheduler.decoder.traces
+    assert traces == 3                               # prompt buckets 32 and 64, and the decode call
+    scheduler.start()
+    generator = Generator(model, compile_mode="eager")
+    config = GenerationConfig(max_new_tokens=5)
+    prompts = [list(range(1, 30)), list(range(5, 60))]          # one prompt per bucket
+    done, results = threading.Event(), {}
+
+    def sink(index):
+        def receive(kind, sequence, payload):
+            if kind == "finish":
+                results[index] = payload.token_ids
+                if len(results) == len(prompts):
+                    done.set()
+        return receive
+    for index, prompt in enumerate(prompts):
+        scheduler.submit(Job(prompt, config, 0, sink(index)))
+    assert done.wait(120)
+    scheduler.stop(60)
+    assert scheduler.decoder.traces == traces
+    for index, prompt in enumerate(prompts):
+        assert results[index] == generator.generate([prompt], config)[0].token_ids

@@ -1,6 +1,7 @@
 # `make demo` and `make test` work from a fresh clone: both create .venv on first use.
 # The demo needs the runtime dependencies only; the tests add the `dev` extra (pytest and the
-# torch + transformers oracles, a few GB), so `make demo` never installs those.
+# torch + transformers oracles, a few GB) and the `mlperf` extra (LoadGen, for the harness's
+# test), so `make demo` never installs those.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 $(DEV_STAMP): $(RUNTIME_STAMP)
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,mlperf]'
 	touch $@
 
 demo: $(RUNTIME_STAMP)

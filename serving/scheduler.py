@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import tensorflow as tf
 
 from generation.batch import left_pad, round_up
 from generation.config import GenerationConfig

@@ -3,7 +3,6 @@ converted tiny model, and a killed run resumes without redoing or losing article
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

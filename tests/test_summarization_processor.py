@@ -4,7 +4,6 @@ exactly the summary positions."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

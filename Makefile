@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+# Test processes (pytest-xdist): 2 halves the suite's time on 2 cores (TF's compile and start-up are
+# mostly single-threaded); each holds TF and the torch oracles (~3 GB), so more needs the memory.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench clean-venv
 
@@ -26,7 +29,7 @@ demo: $(RUNTIME_STAMP)
 	$(BIN)/python demo.py
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 clean-venv:
 	rm -rf $(VENV)

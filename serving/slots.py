@@ -232,11 +232,18 @@ class SlotDecoder:
 
     def warm_up(self, prompt_slots: Sequence[int], settings: RowSettings) -> None:
         """Trace and compile `admit` for each prompt bucket and `decode`, before requests come
-        (an XLA compilation takes seconds; in a request's path it stalls every slot)."""
-        for length in prompt_slots:
-            self.admit(0, np.zeros([1, length], np.int32), np.zeros([1], np.int32), row_settings(
-                [GenerationConfig()], [0], [0]))
-        self.decode(settings, np.full([self.slots], self.steps_per_call + 1, np.int32), 1)
+        (an XLA compilation takes seconds; in a request's path it stalls every slot). One trace
+        per bucket is the design, so TensorFlow's "excessive retracing" warning is held back here."""
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")
+        try:
+            for length in prompt_slots:
+                self.admit(0, np.zeros([1, length], np.int32), np.zeros([1], np.int32), row_settings(
+                    [GenerationConfig()], [0], [0]))
+            self.decode(settings, np.full([self.slots], self.steps_per_call + 1, np.int32), 1)
+        finally:
+            logger.setLevel(level)
 
     def _read(self) -> SlotState:
         return tf.nest.map_structure(lambda v: v.read_value(), self.state)

@@ -40,3 +40,18 @@ def raw_params(data_root: str, **sections) -> dict:
 
 def tiny_params(data_root: str, **sections) -> Params:
     return parse_params(raw_params(data_root, **sections))
+
+
+def saved_random_model(root, seed: int, **model):
+    """(params.yaml path, the model, its checkpoint prefix) of the tiny params with `model` overrides,
+    random weights drawn with `seed`: what the serving tests load."""
+    import tensorflow as tf
+    import yaml
+
+    from model import GPTJModel
+    raw = raw_params(str(root), model=model)
+    path = os.path.join(str(root), "params.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(raw, f)
+    built = GPTJModel(parse_params(raw).model, seed=seed)
+    return path, built, tf.train.Checkpoint(model=built).save(os.path.join(str(root), "weights", "ckpt"))

@@ -8,15 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import yaml
 
-from config.params import parse_params
 from generation.config import GenerationConfig
 from generation.generator import Generator
-from model import GPTJModel
 from serving import export
-from tests.runtime_helpers import raw_params
+from tests.runtime_helpers import saved_random_model
 
 VOCAB = 97
 
@@ -40,12 +36,9 @@ print(json.dumps({"results": out, "project_modules": project}))
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    raw = raw_params(str(root), model={"vocab_size": VOCAB, "max_position_embeddings": 64})
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    model = GPTJModel(parse_params(raw).model, seed=7)
-    checkpoint = tf.train.Checkpoint(model=model).save(str(root / "weights" / "ckpt"))
+    params, model, checkpoint = saved_random_model(root, 7, vocab_size=VOCAB, max_position_embeddings=64)
     out = str(root / "saved")
-    argv = ["--params", str(root / "params.yaml"), "--checkpoint_path", checkpoint, "--output-dir", out,
+    argv = ["--params", params, "--checkpoint_path", checkpoint, "--output-dir", out,
             "--num-beams", "3", "--beam-prompt-length", "16", "--beam-max-new-tokens", "5", "--beam-stop-id", "3"]
     assert export.main(argv) == 0
     return model, out

@@ -15,16 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-import tensorflow as tf
-import yaml
 
-from config.params import parse_params
 from generation.config import GenerationConfig
 from generation.generator import Generator
-from model import GPTJModel
 from serving.server import Limits, build_server
 from tests.data_helpers import make_tiny_tokenizer
-from tests.runtime_helpers import raw_params
+from tests.runtime_helpers import saved_random_model
 
 VOCAB = 320
 LIMITS = Limits(max_prompt_tokens=40, max_tokens=24, max_n=3, max_beams=3, request_timeout=60)
@@ -51,13 +47,10 @@ def wait_healthy(url: str, seconds: float = 120) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    raw = raw_params(str(root), model={"vocab_size": VOCAB, "max_position_embeddings": 96})
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    model = GPTJModel(parse_params(raw).model, seed=5)
-    checkpoint = tf.train.Checkpoint(model=model).save(str(root / "weights" / "ckpt"))
+    params, model, checkpoint = saved_random_model(root, 5, vocab_size=VOCAB, max_position_embeddings=96)
     tokenizer = make_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
     return {"root": root, "model": model, "checkpoint": checkpoint, "tokenizer": tokenizer,
-            "params": str(root / "params.yaml"), "tokenizer_dir": str(root / "tok")}
+            "params": params, "tokenizer_dir": str(root / "tok")}
 
 
 def start_in_thread(server):

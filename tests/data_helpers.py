@@ -132,7 +132,7 @@ def make_tiny_preprocessed(directory: str, *, seq_len: int = 16, shard_size: int
                            val_fraction: float = 0.2) -> dict:
     """Run the real preprocessing on a tiny corpus: `<dir>/tfrecords/{train,val}` and `<dir>/tokenizer`.
 
-    For runtime/demo tests that want data the way a user makes it. Returns the stats per split.
+    For runtime and demo tests that want data the way a user makes it. Returns the stats per split.
     """
     from input.scripts.pile.preprocess import preprocess
 

@@ -234,7 +234,7 @@ class RunConfig:
     log_steps: int = 10
     seed: int = 0
     deterministic: bool = False
-    jit_compile: bool = False
+    jit_compile: Literal["auto"] | bool = "auto"   # auto: per dtype and device (runtime/compile_path.py)
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
     execution: Literal["standard", "weight_streaming"] = "standard"
     weight_streaming: WeightStreamingParams = field(default_factory=WeightStreamingParams)

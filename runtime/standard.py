@@ -5,8 +5,10 @@ import tensorflow as tf
 
 from config import modes
 from config.params import Params
+from runtime.compile_path import choose_compile_path, compile_function, device_type_of
 from runtime.distribution import make_strategy
 from runtime.execution import CheckpointedExecution
+from runtime.logging_utils import log
 from runtime.steps import add_sums, apply_update, dropout_seed, micro_batches, scaled_loss, zero_sums
 
 
@@ -16,9 +18,12 @@ class StandardExecution(CheckpointedExecution):
         super().__init__(params, model_dir, training, model_fn, input_fn, strategy, strategy.scope())
         self._train_step = None
         self._eval_step = None
+        device_type = device_type_of(strategy.extended.worker_devices[0])
+        self.compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type)
+        log(self.compile_path.describe())
 
     def _compiled(self, function):
-        return tf.function(function, jit_compile=self.params.runconfig.jit_compile or None)
+        return compile_function(function, self.compile_path)
 
     def _replica_grads(self, features, labels):
         """Per replica: gradients of the scaled loss summed over grad_accum_steps micro-batches."""

@@ -6,7 +6,8 @@ What each layout keeps on a device, per parameter (P) and per trained token:
   weights     float32 variables, 4 B/param (the master weights under mixed precision), plus
               under mixed precision the 16-bit copies of the matmul kernels that the step casts
               and keeps for the backward pass (2 B per matmul parameter)
-  gradients   4 B/param: gradients of float32 variables are float32 in this project
+  gradients   4 B/param: gradients of float32 variables are float32 in this project; twice
+              that with gradient accumulation (the running sum and a micro-batch's gradients)
   optimizer   4 B/param per slot: AdamW/Adam two moments, SGD with momentum one, plain SGD none
   activations what the backward pass reads, per layer per token (`layer_activation_items`)
 
@@ -89,15 +90,18 @@ class StateBytes:
 
 
 def replicated_state(model: ModelParams, optimizer: OptimizerParams, precision: str,
-                     tensor_parallel: int = 1) -> StateBytes:
-    """Weights, gradients and optimizer state on each device of a (data x tensor M) layout."""
+                     tensor_parallel: int = 1, accumulating: bool = False) -> StateBytes:
+    """Weights, gradients and optimizer state on each device of a (data x tensor M) layout. With
+    gradient accumulation the step holds the running sum and one micro-batch's fresh gradients
+    (runtime/standard.py adds them after `tape.gradient` returns): two gradient buffers."""
     params = matmul = 0
     for spec in weight_specs(model):
         count = elements_per_device(spec, tensor_parallel)
         params += count
         matmul += count if is_matmul_weight(spec, model) else 0
     copy = COMPUTE_BYTES[precision] * matmul if precision == "mixed" else 0
-    return StateBytes(FLOAT32 * params + copy, FLOAT32 * params, FLOAT32 * optimizer_slots(optimizer) * params)
+    gradients = FLOAT32 * params * (2 if accumulating else 1)
+    return StateBytes(FLOAT32 * params + copy, gradients, FLOAT32 * optimizer_slots(optimizer) * params)
 
 
 def streaming_pieces(model: ModelParams) -> list[list[WeightSpec]]:
@@ -263,6 +267,7 @@ class Plan:
     host: StateBytes | None         # weight streaming only
     step_seconds: float
     tokens_per_second: float
+    mfu: float                      # achieved: model FLOPs (no recompute) over the layout's peak
     notes: tuple[str, ...]
 
     @property
@@ -298,38 +303,41 @@ def plan_layout(run: Run, hardware: Hardware, layout: Layout) -> Plan:
     if layout.streaming:
         state = streaming_device_state(model, run.precision, run.prefetch_blocks)
         host = host_state(model, run.optimizer)
-        step, more = streaming_step_seconds(run, hardware, host, micro, accum)
+        step, more = streaming_step_seconds(run, hardware, host, layout, micro, accum)
         notes += more
     else:
-        state = replicated_state(model, run.optimizer, run.precision, layout.tensor)
+        state = replicated_state(model, run.optimizer, run.precision, layout.tensor, accum > 1)
         step = compute
     tokens = micro * accum * layout.data * seq
-    return Plan(layout, micro, accum, state, activations, host, step, tokens / step, notes)
+    achieved = tokens * flops_per_token / (step * hardware.peak_flops * layout.devices)
+    return Plan(layout, micro, accum, state, activations, host, step, tokens / step, achieved, notes)
 
 
-def streaming_step_seconds(run: Run, hardware: Hardware, host: StateBytes, micro: int,
+def streaming_step_seconds(run: Run, hardware: Hardware, host: StateBytes, layout: Layout, micro: int,
                            accum: int) -> tuple[float, tuple[str, ...]]:
     """Each micro-step copies every float32 weight to the device twice (forward, recompute) and
-    its gradients back; with prefetch the copies overlap the compute, without it they add. Then
-    the update runs on the host: AdamW reads weights, gradients and both moments and writes
-    three of them back (7 x 4 B/param of memory traffic); the disk store moves about 11 x the
-    parameter bytes per step (docs/runtime.md), counted as not overlapped."""
+    its gradients back, at the host link's rate or the replicas' share of host memory bandwidth,
+    whichever is lower; with prefetch the copies overlap the compute, without it they add. Then
+    the update runs on the host: AdamW reads weights, gradients and both moments and writes three
+    of them back (7 x 4 B/param of memory traffic); the disk store moves about 11 x the parameter
+    bytes per step (docs/runtime.md), counted as not overlapped."""
     seq = run.sequence_length
     compute = micro * seq * training_flops_per_token(run.model, seq) * RECOMPUTE_FACTOR / (hardware.peak_flops * run.mfu)
     notes = []
+    share = hardware.host_bandwidth / layout.data
     if hardware.host_link is None:
         copy = 0.0
         notes.append("no host link bandwidth for this device (--host-link-gbps): copies not counted")
     else:
-        copy = 2 * host.weights / hardware.host_link
+        copy = 2 * host.weights / min(hardware.host_link, share)
+        if copy > compute:
+            bound = "host link" if hardware.host_link <= share else f"host memory shared by {layout.data} streams"
+            notes.append(f"{bound} bound: copies {copy:.2f} s vs compute {compute:.2f} s per micro-step")
     micro_step = max(compute, copy) if run.prefetch_blocks > 0 else compute + copy
-    if copy > compute:
-        notes.append(f"host link bound: copies {copy:.2f} s vs compute {compute:.2f} s per micro-step")
-    slots = optimizer_slots(run.optimizer)
     if run.host_store == "disk":
         update = 11 * host.weights / hardware.disk_bandwidth
     else:
-        update = (3 + 2 * slots) * host.weights / hardware.host_bandwidth
+        update = (3 + 2 * optimizer_slots(run.optimizer)) * host.weights / hardware.host_bandwidth
     return accum * micro_step + update, tuple(notes)
 
 

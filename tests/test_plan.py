@@ -40,6 +40,8 @@ def test_state_bytes_equal_the_built_models_variables_and_keras_slots(model, opt
     slots = sum(v.shape.num_elements() for v in optimizer.variables if len(v.shape) > 0)   # scalars: step, lr
     state = sizing.replicated_state(model, config, "fp32")
     assert (state.weights, state.gradients, state.optimizer) == (4 * params, 4 * params, 4 * slots)
+    # accumulation: runtime/standard.py holds the running sum beside a micro-batch's fresh gradients
+    assert sizing.replicated_state(model, config, "fp32", accumulating=True).gradients == 2 * 4 * params
     matmul = sum(v.shape.num_elements() for v in variables
                  if len(v.shape) == 2 and (model.share_embedding_weights or v is not built.embedding.embeddings))
     assert sizing.replicated_state(model, config, "mixed").weights == 4 * params + 2 * matmul

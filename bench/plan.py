@@ -138,9 +138,6 @@ def resolve(args):
     peak = args.peak_tflops or (preset.peak_tflops[precision] if preset else None)
     if memory is None:
         raise PlanError(f"--device-memory is required without --device (presets: {', '.join(sorted(PRESETS))})")
-    if peak is None:
-        raise PlanError(f"no {precision} peak for --device {args.device}: pass --peak-tflops" if preset else
-                        f"--peak-tflops is required without --device (presets: {', '.join(sorted(PRESETS))})")
     if args.mfu > 1:
         raise PlanError(f"--mfu {args.mfu} is a fraction of the peak: give a value in (0, 1]")
     prefetch = streaming.prefetch_blocks if args.prefetch_blocks is None else args.prefetch_blocks
@@ -155,7 +152,7 @@ def resolve(args):
     run = sizing.Run(model, params.optimizer, precision, batch, seq, micro, args.grad_accum,
                      args.recompute == "on", args.mfu, args.host_store or streaming.host_store, prefetch)
     link = args.host_link_gbps or (preset.host_link_gbps if preset else None)
-    hardware = sizing.Hardware(memory * GiB, peak * 1e12, None if args.host_memory is None else args.host_memory * GiB,
+    hardware = sizing.Hardware(memory * GiB, None if peak is None else peak * 1e12, None if args.host_memory is None else args.host_memory * GiB,
                                None if link is None else link * 1e9, args.host_bandwidth_gbps * 1e9,
                                args.disk_gbps * 1e9)
     layouts = [sizing.Layout(args.devices // m, m) for m in tensor_degrees(model, args.devices, args.tensor_parallel)]
@@ -178,7 +175,8 @@ def describe(run, hardware, args, preset) -> list[str]:
         f"{run.optimizer.optimizer_type}, recompute {'on' if run.recompute else 'off'}, "
         f"{flops / 1e9:.1f} GFLOP per token (6N + attention)",
         f"hardware: {args.devices} x {device}: {hardware.device_memory / GiB:g} GiB, "
-        f"{hardware.peak_flops / 1e12:g} TFLOP/s peak, assumed MFU {run.mfu:.0%}"
+        + (f"no {run.precision} peak known (--peak-tflops): no step time" if hardware.peak_flops is None else
+           f"{hardware.peak_flops / 1e12:g} TFLOP/s peak, assumed MFU {run.mfu:.0%}")
         + ("" if hardware.host_memory is None else f"; host {hardware.host_memory / GiB:g} GiB"),
     ]
 
@@ -199,7 +197,8 @@ def table(plans, hardware, run) -> list[str]:
                      *(f"{b / GiB:.1f}" for b in (plan.state.weights, plan.state.gradients, plan.state.optimizer,
                                                   plan.activations, plan.device_total)),
                      fits(plan.device_total, hardware.device_memory), host,
-                     f"{plan.step_seconds:.2f}", f"{plan.tokens_per_second:,.0f}", f"{plan.mfu:.0%}"])
+                     *(("-",) * 3 if plan.step_seconds is None else
+                       (f"{plan.step_seconds:.2f}", f"{plan.tokens_per_second:,.0f}", f"{plan.mfu:.0%}"))])
         notes += [f"{plan.layout.name}: {note}" for note in plan.notes]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
@@ -216,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     plans = [plan_layout(run, hardware, layout) for layout in layouts]
-    print("\n".join(header + ["", "memory in GiB per device; fits: yes below 90% of the device, tight up to 100%", ""]
+    legend = ("memory in GiB per device; fits: yes below 90% of the device, tight up to 100%; MFU: the model "
+              "FLOPs utilisation achieved (recomputation and streaming's copies take it below the assumed one)")
+    print("\n".join(header + ["", legend, ""]
                     + table(plans, hardware, run)))
     if any(p.layout.streaming and p.layout.data > 1 for p in plans):
         print("note: the runtime streams on one device today (runtime/weight_streaming.py); streaming x data "

@@ -33,7 +33,7 @@ from runtime.model_flops import training_flops_per_token
 
 FLOAT32 = 4
 COMPUTE_BYTES = {"fp32": 4, "mixed": 2}           # bfloat16 and float16 are both 2 bytes
-RECOMPUTE_FACTOR = 4.0 / 3.0                      # a recomputed forward adds a third of 6N (+ attention)
+RECOMPUTE_FACTOR = 4.0 / 3.0                      # forward is 2N + attention of 6N + attention: a third
 
 # Megatron-LM's split of each weight, by the last two parts of its path: the axis divided by M.
 _COLUMN = {"kernel": 1, "bias": 0}                # output features split: q/k/v, fc_in, LM head (vocab)
@@ -235,7 +235,7 @@ class Layout:
 @dataclass(frozen=True)
 class Hardware:
     device_memory: float            # bytes per device
-    peak_flops: float               # FLOP/s per device at the run's precision
+    peak_flops: float | None        # FLOP/s per device at the run's precision, None: no step time
     host_memory: float | None       # bytes on the host (weight streaming's state), None: unchecked
     host_link: float | None         # bytes/s host <-> device, per direction, None: unknown
     host_bandwidth: float           # bytes/s of host memory (the streaming optimizer update)
@@ -265,9 +265,9 @@ class Plan:
     state: StateBytes               # per device
     activations: float              # per device
     host: StateBytes | None         # weight streaming only
-    step_seconds: float
-    tokens_per_second: float
-    mfu: float                      # achieved: model FLOPs (no recompute) over the layout's peak
+    step_seconds: float | None      # None without a peak
+    tokens_per_second: float | None
+    mfu: float | None               # achieved: model FLOPs (no recompute) over the layout's peak
     notes: tuple[str, ...]
 
     @property
@@ -293,24 +293,32 @@ def batch_split(run: Run, data: int) -> tuple[int, int, tuple[str, ...]]:
 def plan_layout(run: Run, hardware: Hardware, layout: Layout) -> Plan:
     micro, accum, notes = batch_split(run, layout.data)
     model, seq = run.model, run.sequence_length
-    flops_per_token = training_flops_per_token(model, seq)
     recompute = run.recompute or layout.streaming
-    work = flops_per_token * (RECOMPUTE_FACTOR if recompute else 1.0)
-    rate = hardware.peak_flops * run.mfu                               # achieved FLOP/s per device
-    compute = micro * accum * layout.data * seq * work / (rate * layout.devices)
     activations = activation_bytes(model, run.precision, seq, micro * seq, layout.tensor, recompute)
     host = None
     if layout.streaming:
         state = streaming_device_state(model, run.precision, run.prefetch_blocks)
         host = host_state(model, run.optimizer)
+    else:
+        state = replicated_state(model, run.optimizer, run.precision, layout.tensor, accum > 1)
+    if hardware.peak_flops is None:
+        return Plan(layout, micro, accum, state, activations, host, None, None, None, notes)
+    tokens = micro * accum * layout.data * seq
+    if layout.streaming:
         step, more = streaming_step_seconds(run, hardware, host, layout, micro, accum)
         notes += more
     else:
-        state = replicated_state(model, run.optimizer, run.precision, layout.tensor, accum > 1)
-        step = compute
-    tokens = micro * accum * layout.data * seq
-    achieved = tokens * flops_per_token / (step * hardware.peak_flops * layout.devices)
+        step = compute_seconds(run, hardware, tokens / layout.devices, recompute)
+    achieved = tokens * training_flops_per_token(model, seq) / (step * hardware.peak_flops * layout.devices)
     return Plan(layout, micro, accum, state, activations, host, step, tokens / step, achieved, notes)
+
+
+def compute_seconds(run: Run, hardware: Hardware, tokens: float, recompute: bool) -> float:
+    """Time for one device to train `tokens` tokens at the assumed MFU. The MFU is taken as the
+    rate of useful FLOPs a step without recomputation reaches; a recomputed forward is one more
+    third of the work at that rate (so the achieved MFU is 3/4 of it)."""
+    work = tokens * training_flops_per_token(run.model, run.sequence_length)
+    return work * (RECOMPUTE_FACTOR if recompute else 1.0) / (hardware.peak_flops * run.mfu)
 
 
 def streaming_step_seconds(run: Run, hardware: Hardware, host: StateBytes, layout: Layout, micro: int,
@@ -321,8 +329,7 @@ def streaming_step_seconds(run: Run, hardware: Hardware, host: StateBytes, layou
     the update runs on the host: AdamW reads weights, gradients and both moments and writes three
     of them back (7 x 4 B/param of memory traffic); the disk store moves about 11 x the parameter
     bytes per step (docs/runtime.md), counted as not overlapped."""
-    seq = run.sequence_length
-    compute = micro * seq * training_flops_per_token(run.model, seq) * RECOMPUTE_FACTOR / (hardware.peak_flops * run.mfu)
+    compute = compute_seconds(run, hardware, micro * run.sequence_length, recompute=True)
     notes = []
     share = hardware.host_bandwidth / layout.data
     if hardware.host_link is None:
@@ -344,7 +351,7 @@ def streaming_step_seconds(run: Run, hardware: Hardware, host: StateBytes, layou
 def fits(used: float, available: float | None) -> str:
     """yes below 90% (room for workspaces, fragmentation), tight up to 100%, else no."""
     if available is None:
-        return "?"
+        return "not checked"
     if used <= 0.9 * available:
         return "yes"
     return "tight" if used <= available else "no"

@@ -16,7 +16,10 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from bench import sizing
 from config.cli import ArgumentParser
+from config.params import ParamsError, load_params
+from runtime.model_flops import training_flops_per_token
 
 GiB = float(1 << 30)
 DEFAULT_MFU = 0.40        # what well-tuned dense training reaches on current GPUs (docs/scaling.md)
@@ -124,9 +127,6 @@ def tensor_degrees(model, devices: int, requested: int | None) -> list[int]:
 
 def resolve(args):
     """(Run, Hardware, layouts, description lines) from the flags and the params file."""
-    from config.params import ParamsError, load_params
-    from bench import sizing
-
     try:
         params = load_params(args.params, args.set)
     except (ParamsError, OSError) as err:
@@ -148,11 +148,12 @@ def resolve(args):
     if seq > model.max_position_embeddings:
         raise PlanError(f"--seq-len {seq} exceeds model.max_position_embeddings={model.max_position_embeddings}")
     batch = args.global_batch or (train.batch_size if train else 1)
-    micro = args.micro_batch if args.micro_batch or args.grad_accum else 1
+    micro = None if args.grad_accum else (args.micro_batch or 1)
     run = sizing.Run(model, params.optimizer, precision, batch, seq, micro, args.grad_accum,
                      args.recompute == "on", args.mfu, args.host_store or streaming.host_store, prefetch)
     link = args.host_link_gbps or (preset.host_link_gbps if preset else None)
-    hardware = sizing.Hardware(memory * GiB, None if peak is None else peak * 1e12, None if args.host_memory is None else args.host_memory * GiB,
+    hardware = sizing.Hardware(memory * GiB, None if peak is None else peak * 1e12,
+                               None if args.host_memory is None else args.host_memory * GiB,
                                None if link is None else link * 1e9, args.host_bandwidth_gbps * 1e9,
                                args.disk_gbps * 1e9)
     layouts = [sizing.Layout(args.devices // m, m) for m in tensor_degrees(model, args.devices, args.tensor_parallel)]
@@ -161,11 +162,8 @@ def resolve(args):
 
 
 def describe(run, hardware, args, preset) -> list[str]:
-    from layers.weight_specs import weight_specs
-    from runtime.model_flops import training_flops_per_token
-    import math
     m = run.model
-    count = sum(math.prod(s.shape) for s in weight_specs(m))
+    count = sizing.parameter_count(m)
     flops = training_flops_per_token(m, run.sequence_length)
     device = f"{args.device} ({preset.source})" if preset else "custom device"
     return [
@@ -182,7 +180,7 @@ def describe(run, hardware, args, preset) -> list[str]:
 
 
 def table(plans, hardware, run) -> list[str]:
-    from bench.sizing import fits
+    fits = sizing.fits
     rows = [["layout", "micro x accum", "weights", "grads", "optimizer", "activations", "total/device",
              "fits", "streaming host state", "step s", "tokens/s", "MFU"]]
     notes = []
@@ -208,17 +206,15 @@ def table(plans, hardware, run) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from bench.sizing import plan_layout
     try:
         run, hardware, layouts, header = resolve(args)
     except PlanError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    plans = [plan_layout(run, hardware, layout) for layout in layouts]
+    plans = [sizing.plan_layout(run, hardware, layout) for layout in layouts]
     legend = ("memory in GiB per device; fits: yes below 90% of the device, tight up to 100%; MFU: the model "
               "FLOPs utilisation achieved (recomputation and streaming's copies take it below the assumed one)")
-    print("\n".join(header + ["", legend, ""]
-                    + table(plans, hardware, run)))
+    print("\n".join(header + ["", legend, ""] + table(plans, hardware, run)))
     if any(p.layout.streaming and p.layout.data > 1 for p in plans):
         print("note: the runtime streams on one device today (runtime/weight_streaming.py); streaming x data "
               "is what one stream per device would cost, sharing one host store")

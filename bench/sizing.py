@@ -71,6 +71,10 @@ def is_matmul_weight(spec: WeightSpec, model: ModelParams) -> bool:
     return len(spec.shape) == 2
 
 
+def parameter_count(model: ModelParams) -> int:
+    return sum(math.prod(spec.shape) for spec in weight_specs(model))
+
+
 def optimizer_slots(optimizer: OptimizerParams) -> int:
     if optimizer.optimizer_type in ("adam", "adamw"):
         return 2
@@ -107,32 +111,33 @@ def replicated_state(model: ModelParams, optimizer: OptimizerParams, precision: 
 def streaming_pieces(model: ModelParams) -> list[list[WeightSpec]]:
     """The pieces weight streaming copies one at a time, in forward order: embedding, each
     block, the head (runtime/weight_streaming.split_pieces; a tied head streams the table)."""
-    pieces: dict[str, list[WeightSpec]] = {}
+    embedding, head = [], []
+    blocks: list[list[WeightSpec]] = [[] for _ in range(model.num_hidden_layers)]
     for spec in weight_specs(model):
-        top = spec.path.split("/")[0]
-        key = f"blocks/{spec.path.split('/')[1]}" if top == "blocks" else ("embedding" if top == "embedding" else "head")
-        pieces.setdefault(key, []).append(spec)
-    ordered = [pieces["embedding"]] + [pieces[f"blocks/{i}"] for i in range(model.num_hidden_layers)] + [pieces["head"]]
-    if model.share_embedding_weights:
-        ordered[-1] = ordered[-1] + pieces["embedding"]
-    return ordered
+        top, _, rest = spec.path.partition("/")
+        if top == "blocks":
+            blocks[int(rest.split("/")[0])].append(spec)
+        else:
+            (embedding if top == "embedding" else head).append(spec)
+    return [embedding] + blocks + [head + (embedding if model.share_embedding_weights else [])]
 
 
 def streaming_device_state(model: ModelParams, precision: str, prefetch_blocks: int) -> StateBytes:
     """On the compute device: the float32 weights of the largest run of prefetch + 1 consecutive
     pieces, the running piece's 16-bit copy and its gradients; no optimizer state."""
-    sizes = [sum(math.prod(s.shape) for s in piece) for piece in streaming_pieces(model)]
-    matmul = [sum(math.prod(s.shape) for s in piece if is_matmul_weight(s, model)) for piece in streaming_pieces(model)]
+    pieces = streaming_pieces(model)
+    sizes = [sum(math.prod(s.shape) for s in piece) for piece in pieces]
+    matmul = max(sum(math.prod(s.shape) for s in piece if is_matmul_weight(s, model)) for piece in pieces)
     window = min(prefetch_blocks + 1, len(sizes))
     resident = max(sum(sizes[i:i + window]) for i in range(len(sizes) - window + 1))
-    copy = COMPUTE_BYTES[precision] * max(matmul) if precision == "mixed" else 0
+    copy = COMPUTE_BYTES[precision] * matmul if precision == "mixed" else 0
     return StateBytes(FLOAT32 * resident + copy, FLOAT32 * max(sizes), 0)
 
 
 def host_state(model: ModelParams, optimizer: OptimizerParams) -> StateBytes:
     """What weight streaming keeps on the host (or on disk): every float32 variable, one
     parameter-sized gradient buffer (clipping needs all gradients first), the optimizer slots."""
-    params = sum(math.prod(s.shape) for s in weight_specs(model))
+    params = parameter_count(model)
     return StateBytes(FLOAT32 * params, FLOAT32 * params, FLOAT32 * optimizer_slots(optimizer) * params)
 
 

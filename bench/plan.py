@@ -171,12 +171,17 @@ def describe(run, hardware, args, preset) -> list[str]:
         f"{m.num_heads} heads, MLP {m.filter_size}, vocab {m.vocab_size}",
         f"run: {run.global_batch} x {run.sequence_length} tokens per step, {run.precision} precision, "
         f"{run.optimizer.optimizer_type}, recompute {'on' if run.recompute else 'off'}, "
-        f"{flops / 1e9:.1f} GFLOP per token (6N + attention)",
+        f"{figure(flops / 1e9)} GFLOP per token (6N + attention)",
         f"hardware: {args.devices} x {device}: {hardware.device_memory / GiB:g} GiB, "
         + (f"no {run.precision} peak known (--peak-tflops): no step time" if hardware.peak_flops is None else
            f"{hardware.peak_flops / 1e12:g} TFLOP/s peak, assumed MFU {run.mfu:.0%}")
         + ("" if hardware.host_memory is None else f"; host {hardware.host_memory / GiB:g} GiB"),
     ]
+
+
+def figure(value: float) -> str:
+    """One decimal from 10 up, three significant digits below (a tiny model's 0.00234 GiB)."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def table(plans, hardware, run) -> list[str]:
@@ -188,15 +193,15 @@ def table(plans, hardware, run) -> list[str]:
         host = ""
         if plan.host is not None:
             where = "disk" if run.host_store == "disk" else "RAM"
-            host = f"{plan.host.total / GiB:.1f} GiB {where}"
+            host = f"{figure(plan.host.total / GiB)} GiB {where}"
             if run.host_store == "memory":
                 host += f": {fits(plan.host.total, hardware.host_memory)}"
         rows.append([plan.layout.name, f"{plan.micro_batch} x {plan.grad_accum}",
-                     *(f"{b / GiB:.1f}" for b in (plan.state.weights, plan.state.gradients, plan.state.optimizer,
+                     *(figure(b / GiB) for b in (plan.state.weights, plan.state.gradients, plan.state.optimizer,
                                                   plan.activations, plan.device_total)),
                      fits(plan.device_total, hardware.device_memory), host,
                      *(("-",) * 3 if plan.step_seconds is None else
-                       (f"{plan.step_seconds:.2f}", f"{plan.tokens_per_second:,.0f}", f"{plan.mfu:.0%}"))])
+                       (figure(plan.step_seconds), f"{plan.tokens_per_second:,.0f}", f"{plan.mfu:.0%}"))])
         notes += [f"{plan.layout.name}: {note}" for note in plan.notes]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]

@@ -344,7 +344,7 @@ def streaming_step_seconds(run: Run, hardware: Hardware, host: StateBytes, layou
         copy = 2 * host.weights / min(hardware.host_link, share)
         if copy > compute:
             bound = "host link" if hardware.host_link <= share else f"host memory shared by {layout.data} streams"
-            notes.append(f"{bound} bound: copies {copy:.2f} s vs compute {compute:.2f} s per micro-step")
+            notes.append(f"{bound} bound: copies {copy:.3g} s vs compute {compute:.3g} s per micro-step")
     micro_step = max(compute, copy) if run.prefetch_blocks > 0 else compute + copy
     if run.host_store == "disk":
         update = 11 * host.weights / hardware.disk_bandwidth

@@ -1,24 +1,14 @@
-"""Model FLOPs per token and utilisation against a matmul peak measured on this device."""
+"""Utilisation against a matmul peak measured on this device; the FLOPs per token come from
+runtime/model_flops.py (TF-free, re-exported here)."""
 from __future__ import annotations
 
 import functools
-import math
 import time
 
 import tensorflow as tf
 
-from model import weight_shapes
-from config.params import ModelParams, Params
-
-
-def training_flops_per_token(model: ModelParams, sequence_length: int) -> float:
-    """6 x (parameters used in matmuls) + 12 x layers x hidden x sequence (attention scores and
-    context), the usual forward+backward estimate. The embedding lookup is not a matmul."""
-    shapes = weight_shapes(model)
-    matmul_params = sum(math.prod(s) for p, s in shapes.items() if len(s) == 2 and p != "embedding/embeddings")
-    if model.share_embedding_weights:
-        matmul_params += model.vocab_size * model.hidden_size
-    return 6.0 * matmul_params + 12.0 * model.num_hidden_layers * model.hidden_size * sequence_length
+from config.params import Params
+from runtime.model_flops import training_flops_per_token  # noqa: F401  (re-exported)
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,6 +19,7 @@ from layers.decoder_block import DecoderBlock
 from layers.dense import Dense
 from layers.dropout import dropout
 from layers.embedding import TokenEmbedding
+from layers.fusion import island
 from layers.layer_norm import LayerNorm
 from layers.masks import causal_attention_bias
 from layers.rotary import rotary_sin_cos
@@ -216,6 +217,7 @@ def build_model(params: Params) -> GPTJModel:
     return GPTJModel(params.model, seed=params.runconfig.seed)
 
 
+@island
 def loss_sums(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> dict:
     """The one loss: {"loss": sum of weighted cross-entropy, "correct": weighted count of argmax
     hits, "tokens": sum of weights}, scalars float32. logits [b, s, V] float32, labels [b, s] int,

@@ -19,7 +19,23 @@ class Dense(Layer):
 
     def forward(self, weights: dict, x: tf.Tensor) -> tf.Tensor:
         # x: [..., in] in the compute dtype; weights are cast to it (mixed precision).
-        y = tf.matmul(x, tf.cast(weights["kernel"], x.dtype))  # [..., out]
+        y = matmul_rows(x, tf.cast(weights["kernel"], x.dtype))  # [..., out]
         if "bias" in weights:
             y = y + tf.cast(weights["bias"], x.dtype)
         return y
+
+
+def matmul_rows(x: tf.Tensor, kernel: tf.Tensor, transpose_kernel: bool = False) -> tf.Tensor:
+    """x [..., in] @ kernel [in, out] -> [..., out] as one 2-D matmul over the flattened rows
+    (transpose_kernel: kernel is [out, in], as the tied head's embedding table).
+
+    A broadcast matmul of [b, s, in] by [in, out] differentiates into a batched [b, in, out]
+    kernel gradient and a sum over b: b times the memory and one more pass, which for the LM
+    head (out = vocab) is the largest tensor of a step. The bias is added after the reshape on
+    purpose: MatMul + BiasAdd is rewritten into oneDNN's fused inner product, whose bfloat16
+    kernel is a generic GEMM here rather than the AMX matmul (docs/runtime.md, compile paths)."""
+    in_dim, out_dim = (kernel.shape[1], kernel.shape[0]) if transpose_kernel else tuple(kernel.shape)
+    y = tf.matmul(tf.reshape(x, [-1, in_dim]), kernel, transpose_b=transpose_kernel)   # [n, out]
+    if x.shape.rank is not None and x.shape[:-1].is_fully_defined():
+        return tf.reshape(y, x.shape[:-1].as_list() + [out_dim])
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_dim]], 0))

@@ -6,6 +6,7 @@ from typing import Callable
 import tensorflow as tf
 
 from layers.base import Layer
+from layers.dense import matmul_rows
 
 
 class TokenEmbedding(Layer):
@@ -20,4 +21,4 @@ class TokenEmbedding(Layer):
     @staticmethod
     def attend(weights: dict, hidden: tf.Tensor) -> tf.Tensor:
         """Tied LM head: hidden [b, s, D] @ embeddings^T -> logits [b, s, V]."""
-        return tf.matmul(hidden, tf.cast(weights["embeddings"], hidden.dtype), transpose_b=True)
+        return matmul_rows(hidden, tf.cast(weights["embeddings"], hidden.dtype), transpose_kernel=True)

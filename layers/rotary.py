@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from layers.fusion import island
+
 
 def rotary_angles(position_ids: tf.Tensor, rotary_dim: int, base: float) -> tf.Tensor:
     """position_ids [b, s] -> angles [b, s, rotary_dim/2], angle = position * base^(-2i/rotary_dim)."""
@@ -39,6 +41,7 @@ def rotate_pairs(x: tf.Tensor, style: str) -> tf.Tensor:
     return tf.concat([-second, first], axis=-1)
 
 
+@island
 def apply_rotary(x: tf.Tensor, sin: tf.Tensor, cos: tf.Tensor, style: str) -> tf.Tensor:
     """Rotate the first rotary_dim dims of every head of x [b, s, h, head_dim]; pass the rest."""
     rotary_dim = sin.shape[-1]

@@ -14,9 +14,13 @@ through `compile_function`, and the run says once which path it took and why.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal, NamedTuple
 
 import tensorflow as tf
+
+from config.params import ParamsError
+from layers.fusion import fusion_islands
 
 JitSetting = Literal["auto"] | bool
 
@@ -41,14 +45,21 @@ def device_type_of(device: str | None) -> str:
     return (spec.device_type or "CPU").upper()
 
 
-def choose_compile_path(setting: JitSetting, compute_dtype: str, device_type: str) -> CompilePath:
-    """The path for `setting` (runconfig.jit_compile) on this dtype and device type."""
+def choose_compile_path(setting: JitSetting, compute_dtype: str, device_type: str,
+                        replicas: int = 1) -> CompilePath:
+    """The path for `setting` (runconfig.jit_compile) on this dtype and device type, for a step
+    over `replicas` devices (a step that all-reduces across devices is not one XLA cluster)."""
     if setting is True:
+        if replicas > 1:
+            raise ParamsError(f"runconfig.jit_compile: true cannot compile a step over {replicas} replicas "
+                              "into one XLA cluster; use auto or false with a mirrored or multi-worker strategy")
         return CompilePath(True, "runconfig.jit_compile: true")
     if setting is False:
         return CompilePath(False, "runconfig.jit_compile: false")
     if setting != "auto":
         raise ValueError(f"jit_compile={setting!r} is not one of auto, true, false")
+    if replicas > 1:
+        return CompilePath(False, f"auto: graph mode for a step over {replicas} replicas")
     if device_type != "CPU":
         return CompilePath(True, f"auto: XLA on {device_type}")
     if compute_dtype == "float32":
@@ -57,6 +68,15 @@ def choose_compile_path(setting: JitSetting, compute_dtype: str, device_type: st
                               "(XLA:CPU does not use the 16-bit matmul units)")
 
 
-def compile_function(function: Callable, path: CompilePath, **kwargs) -> Callable:
-    """`function` as a tf.function on `path` (extra kwargs, e.g. input_signature, pass through)."""
-    return tf.function(function, jit_compile=path.jit_compile, **kwargs)
+def compile_function(function: Callable, path: CompilePath, islands: bool = True, **kwargs) -> Callable:
+    """`function` as a tf.function on `path` (extra kwargs, e.g. input_signature, pass through).
+    In graph mode with `islands`, the elementwise-heavy pieces marked `layers.fusion.island`
+    (the loss, rotary, the optimizer update) become XLA clusters; a step over several devices
+    (a mirrored strategy) passes islands=False, as one XLA cluster cannot span devices."""
+    islands = islands and not path.jit_compile
+
+    @functools.wraps(function)
+    def traced(*args, **kw):
+        with fusion_islands(islands):
+            return function(*args, **kw)
+    return tf.function(traced, jit_compile=path.jit_compile, **kwargs)

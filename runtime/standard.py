@@ -19,11 +19,12 @@ class StandardExecution(CheckpointedExecution):
         self._train_step = None
         self._eval_step = None
         device_type = device_type_of(strategy.extended.worker_devices[0])
-        self.compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type)
+        self.compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type,
+                                                strategy.num_replicas_in_sync)
         log(self.compile_path.describe())
 
     def _compiled(self, function):
-        return compile_function(function, self.compile_path)
+        return compile_function(function, self.compile_path, islands=self.strategy.num_replicas_in_sync == 1)
 
     def _replica_grads(self, features, labels):
         """Per replica: gradients of the scaled loss summed over grad_accum_steps micro-batches."""

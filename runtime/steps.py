@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from layers.fusion import island
+
 from runtime.loss_scale import LossScale, all_finite
 from runtime.optimizer import current_learning_rate
 
@@ -63,19 +65,24 @@ def apply_update(optimizer, variables: list, grads: list, sums: dict, loss_scale
     """The end of an in-memory train step (standard and memory weight streaming): scale the summed
     gradients to the mean loss's, check them, clip by global norm, apply them when finite, update
     the loss scale and the step counter; returns `step_logs`. Works in a tf.function and eagerly."""
-    factor = gradient_factor(sums, loss_scale, label_positions)
-    grads = [g * factor for g in grads]
-    finite = all_finite(grads + [sums["loss"]])
-    grad_norm = tf.linalg.global_norm(grads)
-    if max_gradient_norm is not None:
-        grads, _ = tf.clip_by_global_norm(grads, max_gradient_norm, use_norm=grad_norm)
     learning_rate = current_learning_rate(optimizer)
 
-    def apply():
-        optimizer.apply_gradients(zip(grads, variables))
-        return tf.constant(True)
+    @island
+    def update(grads, sums):
+        factor = gradient_factor(sums, loss_scale, label_positions)
+        grads = [g * factor for g in grads]
+        finite = all_finite(grads + [sums["loss"]])
+        grad_norm = tf.linalg.global_norm(grads)
+        if max_gradient_norm is not None:
+            grads, _ = tf.clip_by_global_norm(grads, max_gradient_norm, use_norm=grad_norm)
 
-    tf.cond(finite, apply, lambda: tf.constant(False))
+        def apply():
+            optimizer.apply_gradients(zip(grads, variables))
+            return tf.constant(True)
+
+        return tf.cond(finite, apply, lambda: tf.constant(False)), grad_norm
+
+    finite, grad_norm = update(grads, sums)
     loss_scale_value = tf.identity(loss_scale.scale)
     loss_scale.update(finite)
     step.assign_add(1)

@@ -19,7 +19,8 @@ class StandardExecution(CheckpointedExecution):
         self._train_step = None
         self._eval_step = None
         device_type = device_type_of(strategy.extended.worker_devices[0])
-        self.compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type)
+        self.compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type,
+                                                cross_worker=params.runconfig.strategy == "multi_worker")
         log(self.compile_path.describe())
 
     def _compiled(self, function):

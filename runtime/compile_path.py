@@ -8,9 +8,13 @@ picks by compute dtype and device, from the measurements in docs/runtime.md:
     CPU, float32           XLA          XLA's fusion beats graph mode's per-op dispatch
     CPU, bfloat16/float16  graph mode   XLA:CPU lowers 16-bit dots without oneDNN's AVX-512
                                         BF16 / AMX kernels; graph mode's matmuls use them
-    CPU, multi-worker      graph mode   XLA:CPU cannot compile collectives (TF 2.21 raises
-                                        "Collectives are not yet implemented for CPU devices
-                                        when compiling with XLA"), and the step all-reduces
+    CPU, several replicas  graph mode   a step over several CPU devices (mirrored) or worker
+                                        processes (multi_worker) does not compile on XLA:CPU:
+                                        it has no collectives (TF 2.21: "Collectives are not
+                                        yet implemented for CPU devices when compiling with
+                                        XLA") and one cluster cannot reach another device's
+                                        variables ("Trying to access resource ... located in
+                                        device CPU:1 from device CPU:0")
 
 Every backend (standard steps, weight-streaming block steps) and the generator compile
 through `compile_function`, and the run says once which path it took and why.
@@ -47,14 +51,14 @@ def device_type_of(device: str | None) -> str:
 
 
 def choose_compile_path(setting: JitSetting, compute_dtype: str, device_type: str,
-                        cross_worker: bool = False) -> CompilePath:
-    """The path for `setting` (runconfig.jit_compile) on this dtype and device type; `cross_worker`:
-    the compiled step runs collectives across worker processes (strategy multi_worker)."""
-    cpu_collectives = cross_worker and device_type == "CPU"
-    if setting is True and cpu_collectives:
-        raise ParamsError("runconfig.jit_compile=true cannot run with runconfig.strategy=multi_worker on CPU: "
-                          "XLA:CPU has no cross-worker collectives (TensorFlow 2.21); use jit_compile: auto "
-                          "or false (graph mode)")
+                        replicas: int = 1) -> CompilePath:
+    """The path for `setting` (runconfig.jit_compile) on this dtype and device type; `replicas`:
+    the devices (of this and other worker processes) one step runs on in sync."""
+    cpu_replicas = replicas > 1 and device_type == "CPU"
+    if setting is True and cpu_replicas:
+        raise ParamsError(f"runconfig.jit_compile=true cannot compile a step over {replicas} CPU replicas "
+                          "(runconfig.strategy mirrored or multi_worker): XLA:CPU has no collectives "
+                          "(TensorFlow 2.21); use jit_compile: auto or false (graph mode)")
     if setting is True:
         return CompilePath(True, "runconfig.jit_compile: true")
     if setting is False:
@@ -63,8 +67,8 @@ def choose_compile_path(setting: JitSetting, compute_dtype: str, device_type: st
         raise ValueError(f"jit_compile={setting!r} is not one of auto, true, false")
     if device_type != "CPU":
         return CompilePath(True, f"auto: XLA on {device_type}")
-    if cpu_collectives:
-        return CompilePath(False, "auto: graph mode for multi-worker on CPU (XLA:CPU has no collectives)")
+    if cpu_replicas:
+        return CompilePath(False, f"auto: graph mode for {replicas} replicas on CPU (XLA:CPU has no collectives)")
     if compute_dtype == "float32":
         return CompilePath(True, "auto: XLA for float32 on CPU")
     return CompilePath(False, f"auto: oneDNN graph mode for {compute_dtype} on CPU "

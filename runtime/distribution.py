@@ -13,6 +13,8 @@ def make_strategy(config: RunConfig) -> tf.distribute.Strategy:
     """auto: mirrored over all GPUs when there are several, else one device (first GPU or the CPU);
     one_device; mirrored (all local GPUs, or all logical CPUs when there is no GPU);
     multi_worker (MultiWorkerMirroredStrategy from TF_CONFIG)."""
+    # MultiWorkerMirroredStrategy configures the collectives of TensorFlow's context, which must not
+    # have started yet: nothing (not even listing devices) may run before it is built.
     if config.strategy == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ParamsError("runconfig.strategy=multi_worker needs the TF_CONFIG environment variable "

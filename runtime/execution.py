@@ -8,6 +8,8 @@ The Estimator drives every backend through this one interface:
     train_step(features, labels) -> logs      (only when built with training=True)
     eval_sums(features, labels)  -> {"loss", "correct", "tokens"}
     dataset(mode, position)      the input, distributed as the backend needs it
+    chief, workers, any_worker   multi-worker: whether this process writes model_dir, how many
+                                 processes train together, a flag OR-ed over them
 
 Backends: StandardExecution (runtime/standard.py: a tf.distribute strategy), memory and
 disk weight streaming (runtime/weight_streaming.py, runtime/disk_streaming.py). A backend

@@ -13,6 +13,10 @@ at any moment and restarted continues exactly as an uninterrupted one would.
 A training run, before it writes anything, takes model_dir's lock, checks that the `model:`
 section agrees with model_dir's params.yaml and that the latest checkpoint holds this model;
 it then restores and only then writes params.yaml. Ctrl-C and SIGTERM save a checkpoint.
+
+Multi-worker (runconfig.strategy: multi_worker): every worker runs this loop; only the chief
+takes the lock and writes params.yaml, metrics, summaries and eval results, and the workers
+agree every step on whether to stop (docs/scaling.md).
 """
 from __future__ import annotations
 

@@ -6,9 +6,11 @@
 Picks N free loopback ports, starts the command N times with `TF_CONFIG` naming the cluster
 and that process's task (worker 0 is the chief), prefixes every output line with
 `[worker i]`, forwards SIGINT and SIGTERM to every worker (they stop together at the end of a
-step, save and exit), and when a worker fails stops the others and exits with its status,
-naming it. A command starting with a `.py` file runs under this Python. On N machines, set
-TF_CONFIG on each yourself instead (docs/scaling.md, "Multi-worker data parallelism").
+step, save and exit; a second signal kills them), and when a worker fails stops the others and exits with its status,
+naming it. A command starting with a `.py` file runs under this Python. The workers run in
+their own process group (a terminal's Ctrl-C reaches them once, through the launcher), so a
+launcher killed with SIGKILL leaves them running. On N machines, set TF_CONFIG on each
+yourself instead (docs/scaling.md, "Multi-worker data parallelism").
 
 The launcher never imports TensorFlow: its workers do.
 """
@@ -95,6 +97,13 @@ def describe_status(status: int) -> str:
     return f"exited with status {status}"
 
 
+def report_failure(index: int, status: int, what_followed: str) -> int:
+    """The one error line naming the failed worker; returns the job's exit status."""
+    print(f"error: worker {index} {describe_status(status)}{what_followed} (its output is above, prefixed "
+          f"[worker {index}])", file=sys.stderr)
+    return shell_status(status)
+
+
 def shell_status(status: int) -> int:
     """A Popen return code as a shell reports it (killed by signal s: 128 + s)."""
     return 128 - status if status < 0 else status
@@ -103,10 +112,12 @@ def shell_status(status: int) -> int:
 class Workers:
     """The N worker processes, their output relays, and the signals sent to them."""
 
-    def __init__(self, command: list[str], count: int):
-        addresses = [f"{LOOPBACK}:{port}" for port in free_ports(count)]
+    def __init__(self):
         self.processes: list[subprocess.Popen] = []
         self.relays: list[threading.Thread] = []
+
+    def start(self, command: list[str], count: int) -> None:
+        addresses = [f"{LOOPBACK}:{port}" for port in free_ports(count)]
         lock = threading.Lock()
         for index in range(count):
             env = dict(os.environ, TF_CONFIG=tf_config(addresses, index), PYTHONUNBUFFERED="1")
@@ -159,20 +170,19 @@ def run(command: list[str], count: int, grace_seconds: float) -> int:
 
     def forward(signum, frame):
         received.append(signum)
-        workers.signal_all(signum)
+        workers.signal_all(signum if len(received) == 1 else signal.SIGKILL)    # a second one: no waiting
 
-    workers = Workers(command, count)
+    workers = Workers()
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
+        workers.start(command, count)      # a signal during the start reaches the workers started so far
         while workers.running():
             failed = workers.first_failure()
             if failed is not None and not received:
                 status = workers.processes[failed].returncode
                 workers.stop(grace_seconds)
                 workers.finish_output()
-                print(f"error: worker {failed} {describe_status(status)}; stopped the other workers "
-                      f"(its output is above, prefixed [worker {failed}])", file=sys.stderr)
-                return shell_status(status)
+                return report_failure(failed, status, "; stopped the other workers")
             time.sleep(0.1)
     finally:
         for signum, action in previous.items():
@@ -182,17 +192,11 @@ def run(command: list[str], count: int, grace_seconds: float) -> int:
         expected = (0, 128 + received[0])
         for index, process in enumerate(workers.processes):
             if shell_status(process.returncode) not in expected:
-                print(f"error: worker {index} {describe_status(process.returncode)} while stopping on "
-                      f"{signal.Signals(received[0]).name} (its output is above, prefixed [worker {index}])",
-                      file=sys.stderr)
-                return shell_status(process.returncode)
+                return report_failure(index, process.returncode, f" while stopping on {signal.Signals(received[0]).name}")
         return 128 + received[0]
     failed = workers.first_failure()
     if failed is not None:
-        status = workers.processes[failed].returncode
-        print(f"error: worker {failed} {describe_status(status)} (its output is above, prefixed "
-              f"[worker {failed}])", file=sys.stderr)
-        return shell_status(status)
+        return report_failure(failed, workers.processes[failed].returncode, "")
     return 0
 
 

@@ -8,6 +8,13 @@ picks by compute dtype and device, from the measurements in docs/runtime.md:
     CPU, float32           XLA          XLA's fusion beats graph mode's per-op dispatch
     CPU, bfloat16/float16  graph mode   XLA:CPU lowers 16-bit dots without oneDNN's AVX-512
                                         BF16 / AMX kernels; graph mode's matmuls use them
+    CPU, several replicas  graph mode   a step over several CPU devices (mirrored) or worker
+                                        processes (multi_worker) does not compile on XLA:CPU:
+                                        it has no collectives (TF 2.21: "Collectives are not
+                                        yet implemented for CPU devices when compiling with
+                                        XLA") and one cluster cannot reach another device's
+                                        variables ("Trying to access resource ... located in
+                                        device CPU:1 from device CPU:0")
 
 Every backend (standard steps, weight-streaming block steps) and the generator compile
 through `compile_function`, and the run says once which path it took and why.
@@ -47,12 +54,15 @@ def device_type_of(device: str | None) -> str:
 
 def choose_compile_path(setting: JitSetting, compute_dtype: str, device_type: str,
                         replicas: int = 1) -> CompilePath:
-    """The path for `setting` (runconfig.jit_compile) on this dtype and device type, for a step
-    over `replicas` devices (a step that all-reduces across devices is not one XLA cluster)."""
+    """The path for `setting` (runconfig.jit_compile) on this dtype and device type; `replicas`:
+    the devices (of this and other worker processes) one step runs on in sync. A step over
+    several replicas all-reduces across devices, which is not one XLA cluster (and XLA:CPU has
+    no collectives in TensorFlow 2.21), so it takes graph mode."""
     if setting is True:
         if replicas > 1:
-            raise ParamsError(f"runconfig.jit_compile: true cannot compile a step over {replicas} replicas "
-                              "into one XLA cluster; use auto or false with a mirrored or multi-worker strategy")
+            raise ParamsError(f"runconfig.jit_compile=true cannot compile a step over {replicas} replicas "
+                              "(runconfig.strategy mirrored or multi_worker) into one XLA cluster; "
+                              "use jit_compile: auto or false (graph mode)")
         return CompilePath(True, "runconfig.jit_compile: true")
     if setting is False:
         return CompilePath(False, "runconfig.jit_compile: false")

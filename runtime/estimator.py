@@ -13,6 +13,10 @@ at any moment and restarted continues exactly as an uninterrupted one would.
 A training run, before it writes anything, takes model_dir's lock, checks that the `model:`
 section agrees with model_dir's params.yaml and that the latest checkpoint holds this model;
 it then restores and only then writes params.yaml. Ctrl-C and SIGTERM save a checkpoint.
+
+Multi-worker (runconfig.strategy: multi_worker): every worker runs this loop; only the chief
+takes the lock and writes params.yaml, metrics, summaries and eval results, and the workers
+agree every step on whether to stop (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ from config.files import atomic_write_text
 from config.params import Params, ParamsError, RunConfig, save_params
 from input.errors import InputDataError
 from runtime.disk_streaming import DiskStreamingExecution
-from runtime.distribution import is_chief
 from runtime.execution import Execution, no_weights_error
 from runtime.flops import FlopsCounter
 from runtime.logging_utils import ProgressLine, log
@@ -83,22 +86,24 @@ def _next_batch(iterator):
 
 
 @contextlib.contextmanager
-def _sigterm_requests_stop(flag: dict):
-    """While training, SIGTERM (what SLURM and Kubernetes send) sets flag["stop"]; the loop saves
-    and stops at the end of the step it is in. Outside the main thread signals cannot be caught:
-    the default action stays."""
+def _signals_request_stop(flag: dict, signums: tuple[int, ...]):
+    """While training, these signals (SIGTERM: what SLURM and Kubernetes send) set flag["stop"] to
+    the signal's number; the loop saves and stops at the end of the step it is in. Outside the
+    main thread signals cannot be caught: the default actions stay."""
     def handler(signum, frame):
-        flag["stop"] = True
+        flag["stop"] = flag["stop"] or signum
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        for signum in signums:
+            previous[signum] = signal.signal(signum, handler)
     except ValueError:          # not the main thread
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 class Estimator:
@@ -177,7 +182,7 @@ class Estimator:
             return
         self.execution.require_training()
         self.execution.check_batch(modes.TRAIN)
-        with ModelDirLock(self.model_dir) if is_chief() else contextlib.nullcontext():
+        with ModelDirLock(self.model_dir) if self.execution.chief else contextlib.nullcontext():
             check_same_model(self.params, self.model_dir)
             self.restore()
             self._in_training_run, self._params_recorded = True, False
@@ -189,7 +194,7 @@ class Estimator:
     def _record_params(self) -> None:
         """model_dir/params.yaml, once per training run, when it starts: after the checks and the
         input pipeline's own (missing files, record layout), before the first step."""
-        if not self._params_recorded and is_chief():
+        if not self._params_recorded and self.execution.chief:
             save_params(self.params, os.path.join(self.model_dir, "params.yaml"))
         self._params_recorded = True
 
@@ -209,11 +214,16 @@ class Estimator:
 
     def _train_from(self, iterator, start: int, max_steps: int, on_step) -> dict:
         progress = ProgressLine(start, max_steps)
-        metrics_path = os.path.join(self.model_dir, "train_metrics.jsonl")
-        _truncate_metrics(metrics_path, start)
-        flag = {"stop": False}
+        # Only the chief writes model_dir's files; other workers log to their console only.
+        metrics_path = os.path.join(self.model_dir, "train_metrics.jsonl") if self.execution.chief else None
+        if metrics_path:
+            _truncate_metrics(metrics_path, start)
+        flag = {"stop": 0}
+        # Several workers stop together at a step they agree on (Execution.any_worker), so Ctrl-C
+        # also waits for the step's end there: a save needs every worker.
+        signums = (signal.SIGTERM,) if self.execution.workers == 1 else (signal.SIGTERM, signal.SIGINT)
         try:
-            with _sigterm_requests_stop(flag):
+            with _signals_request_stop(flag, signums):
                 logs = self._train_loop(iterator, start, max_steps, FlopsCounter(self.params), progress,
                                         metrics_path, on_step, flag)
         except KeyboardInterrupt:
@@ -222,8 +232,12 @@ class Estimator:
             raise
         if flag["stop"]:
             path = self.save()
-            log(f"SIGTERM: saved {path} (step {int(self.step.numpy())}); the same command resumes from it")
-            raise TrainingTerminated(f"stopped by SIGTERM at step {int(self.step.numpy())}")
+            step = int(self.step.numpy())
+            if flag["stop"] == signal.SIGINT:
+                log(f"interrupted: saved {path} (step {step}); the same command resumes from it")
+                raise KeyboardInterrupt
+            log(f"SIGTERM: saved {path} (step {step}); the same command resumes from it")
+            raise TrainingTerminated(f"stopped by SIGTERM at step {step}")
         progress.close()
         return logs
 
@@ -257,14 +271,18 @@ class Estimator:
                 logs["tokens_per_sec"] = window_tokens / elapsed
                 logs["mfu"] = flops.utilisation(logs["tokens_per_sec"])
                 progress.update(step, logs)
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": step, **{k: logs[k] for k in (
-                        "loss", "accuracy", "learning_rate", "grad_norm", "loss_scale", "tokens_per_sec")}}) + "\n")
+                if metrics_path:
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": step, **{k: logs[k] for k in (
+                            "loss", "accuracy", "learning_rate", "grad_norm", "loss_scale", "tokens_per_sec")}}) + "\n")
                 window_start, window_tokens = time.time(), 0.0
-            if step % run.save_summary_steps == 0:
+            if step % run.save_summary_steps == 0 and self.execution.chief:
                 self._write_train_summaries(step, logs)
             if step % run.save_checkpoints_steps == 0 or step == max_steps:
                 self.save()
+            terminated, interrupted = self.execution.any_worker((flag["stop"] == signal.SIGTERM,
+                                                                 flag["stop"] == signal.SIGINT))
+            flag["stop"] = signal.SIGTERM if terminated else signal.SIGINT if interrupted else 0
             if flag["stop"]:
                 break
         return logs
@@ -304,10 +322,13 @@ class Estimator:
         results = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
                    "accuracy": totals["correct"] / totals["tokens"], "tokens": int(totals["tokens"]),
                    "batches": batches, "seconds": time.time() - start}
-        with self._writer("eval").as_default(step=step):
-            for name in ("loss", "perplexity", "accuracy"):
-                tf.summary.scalar(name, results[name])
-        path = self._record_eval(results)
+        if self.execution.chief:
+            with self._writer("eval").as_default(step=step):
+                for name in ("loss", "perplexity", "accuracy"):
+                    tf.summary.scalar(name, results[name])
+            path = self._record_eval(results)
+        else:
+            path = os.path.join(self.model_dir, "eval_results.json") + " (written by the chief)"
         log(f"eval at step {step}: loss {loss:.4f}, perplexity {results['perplexity']:.2f}, "
             f"accuracy {results['accuracy']:.4f} over {results['tokens']:,} tokens; results in {path} and "
             f"TensorBoard {os.path.join(self.model_dir, 'eval')}")

@@ -8,6 +8,8 @@ The Estimator drives every backend through this one interface:
     train_step(features, labels) -> logs      (only when built with training=True)
     eval_sums(features, labels)  -> {"loss", "correct", "tokens"}
     dataset(mode, position)      the input, distributed as the backend needs it
+    chief, workers, any_worker   multi-worker: whether this process writes model_dir, how many
+                                 processes train together, a flag OR-ed over them
 
 Backends: StandardExecution (runtime/standard.py: a tf.distribute strategy), memory and
 disk weight streaming (runtime/weight_streaming.py, runtime/disk_streaming.py). A backend
@@ -16,6 +18,10 @@ the weights' memory.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import tensorflow as tf
 
 import data as data_module
@@ -23,6 +29,7 @@ import model as model_module
 from checkpoint_utils.load import CheckpointMismatchError, check_checkpoint
 from config import modes
 from config.params import Params, ParamsError
+from runtime.distribution import is_chief, worker_count
 from runtime.logging_utils import log
 from runtime.loss_scale import LossScale
 from runtime.optimizer import build_optimizer
@@ -58,6 +65,9 @@ class Execution:
         self.training = training
         self.model_fn = model_fn
         self.input_fn = input_fn
+        multi_worker = params.runconfig.strategy == "multi_worker"
+        self.workers = worker_count() if multi_worker else 1     # processes training together
+        self.chief = is_chief() if multi_worker else True        # writes model_dir; others only compute
         train = params.train_input
         # The global batch's label positions: the constant that scales every gradient (runtime/steps.py).
         self.label_positions = float(train.batch_size * train.max_sequence_length) if train else 1.0
@@ -87,6 +97,17 @@ class Execution:
             per_pipeline = context.num_replicas_in_sync // context.num_input_pipelines
             return self.input_fn(self.params, mode, context, data_position=position * per_pipeline)
         return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def any_worker(self, flags: tuple[bool, ...]) -> tuple[bool, ...]:
+        """Each flag OR-ed over the workers (an all-reduce when several train together): workers
+        agree on whether and why to stop at a step, or one would wait forever in the next step's
+        all-reduce."""
+        if self.workers == 1:
+            return flags
+        values = self.strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant([float(f) for f in flags]))        # [flags]
+        return tuple(bool(total > 0) for total in self.strategy.reduce(
+            tf.distribute.ReduceOp.SUM, values, axis=None).numpy())
 
     @property
     def latest_checkpoint(self) -> str | None:
@@ -124,9 +145,11 @@ class CheckpointedExecution(Execution):
         if training:
             state["optimizer"] = OptimizerState(self.optimizer)
         self.checkpoint = tf.train.Checkpoint(**state)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, model_dir, max_to_keep=params.runconfig.keep_checkpoint_max or None,
-            step_counter=self.step, checkpoint_name="ckpt")
+        self.manager = self._manager(model_dir, params.runconfig.keep_checkpoint_max or None)
+
+    def _manager(self, directory: str, max_to_keep: int | None) -> tf.train.CheckpointManager:
+        return tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep,
+                                          step_counter=self.step, checkpoint_name="ckpt")
 
     def restore(self, require: bool) -> int:
         """Resume from model_dir's latest checkpoint, else warm start from runconfig.checkpoint_path
@@ -158,7 +181,19 @@ class CheckpointedExecution(Execution):
 
     def save(self) -> str:
         """Write a checkpoint (TF writes it under a temp name and renames, then rewrites the
-        `checkpoint` state file atomically: a kill leaves the previous one usable)."""
+        `checkpoint` state file atomically: a kill leaves the previous one usable).
+
+        Multi-worker: every worker takes part in a save (its collectives need them all), but only
+        the chief writes into model_dir; another worker writes to a temporary directory of its own
+        and deletes it. Returns the chief's path on every worker."""
         self.require_training()
-        return self.manager.save(checkpoint_number=int(self.step.numpy()))
+        step = int(self.step.numpy())
+        if self.chief:
+            return self.manager.save(checkpoint_number=step)
+        scratch = tempfile.mkdtemp(prefix="gptj-worker-ckpt-")
+        try:
+            self._manager(scratch, 1).save(checkpoint_number=step)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return os.path.join(self.model_dir, f"ckpt-{step}")
 

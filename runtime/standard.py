@@ -20,7 +20,7 @@ class StandardExecution(CheckpointedExecution):
         self._eval_step = None
         device_type = device_type_of(strategy.extended.worker_devices[0])
         self.compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type,
-                                                strategy.num_replicas_in_sync)
+                                                replicas=strategy.num_replicas_in_sync)
         log(self.compile_path.describe())
 
     def _compiled(self, function):

@@ -63,3 +63,22 @@ def test_multi_worker_needs_a_valid_tf_config(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ParamsError, match="TF_CONFIG is not valid JSON"):
         make_strategy(RunConfig(strategy="multi_worker"))
+
+
+def test_a_step_over_several_cpu_replicas_compiles_in_graph_mode():
+    """A step over several replicas all-reduces across devices (and XLA:CPU has no collectives in
+    TF 2.21): a mirrored or multi-worker step takes graph mode under `auto` and refuses `true`
+    with one error; one replica keeps the per-dtype choice (XLA for float32 on CPU and on GPU,
+    graph mode for bfloat16 on CPU)."""
+    import pytest
+
+    from config.params import ParamsError
+    from runtime.compile_path import choose_compile_path
+    assert choose_compile_path("auto", "float32", "CPU", replicas=2).jit_compile is False
+    assert choose_compile_path("auto", "float32", "CPU", replicas=1).jit_compile is True
+    assert choose_compile_path("auto", "float32", "GPU", replicas=2).jit_compile is False
+    assert choose_compile_path("auto", "bfloat16", "GPU", replicas=1).jit_compile is True
+    assert choose_compile_path("auto", "bfloat16", "CPU", replicas=1).jit_compile is False
+    assert choose_compile_path(False, "float32", "CPU", replicas=2).jit_compile is False
+    with pytest.raises(ParamsError, match="runconfig.jit_compile=true cannot compile a step over 2 replicas"):
+        choose_compile_path(True, "float32", "CPU", replicas=2)

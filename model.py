@@ -8,6 +8,8 @@ LayerNorm, attention softmax and logits in float32.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Callable, NamedTuple
 
 import tensorflow as tf
@@ -66,6 +68,15 @@ class GPTJModel(Layer):
     @property
     def compute_dtype(self) -> tf.DType:
         return tf.as_dtype(self.config.compute_dtype)
+
+    def with_compute_dtype(self, dtype: str) -> "GPTJModel":
+        """The same layers and variables, running their math in `dtype` ("float32", or
+        "bfloat16"/"float16" as mixed precision): generation in 16 bits without a second model."""
+        twin = copy.copy(self)
+        mixed = dtype != "float32"
+        twin.config = dataclasses.replace(self.config, mixed_precision=mixed,
+                                          mixed_precision_dtype=dtype if mixed else self.config.mixed_precision_dtype)
+        return twin
 
     # The pieces below are what weight streaming runs one at a time; `forward` chains them.
 

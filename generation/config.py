@@ -14,6 +14,7 @@ from typing import Sequence, Union
 
 EarlyStopping = Union[bool, str]   # True | False | "never", as in transformers
 COMPILE_MODES = ("xla", "graph", "eager")   # how the decode functions run (generation/batch.py)
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")   # dense kernels while generating (generation/weights.py)
 
 
 class GenerationConfigError(ValueError):

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import typing
 
-from generation.config import COMPILE_MODES, GenerationConfig, GenerationConfigError
+from generation.config import COMPILE_MODES, WEIGHT_FORMATS, GenerationConfig, GenerationConfigError
 from input.tokenizer import GptTokenizer
 
 
@@ -59,6 +59,14 @@ def add_predict_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts decoded together")
     group.add_argument("--generation-compile", choices=COMPILE_MODES, default="xla",
                        help="how the decode step runs: XLA (fastest), graph, or eager")
+    add_weight_format_flag(group)
+
+
+def add_weight_format_flag(group) -> None:
+    """--weight-format: the dense kernels' format while generating (generation/weights.py)."""
+    group.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="float32",
+                       help="dense kernels while generating: float32 as trained, bfloat16, or int8 "
+                            "(weight-only, one scale per output channel); 16 and 8 bits decode faster")
 
 
 def config_from_flags(args: argparse.Namespace, tokenizer: GptTokenizer) -> GenerationConfig:

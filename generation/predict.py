@@ -18,6 +18,7 @@ from generation.config import GenerationConfig
 from generation.flags import config_from_flags
 from generation.generator import Generator
 from generation.text import Completion, complete
+from generation.weights import GenerationModel, generation_model
 from input.tokenizer import GptTokenizer, load_tokenizer
 from model import GPTJModel
 from config.params import ModelParams
@@ -78,6 +79,7 @@ class PredictJob:
     config: GenerationConfig
     batch_size: int
     compile_mode: str
+    weight_format: str = "float32"
 
 
 def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
@@ -90,11 +92,12 @@ def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
     requests = read_prompts(args.prompt, args.prompts_file)
     config = config_from_flags(args, tokenizer)
     check_requests(requests, tokenizer, config, model_config)
-    return PredictJob(tokenizer, requests, config, args.batch_size, args.generation_compile)
+    return PredictJob(tokenizer, requests, config, args.batch_size, args.generation_compile, args.weight_format)
 
 
 def run_job(model: GPTJModel, job: PredictJob, output_path: str) -> list[Completion]:
-    done = predict(model, job.tokenizer, job.requests, job.config, output_path, job.batch_size, job.compile_mode)
+    done = predict(generation_model(model, job.weight_format), job.tokenizer, job.requests, job.config,
+                   output_path, job.batch_size, job.compile_mode)
     # stderr: stdout carries the completions themselves and may be piped
     print(f"{len(done)} completion(s) appended to {output_path}", file=sys.stderr)
     return done
@@ -109,7 +112,7 @@ def check_requests(requests: list[PromptRequest], tokenizer: GptTokenizer, confi
                          model_config.max_position_embeddings, model_config.vocab_size)
 
 
-def predict(model: GPTJModel, tokenizer: GptTokenizer, requests: list[PromptRequest], config: GenerationConfig,
+def predict(model: GPTJModel | GenerationModel, tokenizer: GptTokenizer, requests: list[PromptRequest], config: GenerationConfig,
             output_path: str, batch_size: int = 8, compile_mode: str = "xla",
             console: TextIO | None = None) -> list[Completion]:
     """Complete every request in batches, appending one JSON line per completion to output_path.

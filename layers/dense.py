@@ -19,7 +19,16 @@ class Dense(Layer):
 
     def forward(self, weights: dict, x: tf.Tensor) -> tf.Tensor:
         # x: [..., in] in the compute dtype; weights are cast to it (mixed precision).
-        y = matmul_rows(x, tf.cast(weights["kernel"], x.dtype))  # [..., out]
+        # weights: {"kernel" [in, out]} as trained, or a generation format (generation/weights.py):
+        # {"kernel_t" [out, in] bfloat16 or int8, "kernel_scale" [out] with int8}.
+        if "kernel" in weights:
+            y = matmul_rows(x, tf.cast(weights["kernel"], x.dtype))                       # [..., out]
+        else:
+            # [out, in] rows: XLA fuses the cast into a matrix-vector product, so a decode step
+            # reads the kernel's 1 or 2 bytes per weight instead of a float32 copy's 4.
+            y = matmul_rows(x, tf.cast(weights["kernel_t"], x.dtype), transpose_kernel=True)
+            if "kernel_scale" in weights:
+                y = y * tf.cast(weights["kernel_scale"], x.dtype)                          # per output channel
         if "bias" in weights:
             y = y + tf.cast(weights["bias"], x.dtype)
         return y

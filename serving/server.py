@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from config.cli import ArgumentParser
 from generation.config import COMPILE_MODES
+from generation.flags import add_weight_format_flag
 from generation.batch import round_up
 from generation.config import GenerationConfig, GenerationConfigError
 from generation.text import TextStream, find_stop_string, stop_string_checker, strip_stop_token
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=Limits.request_timeout, help="seconds")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="xla",
                         help="how the decode step runs: XLA (fastest), graph, or eager")
+    add_weight_format_flag(parser)
     parser.add_argument("--steps-per-call", type=int, default=8,
                         help="decode steps per compiled call (a call also ends when a row finishes)")
     parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
@@ -370,9 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     from config.params import ParamsError
     from input.tokenizer import load_tokenizer
     from runtime.logging_utils import log
+    from generation.weights import generation_model
     from serving.loading import load_serving_model
     try:
         params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype)
+        model = generation_model(model, args.weight_format)
         tokenizer = load_tokenizer(args.tokenizer)
         tokenizer.check_fits_model(params.model.vocab_size)
         limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams,

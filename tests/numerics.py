@@ -37,6 +37,12 @@ def float32_atol(reductions: int, terms: int, scale: float) -> float:
     return ROUNDING_MARGIN * math.sqrt(reductions * terms) * U32 * scale
 
 
+# On the way to a logit a block rounds ~10 values to the compute dtype (normed input, q, k, v,
+# scores, probabilities, attention output, projection, fc_in, fc_out) and the embedding, final norm
+# and head 3 more: each rounding is <= u relative to its value and layer norms keep values at the
+# logits' scale, so |dz| <= 23 u max|z| in the worst case (every rounding the same way).
+LOW_PRECISION_ROUNDINGS = 2 * 10 + 3
+
 # Logits of the tiny transformers models (tests/hf_models.py: at most 3 blocks, sums of at most
 # 4d = 128 terms, |logits| <= 2.5) from our float32 TF model and from torch:
 # float32_atol(forward_reductions(3), 128, 2.5) = 9.3e-5. A conversion bug (a transposed or

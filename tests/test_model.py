@@ -11,7 +11,7 @@ from layers.tree import flatten_weights
 from layers.masks import causal_attention_bias
 from model import GPTJModel, weight_shapes
 from config.params import ModelParams
-from tests.numerics import U_BF16, U_FP16, float32_atol, forward_reductions
+from tests.numerics import LOW_PRECISION_ROUNDINGS, U_BF16, U_FP16, float32_atol, forward_reductions
 
 pytestmark = pytest.mark.numerics
 
@@ -134,13 +134,6 @@ def test_attention_bias_shape_and_values():
     assert bias.shape == (2, 1, 2, 4)
     assert (bias[0, 0] == 0).tolist() == [[True, True, True, False], [True, True, True, True]]
     assert (bias[1, 0] == 0).tolist() == [[False, True, True, False], [False, True, True, True]]
-
-
-# On the way to a logit a block rounds ~10 values to the compute dtype (normed input, q, k, v,
-# scores, probabilities, attention output, projection, fc_in, fc_out) and the embedding, final norm
-# and head 3 more: each rounding is <= u relative to its value and layer norms keep values at the
-# logits' scale, so |dz| <= 23 u max|z| in the worst case (every rounding the same way).
-LOW_PRECISION_ROUNDINGS = 2 * 10 + 3
 
 
 @pytest.mark.mixed_precision

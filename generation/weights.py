@@ -1,0 +1,119 @@
+"""Weight formats for generation: float32 as trained, bfloat16, or weight-only int8.
+
+Decoding one token reads every weight of the blocks and the LM head once per step, so at
+small batches its speed is the weights' bytes over memory bandwidth. The 16- and 8-bit
+formats store each dense kernel as rows [out, in] in that format, which XLA reads directly
+in its matrix-vector products (layers/dense.py):
+
+    float32   the model's own variables (4 bytes per weight)
+    bfloat16  kernels in bfloat16, math in bfloat16 with float32 LayerNorm, softmax and logits
+              (model.mixed_precision's numerics; 2 bytes per weight)
+    int8      kernels as int8 with one float32 scale per output channel, symmetric:
+              scale = max |w[:, o]| / 127, q = round(w / scale), so |w - q * scale| <= scale / 2;
+              math in float32 on the dequantized weights (1 byte per weight)
+
+Embedding tables, LayerNorms and biases stay float32 (a step reads one embedding row and
+a few vectors). `GenerationModel` is what the decoders call in place of a GPTJModel.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+# Public since TF 2.9 under this path; XLA's OptimizationBarrier (a no-op outside XLA).
+from tensorflow.compiler.tf2xla.python.xla import optimization_barrier
+
+from generation.config import WEIGHT_FORMATS
+from model import GPTJModel
+
+
+def quantize_int8(kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """kernel [in, out] float -> (rows [out, in] int8, scale [out] float32), per output channel."""
+    kernel = tf.convert_to_tensor(kernel, tf.float32)
+    scale = tf.reduce_max(tf.abs(kernel), axis=0) / 127.0                                  # [out]
+    safe = tf.where(scale > 0, scale, 1.0)                                                  # all-zero columns
+    rows = tf.cast(tf.clip_by_value(tf.round(tf.transpose(kernel) / safe[:, None]), -127, 127), tf.int8)
+    return rows, scale
+
+
+def dequantize_int8(rows: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """(rows [out, in] int8, scale [out]) -> kernel [in, out] float32 (what the int8 format computes with)."""
+    return tf.transpose(tf.cast(rows, tf.float32) * scale[:, None])
+
+
+def pack_kernel(kernel: tf.Variable, weight_format: str) -> dict:
+    """One dense kernel [in, out] in `weight_format` (see the module docstring)."""
+    if weight_format == "bfloat16":
+        return {"kernel_t": tf.Variable(tf.cast(tf.transpose(kernel), tf.bfloat16), trainable=False,
+                                        name="kernel_t")}
+    rows, scale = quantize_int8(kernel)
+    return {"kernel_t": tf.Variable(rows, trainable=False, name="kernel_t"),
+            "kernel_scale": tf.Variable(scale, trainable=False, name="kernel_scale")}
+
+
+def pack_weights(tree, weight_format: str):
+    """The model's weight tree with every dense kernel (a rank-2 "kernel") packed."""
+    if isinstance(tree, list):
+        return [pack_weights(t, weight_format) for t in tree]
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for name, value in tree.items():
+        if name == "kernel" and isinstance(value, tf.Variable) and value.shape.rank == 2:
+            out.update(pack_kernel(value, weight_format))
+        else:
+            out[name] = pack_weights(value, weight_format)
+    return out
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every tensor in a weight tree."""
+    if isinstance(tree, list):
+        return sum(tree_bytes(t) for t in tree)
+    if isinstance(tree, dict):
+        return sum(tree_bytes(t) for t in tree.values())
+    return tree.shape.num_elements() * tree.dtype.size
+
+
+class GenerationModel:
+    """A GPTJModel's code over weights in one format: `.config`, `.empty_cache` and calls like
+    the model's own, which is all the decoders use."""
+
+    def __init__(self, model: GPTJModel, weight_format: str = "float32"):
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format {weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+        self.weight_format = weight_format
+        self.model = model.with_compute_dtype("bfloat16") if weight_format == "bfloat16" else model
+        tree = model.weights_tree()
+        self.weights = tree if weight_format == "float32" else pack_weights(tree, weight_format)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def weight_bytes(self) -> int:
+        return tree_bytes(self.weights)
+
+    def empty_cache(self, batch_size: int, cache_length: int):
+        return self.model.empty_cache(batch_size, cache_length)
+
+    def __call__(self, *args, **kwargs):
+        weights = self.weights
+        if "cache_index" in kwargs and not tf.executing_eagerly():
+            weights = tied_to_step(weights, kwargs["cache_index"])
+        return self.model.forward(weights, *args, **kwargs)
+
+
+def tied_to_step(weights, step: tf.Tensor):
+    """The weight tree read through an optimization barrier together with the decode step's
+    cache index. Inside a decode loop the packed kernels are loop invariant, and XLA would hoist
+    their conversion out of the loop: every step would then read a float32 copy (4 bytes per
+    weight) instead of the packed 1 or 2 bytes. The barrier makes them depend on the step, so
+    the conversion stays fused into each step's matrix-vector products."""
+    leaves = tf.nest.flatten(weights)
+    *tied, _ = optimization_barrier(*leaves, step)
+    return tf.nest.pack_sequence_as(weights, tied)
+
+
+def generation_model(model: GPTJModel, weight_format: str = "float32") -> GPTJModel | GenerationModel:
+    """`model` itself for float32, else a GenerationModel in `weight_format`."""
+    return model if weight_format == "float32" else GenerationModel(model, weight_format)

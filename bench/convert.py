@@ -116,6 +116,8 @@ def main() -> None:
     add_verbose_flag(parser)
     args = parser.parse_args()
     quiet_tensorflow(args.verbose)
+    from bench.machine import describe_machine
+    print(describe_machine())
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-convert-")
     source, output = os.path.join(work, "hf"), os.path.join(work, "tf")
     shutil.rmtree(output, ignore_errors=True)

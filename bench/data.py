@@ -41,6 +41,8 @@ def main() -> None:
     add_verbose_flag(parser)
     args = parser.parse_args()
     quiet_tensorflow(args.verbose)
+    from bench.machine import describe_machine
+    print(describe_machine())
 
     from input.readers import expand_inputs, read_documents
     from input.scripts.make_local_corpus import make_local_corpus

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     quiet_tensorflow(args.verbose)
+    from bench.machine import describe_machine
+    print(describe_machine())
 
     import numpy as np
     import torch

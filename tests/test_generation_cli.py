@@ -133,3 +133,22 @@ def test_one_flag_style_with_underscores_accepted():
     assert (hyphens.model_dir, hyphens.max_new_tokens, hyphens.prompt) == ("m", 5, "--top_p=0.5 as text")
     help_text = run.build_parser().format_help()
     assert "--model-dir" in help_text and "--model_dir MODEL_DIR" not in help_text
+
+
+def test_weight_format_int8_decodes_with_the_int8_model(setup, tmp_path):
+    """run.py --weight-format int8 (XLA) gives the greedy tokens of the int8 GenerationModel run
+    eagerly (the two differ by float32 rounding; the random model's top logits sit ~1e-2 apart)."""
+    from generation.config import GenerationConfig
+    from generation.generator import Generator
+    from generation.weights import GenerationModel
+    argv = predict_argv(setup, tmp_path, "--prompt", "the cat", "--max_new_tokens", "6", "--weight_format", "int8")
+    argv[argv.index("--generation_compile") + 1] = "xla"
+    assert run.main(argv) == 0
+    (record,) = read_jsonl(tmp_path / "predictions.jsonl")
+    model = GPTJModel(parse_params(yaml.safe_load(open(setup["params"]))).model, seed=5)
+    tf.train.Checkpoint(model=model).read(setup["checkpoint"]).expect_partial()
+    prompt = setup["tokenizer"].encode("the cat")
+    config = GenerationConfig(max_new_tokens=6, pad_token_id=setup["tokenizer"].eos_id,
+                              stop_token_ids=(setup["tokenizer"].eos_id,))
+    int8 = Generator(GenerationModel(model, "int8"), "eager").generate([prompt], config)[0].token_ids
+    assert record["token_ids"] == int8

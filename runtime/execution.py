@@ -9,8 +9,9 @@ The Estimator drives every backend through this one interface:
     eval_sums(features, labels)  -> {"loss", "correct", "tokens"}
     dataset(mode, position)      the input, distributed as the backend needs it
 
-Backends: StandardExecution (runtime/standard.py: a tf.distribute strategy), memory and
-disk weight streaming (runtime/weight_streaming.py, runtime/disk_streaming.py). A backend
+Backends: StandardExecution (runtime/standard.py: a tf.distribute strategy), MeshExecution
+(runtime/mesh.py: tensor parallelism on a DTensor device mesh), memory and disk weight
+streaming (runtime/weight_streaming.py, runtime/disk_streaming.py). A backend
 built with training=False (eval, predict) creates no optimizer: Adam's slots are twice
 the weights' memory.
 """
@@ -116,10 +117,7 @@ class CheckpointedExecution(Execution):
         super().__init__(params, model_dir, training, model_fn, input_fn)
         self.strategy = strategy
         with placement:
-            self.model = model_module.build_model(params)
-            self.optimizer = build_optimizer(params.optimizer, self.model.trainable_variables) if training else None
-            self.loss_scale = self.new_loss_scale()
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self.model, self.optimizer, self.loss_scale, self.step = self.build_state()
         state = {"model": self.model, "loss_scale": self.loss_scale, "step": self.step}
         if training:
             state["optimizer"] = OptimizerState(self.optimizer)
@@ -127,6 +125,14 @@ class CheckpointedExecution(Execution):
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, model_dir, max_to_keep=params.runconfig.keep_checkpoint_max or None,
             step_counter=self.step, checkpoint_name="ckpt")
+
+    def build_state(self) -> tuple:
+        """(model, optimizer or None, loss scale, step): the checkpointed state, built under the
+        backend's placement (the mesh backend lays it out on its device mesh instead)."""
+        model = model_module.build_model(self.params)
+        optimizer = build_optimizer(self.params.optimizer, model.trainable_variables) if self.training else None
+        return model, optimizer, self.new_loss_scale(), tf.Variable(0, dtype=tf.int64, trainable=False,
+                                                                      name="global_step")
 
     def restore(self, require: bool) -> int:
         """Resume from model_dir's latest checkpoint, else warm start from runconfig.checkpoint_path

@@ -17,7 +17,7 @@ import model as model_module
 from config import modes
 from config.params import Params, ParamsError
 from runtime.compile_path import CompilePath
-from runtime.mesh_layouts import DATA, batch_to_mesh, make_mesh, new_variable, place_module, replicated
+from runtime.mesh_layouts import DATA, batch_to_mesh, make_mesh, new_variable, place_model, place_module, replicated
 from runtime.mesh_optimizer import TensorOpsOptimizer
 from runtime.standard import StandardExecution
 
@@ -34,7 +34,7 @@ class MeshExecution(StandardExecution):
 
     def build_state(self) -> tuple:
         model = model_module.build_model(self.params)              # drawn on the host: the same initial values
-        place_module(self.mesh, model)
+        place_model(self.mesh, model)
         optimizer = (TensorOpsOptimizer(self.params.optimizer, model.trainable_variables, self.mesh)
                      if self.training else None)
         loss_scale = self.new_loss_scale()
@@ -69,10 +69,3 @@ class MeshExecution(StandardExecution):
         with dtensor.default_mesh(self.mesh):
             return super().eval_sums(*self.to_mesh(features, labels))
 
-
-def replicate_state(mesh: dtensor.Mesh):
-    """A Generator `place_state`: every host-built tensor of a decoder state, replicated on `mesh`
-    (DTensor functions take DTensors; generation does not split its small batch)."""
-    def place(state):
-        return tf.nest.map_structure(lambda t: t if dtensor.is_dtensor(t) else replicated(mesh, t), state)
-    return place

@@ -22,6 +22,8 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from config.params import MeshParams, ParamsError
+from layers.attention import blend_cache
+from model import GPTJModel
 
 DATA, MODEL = "data", "model"
 _ = dtensor.UNSHARDED
@@ -102,6 +104,14 @@ def place_module(mesh: dtensor.Mesh, module: tf.Module, prefix: str = "") -> Non
         elif isinstance(value, Sequence) and value and all(isinstance(v, tf.Module) for v in value):
             for i, child in enumerate(value):
                 place_module(mesh, child, f"{path}/{i}/")
+
+
+def place_model(mesh: dtensor.Mesh, model: GPTJModel) -> None:
+    """Lay `model`'s weights out on `mesh` (place_module), and have its attention layers write
+    their key/value caches with blend_cache, whose ops DTensor can expand on head-split caches."""
+    place_module(mesh, model)
+    for block in model.blocks:
+        block.attn.cache_writer = blend_cache
 
 
 def local_shapes(variable: tf.Variable) -> list[tuple[int, ...]]:

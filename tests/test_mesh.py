@@ -82,7 +82,16 @@ RESUME = PRELUDE + textwrap.dedent("""
     shutil.copytree(f"{root}/one", f"{root}/mesh")
     reference = {}
     one.train(max_steps=4, on_step=lambda step, logs: reference.__setitem__(step, logs["loss"]))
-    _, on_mesh = train(f"{root}/mesh", 3, mesh=True)                  # resumes the one-device step 2
+    # run.py --mode train on the mesh resumes the one-device step 2.
+    import yaml, run
+    from tests.runtime_helpers import raw_params
+    with open(f"{root}/mesh.yaml", "w") as f:
+        yaml.safe_dump(raw_params(root, runconfig={"jit_compile": False, "mesh": MESH}), f)
+    assert run.main(["--mode", "train", "--params", f"{root}/mesh.yaml", "--model-dir", f"{root}/mesh",
+                     "--max-steps", "3"]) == 0
+    with open(f"{root}/mesh/train_metrics.jsonl") as f:
+        on_mesh = {json.loads(line)["step"]: json.loads(line)["loss"] for line in f}
+    on_mesh = {step: loss for step, loss in on_mesh.items() if step > 2}
     shutil.copytree(f"{root}/mesh", f"{root}/back")
     _, back = train(f"{root}/back", 4, mesh=False)                      # resumes the mesh's step 3
     np.savez(f"{root}/one.npz", **checkpoint_arrays(f"{root}/one"))
@@ -173,6 +182,7 @@ def test_training_on_a_2x2_mesh_equals_one_device(tmp_path):
 
 @pytest.mark.numerics
 def test_checkpoints_resume_across_mesh_and_one_device(tmp_path):
+    """one device to step 2; run.py --mode train on the mesh to step 3; one device again to step 4."""
     result = _run(RESUME, tmp_path)
     reference, mesh, back = result["reference"], result["mesh"], result["back"]
     assert sorted(mesh) == ["3"] and sorted(back) == ["4"]

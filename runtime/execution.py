@@ -134,6 +134,10 @@ class CheckpointedExecution(Execution):
         return model, optimizer, self.new_loss_scale(), tf.Variable(0, dtype=tf.int64, trainable=False,
                                                                       name="global_step")
 
+    def assign_weight(self, variable: tf.Variable, value) -> None:
+        """Set a model variable from a host array (warm start)."""
+        variable.assign(value)
+
     def restore(self, require: bool) -> int:
         """Resume from model_dir's latest checkpoint, else warm start from runconfig.checkpoint_path
         (weights only), else keep the fresh initialisation (an error when `require`)."""
@@ -154,7 +158,7 @@ class CheckpointedExecution(Execution):
                        "a checkpoint") if run.checkpoint_path else ""
             log(f"restored {latest} (step {int(self.step.numpy())}){ignored}")
         elif run.checkpoint_path:
-            log(warm_start(self.model, run.checkpoint_path).summary())
+            log(warm_start(self.model, run.checkpoint_path, self.assign_weight).summary())
         elif require:
             raise no_weights_error(self.model_dir)
         else:

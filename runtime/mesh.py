@@ -17,7 +17,8 @@ import model as model_module
 from config import modes
 from config.params import Params, ParamsError
 from runtime.compile_path import CompilePath
-from runtime.mesh_layouts import DATA, batch_to_mesh, make_mesh, new_variable, place_model, place_module, replicated
+from runtime.mesh_layouts import (DATA, batch_to_mesh, make_mesh, new_variable, place_model, place_module,
+                                  replicated, to_layout)
 from runtime.mesh_optimizer import TensorOpsOptimizer
 from runtime.standard import StandardExecution
 
@@ -41,6 +42,9 @@ class MeshExecution(StandardExecution):
         place_module(self.mesh, loss_scale)
         step = new_variable(self.mesh, tf.constant(0, tf.int64), trainable=False, name="global_step")
         return model, optimizer, loss_scale, step
+
+    def assign_weight(self, variable: tf.Variable, value) -> None:
+        variable.assign(to_layout(self.mesh, value, dtensor.fetch_layout(variable).sharding_specs))
 
     def check_batch(self, mode: str) -> None:
         super().check_batch(mode)

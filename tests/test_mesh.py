@@ -105,12 +105,14 @@ GENERATE = PRELUDE + textwrap.dedent("""
     from generation.generator import Generator
     from generation.mesh import MeshGenerator
     from model import GPTJModel
-    from runtime.mesh_layouts import make_mesh, place_model, replicated
-    from config.params import MeshParams
-    config = tiny_params(root).model
-    one, split = GPTJModel(config, seed=7), GPTJModel(config, seed=7)
-    mesh = make_mesh(MeshParams(**MESH))
-    place_model(mesh, split)
+    from runtime.mesh_layouts import replicated
+    # The mesh model warm starts (--checkpoint-path) from a one-device model's checkpoint.
+    one = GPTJModel(tiny_params(root).model, seed=7)
+    tf.train.Checkpoint(model=one).save(f"{root}/one/ckpt")
+    estimator = Estimator(tiny_params(root, runconfig={"mesh": MESH, "checkpoint_path": f"{root}/one"}),
+                          f"{root}/mesh", training=False)
+    estimator.restore()
+    split, mesh = estimator.model, estimator.execution.mesh
     prompts = [[5, 9, 2, 33, 17, 8, 61], [40, 3]]
     generation = GenerationConfig(max_new_tokens=8)
     out["one"] = [g.token_ids for g in Generator(one, "graph", length_multiple=8).generate(prompts, generation)]
@@ -193,6 +195,7 @@ def test_checkpoints_resume_across_mesh_and_one_device(tmp_path):
 
 @pytest.mark.numerics
 def test_greedy_generation_on_a_2x2_mesh_equals_one_device(tmp_path):
+    """A mesh model warm started from a one-device checkpoint decodes as that model does."""
     result = _run(GENERATE, tmp_path)
     expected, actual = np.load(tmp_path / "one.npy"), np.load(tmp_path / "mesh.npy")
     # Another summation order of the same float32 forward (2 blocks, sums of <= 64 terms).

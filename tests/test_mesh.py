@@ -128,6 +128,21 @@ GENERATE = PRELUDE + textwrap.dedent("""
     with dtensor.default_mesh(mesh):
         logits = cached(split, lambda t: replicated(mesh, t))
     np.save(f"{root}/mesh.npy", dtensor.unpack(dtensor.relayout(logits, dtensor.Layout.replicated(mesh, 3)))[0].numpy())
+    # The activations' layouts, op by op (eager): heads stay split through attention.
+    from runtime.mesh_layouts import batch_to_mesh
+    layouts = {}
+    with dtensor.default_mesh(mesh):
+        weights = tf.nest.map_structure(lambda v: v.read_value(), split.weights_tree())
+        block, attention = weights["blocks"][0], split.blocks[0].attn
+        x = split.blocks[0].ln_1.forward(block["ln_1"], split.embed(weights, batch_to_mesh(mesh, ids)))
+        q = tf.reshape(attention.q_proj.forward(block["attn"]["q_proj"], x), [2, 8, 4, 8])    # [b, s, h, hd]
+        scores = tf.einsum("bqhd,bkhd->bhqk", q, q)
+        context = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", scores, q), [2, 8, 32])
+        for name, t in {"q": q, "scores": scores, "context": context,
+                        "out_proj": attention.out_proj.forward(block["attn"]["out_proj"], context),
+                        "fc_in": split.blocks[0].mlp.fc_in.forward(block["mlp"]["fc_in"], x)}.items():
+            layouts[name] = dtensor.fetch_layout(t).sharding_specs
+    out["layouts"] = layouts
     print("RESULT " + json.dumps(out))
 """)
 
@@ -204,6 +219,13 @@ def test_greedy_generation_on_a_2x2_mesh_equals_one_device(tmp_path):
     assert atol < 1e-5
     assert result["mesh"] == result["one"]
     assert all(len(ids) == 8 for ids in result["one"])
+    # Megatron's activations: q and the scores split by heads, the row-split out_proj's output whole
+    # (all-reduced), fc_in's output split by columns; every one split by rows over `data`.
+    assert result["layouts"] == {"q": ["data", "unsharded", "model", "unsharded"],
+                                 "scores": ["data", "model", "unsharded", "unsharded"],
+                                 "context": ["data", "unsharded", "model"],
+                                 "out_proj": ["data", "unsharded", "unsharded"],
+                                 "fc_in": ["data", "unsharded", "model"]}
 
 
 @pytest.mark.parametrize("per_row", [False, True])
@@ -217,3 +239,27 @@ def test_blend_cache_writes_what_write_cache_writes(per_row):
     index = tf.constant([0, 3, 6] if per_row else 5, tf.int32)
     # Both copy values (no arithmetic): exactly equal.
     np.testing.assert_array_equal(blend_cache(cache, new, index).numpy(), write_cache(cache, new, index).numpy())
+
+
+@pytest.mark.parametrize("model", [
+    {},                                                                      # GPT-J: no q/k/v biases, untied head
+    {"use_projection_bias_in_attention": True, "use_attention_output_bias": True, "use_untied_layer_norm": True,
+     "share_embedding_weights": True, "rotary_style": "neox"},                 # NeoX-style switches, tied head
+])
+def test_every_weight_has_its_megatron_layout(model):
+    from config.params import ModelParams
+    from model import weight_specs
+    from runtime.mesh_layouts import weight_sharding
+    config = ModelParams(**{"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 4,
+                            "rotary_dim": 4, "filter_size": 64, **model})
+    columns, rows = ("model",), ("model", "unsharded")
+    expected = {"attn/q_proj/kernel": ("unsharded", "model"), "attn/k_proj/kernel": ("unsharded", "model"),
+                "attn/v_proj/kernel": ("unsharded", "model"), "mlp/fc_in/kernel": ("unsharded", "model"),
+                "attn/q_proj/bias": columns, "attn/k_proj/bias": columns, "attn/v_proj/bias": columns,
+                "mlp/fc_in/bias": columns, "attn/out_proj/kernel": rows, "mlp/fc_out/kernel": rows,
+                "embedding/embeddings": rows, "lm_head/kernel": ("unsharded", "model"), "lm_head/bias": columns,
+                "lm_head_bias": columns}
+    for spec in weight_specs(config):
+        short = spec.path.split("/", 2)[-1] if spec.path.startswith("blocks/") else spec.path
+        assert weight_sharding(spec.path, len(spec.shape)) == expected.get(short, ("unsharded",) * len(spec.shape)), \
+            spec.path

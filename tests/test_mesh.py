@@ -39,9 +39,9 @@ PRELUDE = textwrap.dedent("""
     root, out = sys.argv[1], {}
     MESH = {"data": 2, "model": 2}
 
-    def train(directory, steps, mesh):
+    def train(directory, steps, mesh, model=None):
         run = {"max_steps": steps, "jit_compile": False, **({"mesh": MESH} if mesh else {})}
-        estimator = Estimator(tiny_params(root, runconfig=run), directory)
+        estimator = Estimator(tiny_params(root, runconfig=run, model=model or {}), directory)
         losses = {}
         estimator.train(on_step=lambda step, logs: losses.__setitem__(step, logs["loss"]))
         return estimator, losses
@@ -56,10 +56,14 @@ TRAIN = PRELUDE + textwrap.dedent("""
     from config.params import ParamsError
     from layers.tree import flatten_weights
     from runtime.mesh_layouts import local_shapes, weight_sharding
-    one, one_losses = train(f"{root}/one", 3, mesh=False)
-    mesh, mesh_losses = train(f"{root}/mesh", 3, mesh=True)
+    # GPT-NeoX-style switches (q/k/v and output biases, two LayerNorms, sequential residual, the
+    # head tied to the embedding): the GPT-J layout is covered by the resume and generation tests.
+    neox = {"use_projection_bias_in_attention": True, "use_attention_output_bias": True,
+            "use_untied_layer_norm": True, "use_parallel_residual": False, "share_embedding_weights": True,
+            "rotary_style": "neox"}
+    one, one_losses = train(f"{root}/one", 3, mesh=False, model=neox)
+    mesh, mesh_losses = train(f"{root}/mesh", 3, mesh=True, model=neox)
     out["losses"] = [one_losses, mesh_losses]
-    out["eval"] = [one.evaluate(restore=False)["loss"], mesh.evaluate(restore=False)["loss"]]
     arrays = [checkpoint_arrays(f"{root}/one"), checkpoint_arrays(f"{root}/mesh")]
     out["keys"] = [{k: list(v.shape) for k, v in a.items()} for a in arrays]
     np.savez(f"{root}/one.npz", **arrays[0]); np.savez(f"{root}/mesh.npz", **arrays[1])
@@ -113,6 +117,10 @@ GENERATE = PRELUDE + textwrap.dedent("""
                           f"{root}/mesh", training=False)
     estimator.restore()
     split, mesh = estimator.model, estimator.execution.mesh
+    # Evaluation (run.py --mode eval) of the same weights on the mesh and on one device.
+    reference = Estimator(tiny_params(root, runconfig={"checkpoint_path": f"{root}/one", "jit_compile": False}),
+                          f"{root}/reference", training=False)
+    out["eval"] = [reference.evaluate()["loss"], estimator.evaluate(restore=False)["loss"]]
     prompts = [[5, 9, 2, 33, 17, 8, 61], [40, 3]]
     generation = GenerationConfig(max_new_tokens=8)
     out["one"] = [g.token_ids for g in Generator(one, "graph", length_multiple=8).generate(prompts, generation)]
@@ -171,12 +179,12 @@ def _assert_same_checkpoint(expected: dict, actual: dict, steps: int) -> None:
 
 @pytest.mark.numerics
 def test_training_on_a_2x2_mesh_equals_one_device(tmp_path):
+    """NeoX-style model (see TRAIN): losses, checkpoint, per-device pieces, device-count error."""
     result = _run(TRAIN, tmp_path)
     one, mesh = result["losses"]
     assert sorted(one) == sorted(mesh) == ["1", "2", "3"]
     for step in one:
         assert mesh[step] == pytest.approx(one[step], rel=LOSS_RTOL)
-    assert result["eval"][1] == pytest.approx(result["eval"][0], rel=LOSS_RTOL)
     # The checkpoint: a one-device run's keys and full shapes, and its values.
     assert result["keys"][0] == result["keys"][1]
     _assert_same_checkpoint(dict(np.load(tmp_path / "one.npz")), dict(np.load(tmp_path / "mesh.npz")), steps=3)
@@ -187,9 +195,9 @@ def test_training_on_a_2x2_mesh_equals_one_device(tmp_path):
         assert pieces == [local] * 4, path
         if "model" in sharding:
             split.add(path.split("/", 2)[-1] if path.startswith("blocks/") else path)
-    assert split == {"attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel", "attn/out_proj/kernel",
-                     "mlp/fc_in/kernel", "mlp/fc_in/bias", "mlp/fc_out/kernel", "embedding/embeddings",
-                     "lm_head/kernel", "lm_head/bias"}
+    assert split == {"attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel", "attn/q_proj/bias",
+                     "attn/k_proj/bias", "attn/v_proj/bias", "attn/out_proj/kernel", "mlp/fc_in/kernel",
+                     "mlp/fc_in/bias", "mlp/fc_out/kernel", "embedding/embeddings", "lm_head_bias"}
     assert result["local"]["blocks/0/attn/q_proj/kernel"][2][0] == [32, 16]       # 2 of 4 heads, whole
     assert result["fc_in_slot_local"] == [[32, 32]] * 4                         # Adam's slots split as their weight
     message, created = result["bad_mesh"]
@@ -210,13 +218,14 @@ def test_checkpoints_resume_across_mesh_and_one_device(tmp_path):
 
 @pytest.mark.numerics
 def test_greedy_generation_on_a_2x2_mesh_equals_one_device(tmp_path):
-    """A mesh model warm started from a one-device checkpoint decodes as that model does."""
+    """A mesh model warm started from a one-device checkpoint evaluates and decodes as that model does."""
     result = _run(GENERATE, tmp_path)
     expected, actual = np.load(tmp_path / "one.npy"), np.load(tmp_path / "mesh.npy")
     # Another summation order of the same float32 forward (2 blocks, sums of <= 64 terms).
     atol = float32_atol(forward_reductions(2), 64, float(np.max(np.abs(expected))))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=atol)
     assert atol < 1e-5
+    assert result["eval"][1] == pytest.approx(result["eval"][0], rel=LOSS_RTOL)
     assert result["mesh"] == result["one"]
     assert all(len(ids) == 8 for ids in result["one"])
     # Megatron's activations: q and the scores split by heads, the row-split out_proj's output whole

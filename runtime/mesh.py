@@ -48,11 +48,9 @@ class MeshExecution(StandardExecution):
 
     def check_batch(self, mode: str) -> None:
         super().check_batch(mode)
-        data, accum = self.params.runconfig.mesh.data, self.params.optimizer.grad_accum_steps
-        batch = self.params.train_input.batch_size
-        if mode == modes.TRAIN and batch % (data * accum):
-            raise ParamsError(f"train_input.batch_size={batch} must be divisible by runconfig.mesh.data ({data}) "
-                              f"x optimizer.grad_accum_steps ({accum})")
+        data, batch = self.params.runconfig.mesh.data, self.params.train_input.batch_size
+        if mode == modes.TRAIN and batch % data:
+            raise ParamsError(f"train_input.batch_size={batch} must be divisible by runconfig.mesh.data={data}")
 
     def dataset(self, mode: str, position: int):
         """Global batches from one input pipeline; each step splits its batch over the mesh."""

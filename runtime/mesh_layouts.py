@@ -84,8 +84,8 @@ def batch_to_mesh(mesh: dtensor.Mesh, tensor) -> tf.Tensor:
 
 def new_variable(mesh: dtensor.Mesh, value, sharding: Sequence[str] | None = None, **kwargs) -> tf.Variable:
     """A DVariable of `value` (host or DTensor), replicated unless a sharding is given."""
-    rank = tf.convert_to_tensor(value).shape.rank if not dtensor.is_dtensor(value) else value.shape.rank
-    return dtensor.DVariable(to_layout(mesh, value, sharding or (_,) * rank), **kwargs)
+    value = value if dtensor.is_dtensor(value) else tf.convert_to_tensor(value)
+    return dtensor.DVariable(to_layout(mesh, value, sharding or (_,) * value.shape.rank), **kwargs)
 
 
 def place_module(mesh: dtensor.Mesh, module: tf.Module, prefix: str = "") -> None:

@@ -113,13 +113,14 @@ GENERATE = PRELUDE + textwrap.dedent("""
     # The mesh model warm starts (--checkpoint-path) from a one-device model's checkpoint.
     one = GPTJModel(tiny_params(root).model, seed=7)
     tf.train.Checkpoint(model=one).save(f"{root}/one/ckpt")
-    estimator = Estimator(tiny_params(root, runconfig={"mesh": MESH, "checkpoint_path": f"{root}/one"}),
-                          f"{root}/mesh", training=False)
+    estimator = Estimator(tiny_params(root, runconfig={"mesh": MESH, "checkpoint_path": f"{root}/one"},
+                                      eval_input={"batch_size": 5}), f"{root}/mesh", training=False)
     estimator.restore()
     split, mesh = estimator.model, estimator.execution.mesh
-    # Evaluation (run.py --mode eval) of the same weights on the mesh and on one device.
-    reference = Estimator(tiny_params(root, runconfig={"checkpoint_path": f"{root}/one", "jit_compile": False}),
-                          f"{root}/reference", training=False)
+    # Evaluation (run.py --mode eval) of the same weights on one device and on the mesh, in batches
+    # of 5 (16 examples: the last batch of 1 does not split over data=2 and is replicated).
+    reference = Estimator(tiny_params(root, runconfig={"checkpoint_path": f"{root}/one", "jit_compile": False},
+                                      eval_input={"batch_size": 5}), f"{root}/reference", training=False)
     out["eval"] = [reference.evaluate()["loss"], estimator.evaluate(restore=False)["loss"]]
     prompts = [[5, 9, 2, 33, 17, 8, 61], [40, 3]]
     generation = GenerationConfig(max_new_tokens=8)

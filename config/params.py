@@ -290,6 +290,12 @@ class Params:
             _require(self.optimizer.grad_accum_steps == 1,
                      f"runconfig.mesh runs optimizer.grad_accum_steps=1 only (got {self.optimizer.grad_accum_steps}; "
                      "DTensor cannot split the data-split batch into micro-batches); raise mesh.data instead")
+            rates = {name: getattr(model, name) for name in
+                     ("embedding_dropout_rate", "attention_dropout_rate", "residual_dropout_rate")}
+            _require(not any(rates.values()),
+                     f"runconfig.mesh does not run dropout ({', '.join(f'model.{k}={v}' for k, v in rates.items() if v)}): "
+                     "DTensor draws stateless masks per device piece, which differ from one device's and are not "
+                     "checked to be independent across pieces; set the rates to 0 or drop runconfig.mesh")
             _require(not model.fused_qkv,
                      "runconfig.mesh does not split model.fused_qkv=true ([q | k | v] columns would put "
                      "another projection's heads on a device); use fused_qkv: false")

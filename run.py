@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = params.runconfig.model_dir
         if not model_dir:
             raise ParamsError("no model directory: pass --model-dir or set runconfig.model_dir")
+        if args.mode == "predict" and params.runconfig.mesh is not None:
+            raise ParamsError("predict does not run on runconfig.mesh (generation.mesh.MeshGenerator does, from "
+                              "Python); a mesh run's checkpoint is a one-device one: add --set runconfig.mesh=null")
         if args.mode == "predict":
             from generation import predict
             job = predict.prepare(args, params.model)      # prompts and flags checked before the model is built

@@ -17,7 +17,7 @@ from config.schema import ParamsError, from_dict, to_dict
 
 __all__ = [
     "ParamsError", "InitializerParams", "ModelParams", "TrainInputParams", "EvalInputParams",
-    "LearningRateSegment", "OptimizerParams", "WeightStreamingParams", "RunConfig", "Params",
+    "LearningRateSegment", "OptimizerParams", "WeightStreamingParams", "MeshParams", "RunConfig", "Params",
     "load_params", "parse_params", "save_params", "apply_overrides",
 ]
 
@@ -222,6 +222,22 @@ class WeightStreamingParams:
 
 
 @dataclass(frozen=True)
+class MeshParams:
+    """A device mesh (data, model): the batch split `data` ways, each layer's weights split
+    `model` ways (Megatron layouts, runtime/mesh_layouts.py). data x model must equal the number
+    of devices (GPUs, else CPUs); that is checked when the mesh is built."""
+    data: int = 1
+    model: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.model
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "data", "model")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model_dir: str | None = None
     checkpoint_path: str | None = None    # warm start (weights only)
@@ -238,9 +254,17 @@ class RunConfig:
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
     execution: Literal["standard", "weight_streaming"] = "standard"
     weight_streaming: WeightStreamingParams = field(default_factory=WeightStreamingParams)
+    mesh: MeshParams | None = None        # tensor parallelism: {data: D, model: M}; absent: no mesh
 
     def validate(self, path: str) -> None:
         _positive(self, path, "save_checkpoints_steps", "save_summary_steps", "log_steps")
+        if self.mesh is not None:
+            _require(self.execution == "standard",
+                     f"{path}.mesh needs {path}.execution=standard (got {self.execution!r}); weight streaming "
+                     f"runs on one device: drop {path}.mesh or {path}.execution")
+            _require(self.strategy == "auto",
+                     f"{path}.mesh replaces {path}.strategy (got {self.strategy!r}): the mesh's data axis is "
+                     f"the data parallelism; drop {path}.strategy")
         _require(self.keep_checkpoint_max >= 0, f"{path}.keep_checkpoint_max must be >= 0")
         for name in ("max_steps", "eval_steps", "eval_every_steps"):
             value = getattr(self, name)
@@ -256,6 +280,25 @@ class Params:
     runconfig: RunConfig = field(default_factory=RunConfig)
 
     def validate(self, path: str) -> None:
+        mesh, model = self.runconfig.mesh, self.model
+        if mesh is not None:
+            # Whole heads, whole filter columns and whole vocabulary rows on each device.
+            for name in ("num_heads", "filter_size", "vocab_size"):
+                _require(getattr(model, name) % mesh.model == 0,
+                         f"model.{name}={getattr(model, name)} is not divisible by runconfig.mesh.model="
+                         f"{mesh.model}; choose a mesh.model dividing num_heads, filter_size and vocab_size")
+            _require(self.optimizer.grad_accum_steps == 1,
+                     f"runconfig.mesh runs optimizer.grad_accum_steps=1 only (got {self.optimizer.grad_accum_steps}; "
+                     "DTensor cannot split the data-split batch into micro-batches); raise mesh.data instead")
+            rates = {name: getattr(model, name) for name in
+                     ("embedding_dropout_rate", "attention_dropout_rate", "residual_dropout_rate")}
+            _require(not any(rates.values()),
+                     f"runconfig.mesh does not run dropout ({', '.join(f'model.{k}={v}' for k, v in rates.items() if v)}): "
+                     "DTensor draws stateless masks per device piece, which differ from one device's and are not "
+                     "checked to be independent across pieces; set the rates to 0 or drop runconfig.mesh")
+            _require(not model.fused_qkv,
+                     "runconfig.mesh does not split model.fused_qkv=true ([q | k | v] columns would put "
+                     "another projection's heads on a device); use fused_qkv: false")
         for name in ("train_input", "eval_input"):
             section = getattr(self, name)
             if section is not None:

@@ -31,12 +31,15 @@ TokensCallback = Callable[[list[list[int]]], None]
 
 
 class Generator:
-    def __init__(self, model: GPTJModel, compile_mode: str = "xla", length_multiple: int = 32):
+    def __init__(self, model: GPTJModel, compile_mode: str = "xla", length_multiple: int = 32,
+                 place_state: Callable | None = None):
         """compile_mode: "xla" (default: fastest decode on CPU, see docs/generation.md), "graph"
-        or "eager"."""
+        or "eager". place_state(state) -> state: applied to each decoder state the host builds
+        before a compiled step reads it (runtime.mesh.replicate_state puts it on a device mesh)."""
         self.model = model
         self.compile_mode = compile_mode
         self.length_multiple = length_multiple
+        self.place_state = place_state or (lambda state: state)
         self._decoders: dict[tuple, TokenDecoder | BeamDecoder] = {}
 
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
@@ -70,7 +73,7 @@ class Generator:
         batch = left_pad(rows, config.pad_token_id, self.length_multiple)
         cache_length = round_up(batch.prompt_slots + config.max_new_tokens, self.length_multiple)
         decoder = self.decoder(config, len(rows), batch.prompt_slots, cache_length)
-        state = decoder.prefill(decoder.initial_state(batch, np.repeat(seeds, copies), streams))
+        state = decoder.prefill(self.place_state(decoder.initial_state(batch, np.repeat(seeds, copies), streams)))
         watch = on_tokens is not None or stop_checker is not None
         stopped_by_text: dict[int, str] = {}
         while True:
@@ -82,7 +85,7 @@ class Generator:
                     newly = {r: s for r, s in stop_checker(rows).items() if r not in stopped_by_text}
                     if newly:
                         stopped_by_text.update(newly)
-                        state = decoder.stop_rows(state, sorted(newly))
+                        state = self.place_state(decoder.stop_rows(state, sorted(newly)))
             if decoder.is_done(state):
                 break
             until = int(state.step) + 1 if watch else config.max_new_tokens

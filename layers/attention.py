@@ -40,6 +40,26 @@ def write_cache(cache: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tensor
     return tf.tensor_scatter_nd_update(cache, tf.stack([rows, heads, slots], axis=-1), new)   # indices [b, h, s, 3]
 
 
+def blend_cache(cache: tf.Tensor, new: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """write_cache's result as a select over all L slots: every slot reads new's token at its offset
+    from the row's start, or keeps its old value. It rewrites the whole cache (L/s times the bytes of
+    write_cache), but its ops (gather, where) have DTensor layout rules: on a device mesh, where
+    the cache is split by heads, XLA's update slice has none and the scatter loses the split."""
+    new = tf.cast(tf.transpose(new, [0, 2, 1, 3]), cache.dtype)           # [b, h, s, d]
+    index = tf.cast(index, tf.int32)
+    s = tf.shape(new)[2]
+    slots = tf.range(tf.shape(cache)[2])                                   # [L]
+    # (no index[..., None] on a scalar: DTensor fails to lay out a new axis on a rank-0 slice)
+    offsets = slots - index if index.shape.rank == 0 else slots[None, :] - index[:, None]   # [L] or [b, L]
+    hit = tf.logical_and(offsets >= 0, offsets < s)
+    taken = tf.clip_by_value(offsets, 0, s - 1)
+    if index.shape.rank == 0:
+        moved = tf.gather(new, taken, axis=2)                                # [b, h, L, d]
+        return tf.where(hit[None, None, :, None], moved, cache)
+    moved = tf.gather(new, taken, axis=2, batch_dims=1)                      # [b, h, L, d]
+    return tf.where(hit[:, None, :, None], moved, cache)
+
+
 class SelfAttention(Layer):
     def __init__(self, config: ModelParams, kernel_init: Callable, output_init: Callable,
                  name: str | None = None):
@@ -59,6 +79,8 @@ class SelfAttention(Layer):
             self.k_proj = Dense(d, d, qkv_bias, kernel_init, name="k_proj")
             self.v_proj = Dense(d, d, qkv_bias, kernel_init, name="v_proj")
         self.out_proj = Dense(d, d, config.use_attention_output_bias, output_init, name="out_proj")
+        # How new keys/values enter the cache: write_cache, or blend_cache on a device mesh.
+        self.cache_writer = write_cache
 
     def _project_qkv(self, weights: dict, x: tf.Tensor):
         if self.fused_qkv:
@@ -79,8 +101,8 @@ class SelfAttention(Layer):
         new_cache = None
         key_layout = "bkhd"                                                # k, v [b, s, h, hd]
         if cache is not None:
-            k = write_cache(cache[0], k, cache_index)                      # [b, h, L, hd]
-            v = write_cache(cache[1], v, cache_index)
+            k = self.cache_writer(cache[0], k, cache_index)                # [b, h, L, hd]
+            v = self.cache_writer(cache[1], v, cache_index)
             new_cache, key_layout = (k, v), "bhkd"
         # Scores and softmax in float32 (fp16 q.k overflows easily), as the reference does.
         scores = tf.einsum(f"bqhd,{key_layout}->bhqk", tf.cast(q, tf.float32), tf.cast(k, tf.float32))

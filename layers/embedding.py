@@ -15,8 +15,10 @@ class TokenEmbedding(Layer):
         self.embeddings = tf.Variable(init([vocab_size, hidden_size]), name="embeddings")  # [V, D]
 
     def forward(self, weights: dict, token_ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-        # token_ids: [b, s] -> [b, s, D]
-        return tf.cast(tf.gather(weights["embeddings"], token_ids), dtype)
+        # token_ids: [b, s] -> [b, s, D]. Gathered from the table's value, not the variable: DTensor
+        # cannot expand a variable's ResourceGather over a vocabulary-split table (runtime/mesh.py).
+        table = tf.convert_to_tensor(weights["embeddings"])                # [V, D]
+        return tf.cast(tf.gather(table, token_ids), dtype)
 
     @staticmethod
     def attend(weights: dict, hidden: tf.Tensor) -> tf.Tensor:

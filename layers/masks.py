@@ -14,7 +14,8 @@ def causal_attention_bias(query_slots: tf.Tensor, key_valid: tf.Tensor) -> tf.Te
     key_slots = tf.range(tf.shape(key_valid)[1])                         # [s_k]
     query_slots = tf.cast(query_slots, tf.int32)
     if query_slots.shape.rank == 1:
-        causal = (key_slots[None, :] <= query_slots[:, None])[None]      # [1, s_q, s_k]
+        # [None, :, :], not [None]: DTensor (TF 2.21) crashes laying out a bare new axis (runtime/mesh.py).
+        causal = (key_slots[None, :] <= query_slots[:, None])[None, :, :]   # [1, s_q, s_k]
     else:
         causal = key_slots[None, None, :] <= query_slots[:, :, None]     # [b, s_q, s_k]
     allowed = tf.logical_and(causal, tf.cast(key_valid, tf.bool)[:, None, :])  # [b, s_q, s_k]

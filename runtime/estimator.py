@@ -41,6 +41,7 @@ from runtime.disk_streaming import DiskStreamingExecution
 from runtime.execution import Execution, no_weights_error
 from runtime.flops import FlopsCounter
 from runtime.logging_utils import ProgressLine, log
+from runtime.mesh import MeshExecution
 from runtime.run_dir import ModelDirLock, check_same_model
 from runtime.standard import StandardExecution
 from runtime.weight_streaming import MemoryStreamingExecution
@@ -48,7 +49,9 @@ from runtime.weight_streaming import MemoryStreamingExecution
 
 
 def backend_class(run: RunConfig) -> type[Execution]:
-    """runconfig.execution (and, when streaming, weight_streaming.host_store) -> the backend."""
+    """runconfig.mesh, runconfig.execution (and, when streaming, weight_streaming.host_store) -> the backend."""
+    if run.mesh is not None:
+        return MeshExecution
     if run.execution == "standard":
         return StandardExecution
     return {"memory": MemoryStreamingExecution, "disk": DiskStreamingExecution}[run.weight_streaming.host_store]

@@ -11,8 +11,9 @@ The Estimator drives every backend through this one interface:
     chief, workers, any_worker   multi-worker: whether this process writes model_dir, how many
                                  processes train together, a flag OR-ed over them
 
-Backends: StandardExecution (runtime/standard.py: a tf.distribute strategy), memory and
-disk weight streaming (runtime/weight_streaming.py, runtime/disk_streaming.py). A backend
+Backends: StandardExecution (runtime/standard.py: a tf.distribute strategy), MeshExecution
+(runtime/mesh.py: tensor parallelism on a DTensor device mesh), memory and disk weight
+streaming (runtime/weight_streaming.py, runtime/disk_streaming.py). A backend
 built with training=False (eval, predict) creates no optimizer: Adam's slots are twice
 the weights' memory.
 """
@@ -137,10 +138,7 @@ class CheckpointedExecution(Execution):
         super().__init__(params, model_dir, training, model_fn, input_fn)
         self.strategy = strategy
         with placement:
-            self.model = model_module.build_model(params)
-            self.optimizer = build_optimizer(params.optimizer, self.model.trainable_variables) if training else None
-            self.loss_scale = self.new_loss_scale()
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self.model, self.optimizer, self.loss_scale, self.step = self.build_state()
         state = {"model": self.model, "loss_scale": self.loss_scale, "step": self.step}
         if training:
             state["optimizer"] = OptimizerState(self.optimizer)
@@ -150,6 +148,18 @@ class CheckpointedExecution(Execution):
     def _manager(self, directory: str, max_to_keep: int | None) -> tf.train.CheckpointManager:
         return tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep,
                                           step_counter=self.step, checkpoint_name="ckpt")
+
+    def build_state(self) -> tuple:
+        """(model, optimizer or None, loss scale, step): the checkpointed state, built under the
+        backend's placement (the mesh backend lays it out on its device mesh instead)."""
+        model = model_module.build_model(self.params)
+        optimizer = build_optimizer(self.params.optimizer, model.trainable_variables) if self.training else None
+        return model, optimizer, self.new_loss_scale(), tf.Variable(0, dtype=tf.int64, trainable=False,
+                                                                      name="global_step")
+
+    def assign_weight(self, variable: tf.Variable, value) -> None:
+        """Set a model variable from a host array (warm start)."""
+        variable.assign(value)
 
     def restore(self, require: bool) -> int:
         """Resume from model_dir's latest checkpoint, else warm start from runconfig.checkpoint_path
@@ -171,7 +181,7 @@ class CheckpointedExecution(Execution):
                        "a checkpoint") if run.checkpoint_path else ""
             log(f"restored {latest} (step {int(self.step.numpy())}){ignored}")
         elif run.checkpoint_path:
-            log(warm_start(self.model, run.checkpoint_path).summary())
+            log(warm_start(self.model, run.checkpoint_path, self.assign_weight).summary())
         elif require:
             raise no_weights_error(self.model_dir)
         else:

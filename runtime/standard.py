@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from config import modes
 from config.params import Params
-from runtime.compile_path import choose_compile_path, compile_function, device_type_of
+from runtime.compile_path import CompilePath, choose_compile_path, compile_function, device_type_of
 from runtime.distribution import make_strategy
 from runtime.execution import CheckpointedExecution
 from runtime.logging_utils import log
@@ -13,14 +13,18 @@ from runtime.steps import add_sums, apply_update, dropout_seed, micro_batches, s
 
 
 class StandardExecution(CheckpointedExecution):
-    def __init__(self, params: Params, model_dir: str, training: bool, model_fn, input_fn):
-        strategy = make_strategy(params.runconfig)
+    def __init__(self, params: Params, model_dir: str, training: bool, model_fn, input_fn,
+                 strategy: tf.distribute.Strategy | None = None, compile_path: CompilePath | None = None):
+        """strategy and compile_path: runconfig's by default (the mesh backend passes its own)."""
+        strategy = strategy or make_strategy(params.runconfig)
         super().__init__(params, model_dir, training, model_fn, input_fn, strategy, strategy.scope())
         self._train_step = None
         self._eval_step = None
-        device_type = device_type_of(strategy.extended.worker_devices[0])
-        self.compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type,
-                                                replicas=strategy.num_replicas_in_sync)
+        if compile_path is None:
+            device_type = device_type_of(strategy.extended.worker_devices[0])
+            compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type,
+                                               replicas=strategy.num_replicas_in_sync)
+        self.compile_path = compile_path
         log(self.compile_path.describe())
 
     def _compiled(self, function):

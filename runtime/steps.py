@@ -28,7 +28,10 @@ def add_sums(total: dict, more: dict) -> dict:
 
 
 def micro_batches(features: dict, labels: tf.Tensor, count: int) -> list[tuple[dict, tf.Tensor]]:
-    """The batch [b, ...] as `count` consecutive micro-batches [b / count, ...] (grad_accum_steps)."""
+    """The batch [b, ...] as `count` consecutive micro-batches [b / count, ...] (grad_accum_steps).
+    One micro-batch is the batch itself (no split op: DTensor cannot split a mesh-split axis)."""
+    if count == 1:
+        return [(features, labels)]
     split_features = {name: tf.split(value, count, axis=0) for name, value in features.items()}
     split_labels = tf.split(labels, count, axis=0)
     return [({name: parts[i] for name, parts in split_features.items()}, split_labels[i]) for i in range(count)]

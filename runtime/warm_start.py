@@ -26,9 +26,10 @@ class WarmStartReport:
         return "\n".join(lines)
 
 
-def warm_start(model: GPTJModel, checkpoint: str) -> WarmStartReport:
+def warm_start(model: GPTJModel, checkpoint: str, assign=None) -> WarmStartReport:
     """Assign every model variable found in `checkpoint` (one tensor at a time); a variable
-    present with another shape is an error, since the params do not describe that checkpoint."""
+    present with another shape is an error, since the params do not describe that checkpoint.
+    assign(variable, host array): how a value enters a variable (the mesh backend lays it out)."""
     import tensorflow as tf
     prefix = resolve_checkpoint(checkpoint)
     found = variable_shapes(prefix)
@@ -44,7 +45,8 @@ def warm_start(model: GPTJModel, checkpoint: str) -> WarmStartReport:
                 f"--checkpoint-path {prefix}: {path} has shape {list(found[path])} but model params imply "
                 f"{list(variable.shape)}; use the model: section the checkpoint was converted with "
                 "(its params.yaml)")
-        variable.assign(reader.get_tensor(checkpoint_key("model", path)))
+        value = reader.get_tensor(checkpoint_key("model", path))
+        variable.assign(value) if assign is None else assign(variable, value)
         report.loaded.append(path)
     report.skipped = sorted(p for p in found if p not in variables)
     if not report.loaded:

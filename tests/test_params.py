@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 import yaml
@@ -160,3 +161,27 @@ def test_a_renamed_key_reads_under_its_new_name_and_is_reported(tmp_path, capsys
     assert "model.use_ffn_bias_in_attention is now called model.use_attention_output_bias" in capsys.readouterr().err
     with pytest.raises(ParamsError, match="are the same setting .* keep only model.use_attention_output_bias"):
         load_with(tmp_path, "model.use_ffn_bias_in_attention=true", "model.use_attention_output_bias=true")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["runconfig.mesh={data: 2, model: 0}"], "runconfig.mesh.model=0 must be positive"),
+    (["runconfig.mesh={data: 1, model: 3}"], "model.num_heads=4 is not divisible by runconfig.mesh.model=3"),
+    (["model.vocab_size=66", "runconfig.mesh={model: 4}"],
+     "model.vocab_size=66 is not divisible by runconfig.mesh.model=4"),
+    (["runconfig.mesh={model: 2}", "model.fused_qkv=true"], "runconfig.mesh does not split model.fused_qkv=true"),
+    (["runconfig.mesh={model: 2}", "optimizer.grad_accum_steps=2"], "runconfig.mesh runs optimizer.grad_accum_steps=1"),
+    (["runconfig.mesh={model: 2}", "runconfig.execution=weight_streaming"],
+     "runconfig.mesh needs runconfig.execution=standard"),
+    (["runconfig.mesh={data: 2}", "runconfig.strategy=mirrored"], "runconfig.mesh replaces runconfig.strategy"),
+    (["runconfig.mesh={data: 2}", "model.attention_dropout_rate=0.1"],
+     "runconfig.mesh does not run dropout (model.attention_dropout_rate=0.1)"),
+])
+def test_mesh_settings_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_with(tmp_path, *overrides)
+
+
+def test_mesh_is_absent_by_default_and_parsed_when_given(tmp_path):
+    assert load_with(tmp_path).runconfig.mesh is None
+    mesh = load_with(tmp_path, "runconfig.mesh={data: 2, model: 2}").runconfig.mesh
+    assert (mesh.data, mesh.model, mesh.devices) == (2, 2, 4)

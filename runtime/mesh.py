@@ -31,7 +31,8 @@ class MeshExecution(StandardExecution):
         self.mesh = make_mesh(params.runconfig.mesh)
         # The default strategy: one replica whose "device" is the whole mesh.
         super().__init__(params, model_dir, training, model_fn, input_fn,
-                         strategy=tf.distribute.get_strategy(), compile_path=MESH_COMPILE_PATH)
+                         strategy=tf.distribute.get_strategy(), compile_path=MESH_COMPILE_PATH,
+                         islands=False)
 
     def build_state(self) -> tuple:
         model = model_module.build_model(self.params)              # drawn on the host: the same initial values

@@ -14,8 +14,11 @@ from runtime.steps import add_sums, apply_update, dropout_seed, micro_batches, s
 
 class StandardExecution(CheckpointedExecution):
     def __init__(self, params: Params, model_dir: str, training: bool, model_fn, input_fn,
-                 strategy: tf.distribute.Strategy | None = None, compile_path: CompilePath | None = None):
-        """strategy and compile_path: runconfig's by default (the mesh backend passes its own)."""
+                 strategy: tf.distribute.Strategy | None = None, compile_path: CompilePath | None = None,
+                 islands: bool = True):
+        """strategy and compile_path: runconfig's by default (the mesh backend passes its own).
+        islands: XLA islands in a graph-mode step (runtime/compile_path.py); off over several
+        replicas, where one XLA cluster cannot span the devices, and on a DTensor mesh."""
         strategy = strategy or make_strategy(params.runconfig)
         super().__init__(params, model_dir, training, model_fn, input_fn, strategy, strategy.scope())
         self._train_step = None
@@ -25,10 +28,11 @@ class StandardExecution(CheckpointedExecution):
             compile_path = choose_compile_path(params.runconfig.jit_compile, params.model.compute_dtype, device_type,
                                                replicas=strategy.num_replicas_in_sync)
         self.compile_path = compile_path
+        self.islands = islands and strategy.num_replicas_in_sync == 1
         log(self.compile_path.describe())
 
     def _compiled(self, function):
-        return compile_function(function, self.compile_path, islands=self.strategy.num_replicas_in_sync == 1)
+        return compile_function(function, self.compile_path, islands=self.islands)
 
     def _replica_grads(self, features, labels):
         """Per replica: gradients of the scaled loss summed over grad_accum_steps micro-batches."""

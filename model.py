@@ -91,8 +91,10 @@ class GPTJModel(Layer):
             return ("ln_f", "embedding") + (("lm_head_bias",) if self.config.use_bias_in_output else ())
         return ("ln_f", "lm_head")
 
-    def head(self, weights: dict, hidden: tf.Tensor) -> tf.Tensor:
-        """hidden [b, s, D] -> logits [b, s, V] float32. weights: the entries named by head_weight_names."""
+    def head(self, weights: dict, hidden: tf.Tensor, float32_logits: bool = True) -> tf.Tensor:
+        """hidden [b, s, D] -> logits [b, s, V] float32 (float32_logits=False: in the compute
+        dtype, for a loss that casts inside its own fused computation). weights: the entries
+        named by head_weight_names."""
         hidden = self.ln_f.forward(weights["ln_f"], hidden)
         if self.config.share_embedding_weights:
             logits = TokenEmbedding.attend(weights["embedding"], hidden)
@@ -100,7 +102,7 @@ class GPTJModel(Layer):
                 logits = logits + tf.cast(weights["lm_head_bias"], logits.dtype)
         else:
             logits = self.lm_head.forward(weights["lm_head"], hidden)
-        return tf.cast(logits, tf.float32)
+        return tf.cast(logits, tf.float32) if float32_logits else logits
 
     def positions(self, position_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """position_ids [b, s] -> rotary (sin, cos), each [b, s, 1, rotary_dim]."""
@@ -116,7 +118,7 @@ class GPTJModel(Layer):
     def forward(self, weights: dict, input_ids: tf.Tensor, position_ids: tf.Tensor | None = None,
                 attention_mask: tf.Tensor | None = None, cache: tuple[KVCache, ...] | None = None,
                 cache_index: tf.Tensor | int = 0, dropout_seed: tf.Tensor | None = None,
-                last_only: bool = False) -> ModelOutput:
+                last_only: bool = False, float32_logits: bool = True) -> ModelOutput:
         """Logits for input_ids [b, s] ([b, 1] of the last position only with last_only).
 
         position_ids [b, s]: default cache_index + 0..s-1.
@@ -127,6 +129,7 @@ class GPTJModel(Layer):
         dropout_seed [2] int: enables dropout (training) with masks derived from it.
         last_only: run the LM head on the last position only (generation's prefill needs no
             other logits, and at V=50k the head is most of a prompt's cost).
+        float32_logits=False: logits in the compute dtype (see `head`).
         """
         if cache is not None:
             _check_cache_room(input_ids, cache, cache_index)
@@ -134,7 +137,7 @@ class GPTJModel(Layer):
         hidden, new_cache = self.trunk(weights, input_ids, sin, cos, bias, cache, cache_index, dropout_seed)
         if last_only:
             hidden = hidden[:, -1:]                                                # [b, 1, D]
-        logits = self.head({name: weights[name] for name in self.head_weight_names()}, hidden)
+        logits = self.head({name: weights[name] for name in self.head_weight_names()}, hidden, float32_logits)
         return ModelOutput(logits, new_cache)
 
     def attention_inputs(self, input_ids: tf.Tensor, position_ids: tf.Tensor | None = None,
@@ -231,8 +234,10 @@ def build_model(params: Params) -> GPTJModel:
 @island
 def loss_sums(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> dict:
     """The one loss: {"loss": sum of weighted cross-entropy, "correct": weighted count of argmax
-    hits, "tokens": sum of weights}, scalars float32. logits [b, s, V] float32, labels [b, s] int,
-    weights [b, s] float32 (`loss_weights`). Every execution path sums with this."""
+    hits, "tokens": sum of weights}, scalars float32. logits [b, s, V] (float32, or the compute
+    dtype: cast here, inside the loss's XLA island, rather than as a pass of its own), labels
+    [b, s] int, weights [b, s] float32 (`loss_weights`). Every execution path sums with this."""
+    logits = tf.cast(logits, tf.float32)
     labels = tf.cast(labels, tf.int32)
     cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)   # [b, s]
     hits = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32)  # [b, s]
@@ -251,6 +256,6 @@ def model_fn(features: dict, labels: tf.Tensor, mode: str, params: Params, model
     """
     if mode not in (modes.TRAIN, modes.EVAL):
         raise ValueError(f"model_fn computes the loss of modes {modes.TRAIN!r} and {modes.EVAL!r}, not {mode!r}")
-    logits = model(features["input_ids"], dropout_seed=dropout_seed).logits      # [b, s, V] f32
+    logits = model(features["input_ids"], dropout_seed=dropout_seed, float32_logits=False).logits  # [b, s, V]
     sums = loss_sums(logits, labels, loss_weights(features))
     return ModelSpec(tf.math.divide_no_nan(sums["loss"], sums["tokens"]), sums)

@@ -38,7 +38,7 @@ class StandardExecution(CheckpointedExecution):
         """Per replica: gradients of the scaled loss summed over grad_accum_steps micro-batches."""
         variables = self.model.trainable_variables
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        grads = [tf.zeros_like(v) for v in variables]
+        grads = None
         sums = zero_sums()
         parts = micro_batches(features, labels, self.params.optimizer.grad_accum_steps)
         for micro, (micro_features, micro_labels) in enumerate(parts):
@@ -46,7 +46,9 @@ class StandardExecution(CheckpointedExecution):
                 spec = self.model_fn(micro_features, micro_labels, modes.TRAIN, self.params, self.model,
                                      dropout_seed=dropout_seed(self.params.runconfig.seed, self.step, replica, micro))
                 loss = scaled_loss(spec.sums, self.loss_scale, self.label_positions)
-            grads = [g + d for g, d in zip(grads, tape.gradient(loss, variables))]
+            # dense (the embedding's gradient is IndexedSlices); the first micro-batch's as they are
+            micro_grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+            grads = micro_grads if grads is None else [g + d for g, d in zip(grads, micro_grads)]
             sums = add_sums(sums, spec.sums)
         return grads, sums
 

@@ -36,7 +36,7 @@ class StandardExecution(CheckpointedExecution):
             with tf.GradientTape() as tape:
                 spec = self.model_fn(micro_features, micro_labels, modes.TRAIN, self.params, self.model,
                                      dropout_seed=dropout_seed(self.params.runconfig.seed, self.step, replica, micro))
-                loss = scaled_loss(spec.sums, self.loss_scale, self.label_positions)
+                loss = scaled_loss(spec.sums, self.loss_scale.scale, self.label_positions)
             grads = [g + d for g, d in zip(grads, tape.gradient(loss, variables))]
             sums = add_sums(sums, spec.sums)
         return grads, sums

@@ -26,9 +26,10 @@ DISK = "disk I/O"
 WAIT = "waiting (I/O not hidden)"
 OTHER = "other"
 MAIN_CATEGORIES = (FORWARD, HEAD, BACKWARD, COPY, HOST_UPDATE, DISK, WAIT, OTHER)
-BACKGROUND_READ = "background: disk reads"
+BACKGROUND_READ = "background: host reads"
 BACKGROUND_WRITE = "background: gradient writes"
-BACKGROUND_CATEGORIES = (BACKGROUND_READ, BACKGROUND_WRITE)
+BACKGROUND_UPDATE = "background: optimizer threads"
+BACKGROUND_CATEGORIES = (BACKGROUND_READ, BACKGROUND_WRITE, BACKGROUND_UPDATE)
 
 
 class Timeline:

@@ -65,14 +65,23 @@ class StreamedPieces:
     def _head_sums(self, weights, hidden, labels, mask):
         return loss_sums(self.model.head(weights, hidden), labels, mask)
 
-    def _head_backward(self, weights, hidden, features, labels, scale):
-        """LM head and loss of hidden [b, s, D]: (loss_sums, float32 head gradients, d(loss)/d(hidden))."""
+    def _head_backward(self, weights, hidden, features, labels, scale, last_block=None):
+        """LM head and loss of hidden [b, s, D]: (loss_sums, float32 head gradients, float32 gradients of
+        last_block's weights or None, d(loss)/d(hidden)). last_block (weights, sin, cos, bias, seed):
+        the last decoder block, run first from its input `hidden` in the same step, so its forward
+        is never recomputed."""
+        block_weights = [] if last_block is None else last_block[0]
         with tf.GradientTape() as tape:
-            tape.watch([hidden] + tf.nest.flatten(weights))
-            sums = self._head_sums(weights, hidden, labels, loss_weights(features))
+            tape.watch([hidden] + tf.nest.flatten(weights) + tf.nest.flatten(block_weights))
+            out = hidden
+            if last_block is not None:
+                block_weights, sin, cos, bias, seed = last_block
+                out, _ = self.model.blocks[0].forward(block_weights, hidden, sin, cos, bias, dropout_seed=seed)
+            sums = self._head_sums(weights, out, labels, loss_weights(features))
             loss = scaled_loss(sums, scale, self.label_positions)
-        grads, d_hidden = tape.gradient(loss, [weights, hidden])
-        return sums, float32_gradients(grads, weights), d_hidden
+        grads, block_grads, d_hidden = tape.gradient(loss, [weights, block_weights, hidden])
+        block_grads = None if last_block is None else float32_gradients(block_grads, block_weights)
+        return sums, float32_gradients(grads, weights), block_grads, d_hidden
 
     def _embed_backward(self, weights, input_ids, upstream, seed):
         """The embedding's float32 gradient from d(loss)/d(embedding output) upstream [b, s, D]."""

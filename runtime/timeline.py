@@ -18,7 +18,7 @@ from collections import defaultdict
 
 # main-thread categories, in the order a step runs them
 FORWARD = "forward"
-HEAD = "head (forward + backward)"
+HEAD = "last block + head"
 BACKWARD = "recompute + backward"
 COPY = "copies host<->device"
 HOST_UPDATE = "host optimizer"

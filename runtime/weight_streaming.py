@@ -170,8 +170,8 @@ class WeightStreamingStep:
         with self.timeline.span(FORWARD):
             return self.compiled.block_forward(*args)
 
-    def _forward(self, stream: BlockStream, order: list[int], ids, seed):
-        """Embed and run every block; returns (sin, cos, bias, block-boundary activations)."""
+    def _forward(self, stream: BlockStream, order: list[int], ids, seed, blocks: int):
+        """Embed and run the first `blocks` blocks; returns (sin, cos, bias, block-boundary activations)."""
         sin, cos, bias = self.model.attention_inputs(ids)
         boundaries = []
 
@@ -180,7 +180,7 @@ class WeightStreamingStep:
             stream.release(index + 1)
 
         weights = {"embedding": stream.get(0, order)["embedding"],
-                   "blocks": StreamedBlocks(stream, order, self.n_blocks)}
+                   "blocks": StreamedBlocks(stream, order, blocks)}
         with self.timeline.span(FORWARD):
             self.model.trunk(weights, ids, sin, cos, bias, dropout_seed=seed,
                              block_forward=self._timed_block_forward, on_hidden=keep)
@@ -191,27 +191,38 @@ class WeightStreamingStep:
         n = self.n_blocks
         stream = self.new_stream()
         with tf.device(self.device):
-            _, _, _, boundaries = self._forward(stream, list(range(n + 2)), features["input_ids"], None)
+            _, _, _, boundaries = self._forward(stream, list(range(n + 2)), features["input_ids"], None, n)
             head = stream.get(n + 1, [n + 1])
             with self.timeline.span(HEAD):
                 return self.compiled.head_sums(head, boundaries[-1], labels, loss_weights(features))
 
     def _micro_batch(self, features, labels, micro: int, sink) -> dict:
-        """Forward, head and backward of one micro-batch; gradients go to sink(piece, grads)."""
+        """Forward, head and backward of one micro-batch; gradients go to sink(piece, grads).
+
+        With prefetch_blocks >= 1 the last block and the head may be resident together: they run
+        as one compiled step (`head_backward` with `last_block`), so the last block's forward runs
+        once and only the other blocks are recomputed. With prefetch_blocks = 0 every block is."""
         model, n, compiled, timeline = self.model, self.n_blocks, self.compiled, self.timeline
         stream = self.new_stream()
         backward_order = [n + 1] + list(range(n, -1, -1))
         seed = dropout_seed(self.params.runconfig.seed, self.step.read_value(), 0, micro)   # the one replica
+        fused_last = self.prefetch >= 1 and n >= 1
         with tf.device(self.device):
             ids = features["input_ids"]
-            sin, cos, bias, boundaries = self._forward(stream, list(range(n + 2)), ids, seed)
+            sin, cos, bias, boundaries = self._forward(stream, list(range(n + 2)), ids, seed, n - fused_last)
+            last_block = None
+            if fused_last:
+                last_block = (stream.get(n, [n, n + 1]), sin, cos, bias, model.block_seed(seed, n - 1))
             head = stream.get(n + 1, backward_order)
             with timeline.span(HEAD):
-                sums, head_grads, upstream = compiled.head_backward(head, boundaries[-1], features, labels,
-                                                                    self.loss_scale.scale.read_value())
+                sums, head_grads, last_grads, upstream = compiled.head_backward(
+                    head, boundaries[-1], features, labels, self.loss_scale.scale.read_value(), last_block)
             stream.release(n + 1)
             sink(n + 1, head_grads)
-            for i in range(n - 1, -1, -1):
+            if fused_last:
+                stream.release(n)
+                sink(n, last_grads)
+            for i in range(n - 1 - fused_last, -1, -1):
                 block_weights = stream.get(i + 1, backward_order)
                 with timeline.span(BACKWARD):
                     block_grads, upstream = compiled.block_backward(block_weights, boundaries[i], upstream,

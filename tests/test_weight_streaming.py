@@ -149,6 +149,20 @@ def test_disk_sgd_checkpoints_resume_in_standard_mode(data_root, tmp_path, momen
     assert sorted(losses) == [3, 4] and losses[4] == pytest.approx(expected[4], rel=LOSS_RTOL)
 
 
+def test_mixed_precision_copies_weights_in_the_compute_dtype(data_root, tmp_path):
+    """bfloat16 streaming: float32 weights on the host, copied in bfloat16 except LayerNorm's (used in float32)."""
+    params = tiny_params(data_root, model={"mixed_precision": True, "mixed_precision_dtype": "bfloat16"},
+                         runconfig={"execution": "weight_streaming"})
+    estimator = Estimator(params, str(tmp_path))
+    streamer = estimator.execution.streamer
+    assert {v.dtype.name for v in estimator.model.trainable_variables} == {"float32"}
+    block = streamer.new_stream().get(1, [1])
+    assert block["attn"]["q_proj"]["kernel"].dtype.name == "bfloat16"
+    assert block["mlp"]["fc_in"]["bias"].dtype.name == "bfloat16"
+    assert block["ln_1"]["gamma"].dtype.name == "float32" and block["ln_1"]["beta"].dtype.name == "float32"
+    assert streamer.new_stream().get(0, [0])["embedding"]["embeddings"].dtype.name == "bfloat16"
+
+
 def test_unsupported_settings_are_rejected(data_root, tmp_path):
     with pytest.raises(ParamsError, match="runs on one compute device; runconfig.strategy='mirrored'"):
         Estimator(tiny_params(data_root, runconfig={"execution": "weight_streaming", "strategy": "mirrored"}),

@@ -45,7 +45,7 @@ from runtime.timeline import BACKGROUND_UPDATE, BACKGROUND_WRITE, COPY, DISK, HO
 from runtime.weight_streaming import HOST_DEVICE, WeightStreamingStep, check_streaming_params
 
 UPDATE_THREADS = 2          # tensors updated at once by the host optimizer
-MAX_PENDING_PIECES = 2      # gradients of at most this many pieces wait for the writer
+MAX_PENDING_PIECES = 1      # gradients of at most this many pieces wait for the writer
 
 
 def skeleton_config(config):

@@ -26,7 +26,7 @@ from checkpoint_utils.host_arrays import aligned_empty
 from config.files import atomic_write_text
 
 KINDS = ("param", "m", "v", "grad")
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 
 
 class DiskStore:

@@ -1,22 +1,28 @@
 """Weight-streaming execution: train a model whose weights do not fit the compute device.
 
 Weights and optimizer state live on the host: as tf.Variables on the host device
-(`host_store: memory`) or as memory-mapped files (`host_store: disk`, runtime/host_store.py).
-A step runs the model piece by piece on the compute device with the same layer code as
-standard execution (`GPTJModel.trunk` walks embed and blocks, then `GPTJModel.head`), each
-piece's weights copied over just before it runs (the next `prefetch_blocks` pieces are copied
-ahead) and dropped after:
+(`host_store: memory`) or as files (`host_store: disk`, runtime/host_store.py). A step runs the
+model piece by piece on the compute device with the same layer code as standard execution
+(`GPTJModel.trunk` walks embed and blocks, then `GPTJModel.head`), each piece compiled once per
+shape (runtime/streamed_pieces.py) and its weights copied over just before it runs (the next
+`prefetch_blocks` pieces are copied ahead, the one after is read on a host thread) and dropped
+after:
 
-  forward   embed, block 0..N-1, keeping only the activations at block boundaries
-  head      LM head + loss, its gradients and d(loss)/d(last activation)
-  backward  block N-1..0: copy the block again, recompute it from its input, take the
+  forward   embed, block 0..N-2, keeping only the activations at block boundaries
+  tail      block N-1, LM head and loss, forward and backward in one compiled step (when
+            prefetch_blocks >= 1 lets both be resident; else block N-1 runs in the forward and
+            is recomputed like the others)
+  backward  block N-2..0: copy the block again, recompute it from its input, take the
             weight gradients and the input gradient, move the weight gradients to the host
   embed     the embedding gradient from d(loss)/d(first activation)
 
 Global-norm clipping needs every gradient before any update, so the step's gradients are
 collected on the host first (one parameter-sized buffer, in RAM or on disk), then clipped
 and applied there: by the same Keras optimizer over the same variables as standard
-execution (memory), or by runtime/disk_streaming.py's Adam/AdamW/SGD on the files (disk).
+execution, compiled (memory), or by runtime/disk_streaming.py's Adam/AdamW/SGD on the files
+(disk). Under mixed precision the float32 host weights are copied in the dtype their layer
+computes with (bfloat16/float16 but LayerNorm's), so copies move half the bytes. `Timeline`
+(runtime/timeline.py) records where each step's time goes.
 """
 from __future__ import annotations
 
@@ -63,8 +69,8 @@ class BlockStream:
     """Copies of the pieces' weights on the compute device, at most `prefetch + 1` at a time.
 
     `read(index)` gives a piece's weights on the host in the dtypes they are copied in (a cast of
-    the host variables, or a read of the disk store): it runs on the `reader` thread, up to
-    `prefetch + 1` pieces ahead of the device copies, so disk reads overlap compute. The device
+    the host variables, or a read of the disk store): it runs on the `reader` thread, one piece
+    ahead of the device copies, so disk reads overlap compute. The device
     copies are made on the calling thread. `copies_made` and `max_resident` are kept so tests can
     check what crossed and what stayed."""
 
@@ -97,12 +103,12 @@ class BlockStream:
 
     def get(self, index: int, order: list[int]) -> dict:
         """Piece `index` on the device; the next `prefetch` pieces of `order` are copied too, and
-        the `prefetch + 1` after those are read on the host in the background."""
+        the one after those is read on the host in the background."""
         self._copy(index)
         position = order.index(index)
         for ahead in order[position + 1: position + 1 + self.prefetch]:
             self._copy(ahead)
-        for ahead in order[position + 1 + self.prefetch: position + 2 + 2 * self.prefetch]:
+        for ahead in order[position + 1 + self.prefetch: position + 2 + self.prefetch]:
             self._request(ahead)
         return self.resident[index]
 

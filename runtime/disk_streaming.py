@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import tensorflow as tf
 
-from checkpoint_utils.host_arrays import as_tensor
+from checkpoint_utils.host_arrays import as_array, as_tensor
 from checkpoint_utils.tf_checkpoint import (VALUE_SUFFIX, resolve_checkpoint, variable_shapes, write_checkpoint,
                                             write_checkpoint_state)
 from config.params import Params
@@ -347,8 +347,9 @@ class DiskStreamingExecution(Execution):
         writer.start_step()
 
         def to_disk(piece, piece_grads):
-            with timeline.span(COPY):
-                leaves = [(path, grad.numpy()) for path, grad in self.streamer.piece_leaves(piece, piece_grads)]
+            with timeline.span(COPY), tf.device(HOST_DEVICE):
+                leaves = [(path, as_array(tf.identity(grad)))
+                          for path, grad in self.streamer.piece_leaves(piece, piece_grads)]
             writer.submit(leaves)
 
         with timeline.span(DISK):

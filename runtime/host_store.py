@@ -1,6 +1,6 @@
 """A weight store on disk for weight streaming: parameters, gradients and the optimizer's slots
-(Adam's m and v; SGD's momentum in m) as raw float32 files, memory-mapped one tensor at a time,
-so a model whose training state exceeds host RAM still trains.
+(Adam's m and v; SGD's momentum in m) as raw float32 files, read and written one tensor (or row
+chunk) at a time, so a model whose training state exceeds host RAM still trains.
 
 Layout under the store directory:
     param/<path>.f32  m/<path>.f32  v/<path>.f32  grad/<path>.f32    (path "/" -> "__")

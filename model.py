@@ -85,6 +85,12 @@ class GPTJModel(Layer):
         hidden = self.embedding.forward(weights["embedding"], input_ids, self.compute_dtype)
         return dropout(hidden, self.config.embedding_dropout_rate, dropout_seed, salt=0)
 
+    def weight_compute_dtype(self, path: str) -> tf.DType:
+        """The dtype the layer code computes with the weight at `path` (a weights_tree path) in:
+        LayerNorm's in float32; every other weight is cast to the compute dtype before use, so
+        weight streaming may copy it to the device in that dtype already."""
+        return tf.float32 if path.rsplit("/", 1)[-1] in LayerNorm.FLOAT32_WEIGHTS else self.compute_dtype
+
     def head_weight_names(self) -> tuple[str, ...]:
         """Top-level weight entries the LM head reads (the tied head reads the embedding)."""
         if self.config.share_embedding_weights:

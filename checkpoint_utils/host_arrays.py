@@ -42,3 +42,11 @@ def as_tensor(array: np.ndarray) -> tf.Tensor:
             and array.ctypes.data % ALIGNMENT == 0):
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     return tf.convert_to_tensor(array)
+
+
+def as_array(tensor: tf.Tensor) -> np.ndarray:
+    """A read-only NumPy view of a host (CPU) tensor without copying, through DLPack
+    (`tensor.numpy()` copies: for a 450 MB gradient that is half a second and the memory twice)."""
+    array = np.from_dlpack(tensor)
+    array.flags.writeable = False
+    return array

@@ -8,6 +8,8 @@ from layers.base import Layer
 
 
 class LayerNorm(Layer):
+    FLOAT32_WEIGHTS = ("gamma", "beta")     # used in float32 whatever the compute dtype
+
     def __init__(self, dim: int, epsilon: float, name: str | None = None):
         super().__init__(name=name)
         self.epsilon = epsilon

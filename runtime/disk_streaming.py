@@ -2,7 +2,7 @@
 checkpoints use the standard mode's exact layout, so runs move freely between the modes.
 
 The optimizer cannot be Keras's here (its slots are tf.Variables in RAM), so it is applied
-tensor by tensor, in row chunks, on the memory-mapped files, with the arithmetic of
+tensor by tensor, in row chunks, on the store's files, with the arithmetic of
 keras.optimizers.Adam/AdamW/SGD written out in float32 (tested against them):
 
     Adam/AdamW:
@@ -13,34 +13,39 @@ keras.optimizers.Adam/AdamW/SGD written out in float32 (tested against them):
     SGD:  m = m * momentum - g * lr;  p += m        (momentum > 0; the store's "m" holds it)
           p -= g * lr                               (momentum = 0: no slot)
 
-Global-norm clipping: the backward pass leaves the step's gradients in the store; a first
-read-only pass sums their squares (and checks finiteness), the second applies the update
-with the clip factor. Checkpoint keys: `model/<path>`, `optimizer/state/N` (0: update
+Global-norm clipping: the backward pass leaves the step's gradients in the store, written by a
+background thread that also sums each stored gradient's squares (so the norm and the finiteness
+check need no pass over the files); then one pass applies the update with the clip factor. Checkpoint keys: `model/<path>`, `optimizer/state/N` (0: update
 count, 1: the learning-rate variable when the rate is a number, then the slots per
 variable in tf.Module order: Adam's momentum and velocity, SGD's momentum when
 momentum > 0), `loss_scale/...`, `step`.
 """
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import tensorflow as tf
 
-from checkpoint_utils.host_arrays import as_tensor
+from checkpoint_utils.host_arrays import as_array, as_tensor
 from checkpoint_utils.tf_checkpoint import (VALUE_SUFFIX, resolve_checkpoint, variable_shapes, write_checkpoint,
                                             write_checkpoint_state)
 from config.params import Params
 from model import GPTJModel, initial_values, weight_specs
 from runtime.execution import Execution, no_weights_error
-from runtime.host_store import DiskStore
+from runtime.host_store import CHUNK_BYTES, DiskStore
 from runtime.logging_utils import log
 from runtime.schedules import learning_rate_schedule
 from runtime.steps import gradient_factor, step_logs
+from runtime.timeline import BACKGROUND_UPDATE, BACKGROUND_WRITE, COPY, DISK, HOST_UPDATE, WAIT, Timeline
 from runtime.weight_streaming import HOST_DEVICE, WeightStreamingStep, check_streaming_params
+
+UPDATE_THREADS = 2          # tensors updated at once by the host optimizer
+MAX_PENDING_PIECES = 1      # gradients of at most this many pieces wait for the writer
 
 
 def skeleton_config(config):
@@ -168,58 +173,118 @@ class DiskStreamingState:
         schedule = self.schedule
         return float(schedule(tf.constant(self.state["iterations"]))) if callable(schedule) else schedule
 
-    def gradient_norm(self, factor: float) -> tuple[float, bool]:
-        """(global norm of factor * stored gradients, all finite), in one read-only pass."""
-        total = 0.0
-        for path in self.order:
-            with self.store.mapped("grad", path) as grad:
-                for rows in self.store.row_chunks(path):
-                    chunk = np.asarray(grad[rows], np.float64)
-                    total += float(np.sum(chunk * chunk))
-        norm = math.sqrt(total) * factor
-        return norm, math.isfinite(norm)
+    def apply(self, factor: float, timeline: Timeline) -> None:
+        """The optimizer's update of every tensor with gradient = factor * stored gradient, on
+        UPDATE_THREADS threads (NumPy and file I/O release the GIL, so one thread's arithmetic
+        overlaps another's reads and writes)."""
+        update = self._sgd_update if self.params.optimizer.optimizer_type == "sgd" else self._adam_update
+        tensor_update = update(np.float32(factor))
 
-    def apply(self, factor: float) -> None:
-        """The optimizer's update of every tensor with gradient = factor * stored gradient."""
-        if self.params.optimizer.optimizer_type == "sgd":
-            self._apply_sgd(np.float32(factor))
-        else:
-            self._apply_adam(np.float32(factor))
+        def run(path):
+            with timeline.span(BACKGROUND_UPDATE):
+                tensor_update(path)
+
+        with ThreadPoolExecutor(UPDATE_THREADS, thread_name_prefix="disk-optimizer") as pool:
+            list(pool.map(run, self.order))
         self.state["iterations"] += 1
 
-    def _apply_sgd(self, factor: np.float32) -> None:
+    def _sgd_update(self, factor: np.float32):
         lr = np.float32(self.learning_rate())
         momentum = np.float32(self.params.optimizer.momentum)
         has_slot = "m" in slot_kinds(self.params)            # without momentum "m" is never touched
-        for path in self.order:
-            with self.store.mapped("param", path, "r+") as p, self.store.mapped("grad", path) as grad, \
-                    (self.store.mapped("m", path, "r+") if has_slot else contextlib.nullcontext()) as m:
-                for rows in self.store.row_chunks(path):
-                    g = np.asarray(grad[rows]) * factor
-                    if has_slot:
-                        m[rows] = m[rows] * momentum - g * lr
-                        p[rows] += m[rows]
-                    else:
-                        p[rows] -= g * lr
 
-    def _apply_adam(self, factor: np.float32) -> None:
+        def chunk(c):
+            g = c["grad"] * factor
+            if has_slot:
+                c["m"][...] = c["m"] * momentum - g * lr
+                c["param"] += c["m"]
+            else:
+                c["param"] -= g * lr
+
+        kinds = ("param", "grad", "m") if has_slot else ("param", "grad")
+        changed = ("param", "m") if has_slot else ("param",)
+        return lambda path: self.store.update_in_chunks(path, kinds, changed, chunk)
+
+    def _adam_update(self, factor: np.float32):
         config = self.params.optimizer
         lr = np.float32(self.learning_rate())
         t = np.float32(self.state["iterations"] + 1)
         beta1, beta2 = np.float32(config.beta1), np.float32(config.beta2)
         alpha = lr * np.sqrt(np.float32(1) - beta2 ** t) / (np.float32(1) - beta1 ** t)
         decay = np.float32(config.weight_decay_rate) * lr if config.optimizer_type == "adamw" else None
-        for path in self.order:
+
+        def chunk(c, decays):
+            p, m, v, g = c["param"], c["m"], c["v"], c["grad"] * factor
+            if decays:
+                p -= p * decay
+            m += (g - m) * (np.float32(1) - beta1)
+            v += (np.square(g) - v) * (np.float32(1) - beta2)
+            p -= (m * alpha) / (np.sqrt(v) + np.float32(config.epsilon))
+
+        def tensor(path):
             decays = decay is not None and decay != 0 and len(self.shapes[path]) >= 2
-            with self.store.mapped("param", path, "r+") as p, self.store.mapped("m", path, "r+") as m, \
-                    self.store.mapped("v", path, "r+") as v, self.store.mapped("grad", path) as grad:
-                for rows in self.store.row_chunks(path):
-                    g = np.asarray(grad[rows]) * factor
-                    if decays:
-                        p[rows] -= p[rows] * decay
-                    m[rows] += (g - m[rows]) * (np.float32(1) - beta1)
-                    v[rows] += (np.square(g) - v[rows]) * (np.float32(1) - beta2)
-                    p[rows] -= (m[rows] * alpha) / (np.sqrt(v[rows]) + np.float32(config.epsilon))
+            self.store.update_in_chunks(path, ("param", "m", "v", "grad"), ("param", "m", "v"),
+                                        lambda c: chunk(c, decays))
+        return tensor
+
+
+class GradientWriter:
+    """Writes a step's gradients into the store on a background thread, so the writes overlap
+    the backward pass, and keeps each stored gradient's sum of squares: the global norm is known
+    when the last write ends, without reading the gradients back. At most `MAX_PENDING_PIECES`
+    pieces wait in memory; the backward pass waits (timeline: waiting) when the disk is slower."""
+
+    def __init__(self, store: DiskStore, timeline: Timeline):
+        self.store, self.timeline = store, timeline
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="gradient-writer")
+        self.pending: collections.deque[Future] = collections.deque()
+        self.squares: dict[str, float] = {}
+        self.written: set[str] = set()
+
+    def start_step(self) -> None:
+        self.squares.clear()
+        self.written.clear()
+
+    def submit(self, leaves: list[tuple[str, np.ndarray]]) -> None:
+        """One piece's (path, gradient) pairs; a path seen before this step is summed into (tied
+        embedding, accumulated micro-batches), else overwritten."""
+        while len(self.pending) >= MAX_PENDING_PIECES:
+            with self.timeline.span(WAIT):
+                self.pending.popleft().result()
+        jobs = []
+        for path, grad in leaves:
+            jobs.append((path, grad, path not in self.written))
+            self.written.add(path)
+        self.pending.append(self.thread.submit(self._write, jobs))
+
+    def _write(self, jobs) -> None:
+        with self.timeline.span(BACKGROUND_WRITE):
+            for path, grad, overwrite in jobs:
+                stored = self.store.add("grad", path, grad, overwrite=overwrite)
+                self.squares[path] = sum_of_squares(stored)
+
+    def finish(self) -> None:
+        """Wait for every write of the step."""
+        while self.pending:
+            with self.timeline.span(WAIT):
+                self.pending.popleft().result()
+
+    def global_norm(self, factor: float) -> tuple[float, bool]:
+        """(global norm of factor * the step's gradients, all finite)."""
+        norm = math.sqrt(sum(self.squares.values())) * factor
+        return norm, math.isfinite(norm)
+
+
+def sum_of_squares(array: np.ndarray) -> float:
+    """Sum of squares in float64, in slices of about CHUNK_BYTES (no array-sized temporary);
+    not finite when an entry is not."""
+    flat = array.reshape(-1)
+    step = max(1, CHUNK_BYTES // 8)
+    total = 0.0
+    for start in range(0, flat.size, step):
+        chunk = flat[start:start + step].astype(np.float64)
+        total += float(np.dot(chunk, chunk))
+    return total
 
 
 def _checkpoint_names(model_dir: str) -> list[str]:
@@ -247,6 +312,8 @@ class DiskStreamingExecution(Execution):
         self.streamer = WeightStreamingStep(params, self.model, self.loss_scale, self.step, self.label_positions,
                                             {path: path for path in self.disk.shapes},
                                             lambda path: as_tensor(self.disk.store.read("param", path)))
+        self.timeline = self.streamer.timeline
+        self.writer = GradientWriter(self.disk.store, self.timeline)
 
     def restore(self, require: bool) -> int:
         """The store is the live state; it is rebuilt from the latest checkpoint when it is not
@@ -275,28 +342,36 @@ class DiskStreamingExecution(Execution):
 
     def train_step(self, features, labels) -> dict:
         self.require_training()
-        disk, written = self.disk, set()
+        disk, writer, timeline = self.disk, self.writer, self.timeline
+        timeline.start_step()
+        writer.start_step()
 
         def to_disk(piece, piece_grads):
-            for path, grad in self.streamer.piece_leaves(piece, piece_grads):
-                disk.store.add("grad", path, grad.numpy(), overwrite=path not in written)
-                written.add(path)
+            with timeline.span(COPY), tf.device(HOST_DEVICE):
+                leaves = [(path, as_array(tf.identity(grad)))
+                          for path, grad in self.streamer.piece_leaves(piece, piece_grads)]
+            writer.submit(leaves)
 
-        disk.mark(clean=False)  # a kill from here on leaves the store to be rebuilt
+        with timeline.span(DISK):
+            disk.mark(clean=False)  # a kill from here on leaves the store to be rebuilt
         sums = self.streamer.gradients(features, labels, to_disk)
+        writer.finish()
         factor = float(gradient_factor(sums, self.loss_scale, self.label_positions))
         loss_scale_value = tf.identity(self.loss_scale.scale)
-        grad_norm, finite = disk.gradient_norm(factor)
+        grad_norm, finite = writer.global_norm(factor)
         finite = finite and bool(np.isfinite(float(sums["loss"])))
         learning_rate = disk.learning_rate()
         max_norm = self.params.optimizer.max_gradient_norm
         if finite:
-            disk.apply(factor * (1.0 if max_norm is None else max_norm / max(grad_norm, max_norm)))
+            with timeline.span(HOST_UPDATE):
+                disk.apply(factor * (1.0 if max_norm is None else max_norm / max(grad_norm, max_norm)), timeline)
         self.loss_scale.update(tf.constant(finite))
         self.step.assign_add(1)
         disk.state.update(step=int(self.step.numpy()), loss_scale=float(self.loss_scale.scale.numpy()),
                           good_steps=int(self.loss_scale.good_steps.numpy()))
-        disk.mark(clean=True)
+        with timeline.span(DISK):
+            disk.mark(clean=True)
+        timeline.end_step()
         return step_logs(sums, tf.constant(grad_norm, tf.float32), tf.constant(learning_rate, tf.float32),
                          loss_scale_value, tf.constant(finite))
 

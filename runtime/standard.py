@@ -45,7 +45,7 @@ class StandardExecution(CheckpointedExecution):
             with tf.GradientTape() as tape:
                 spec = self.model_fn(micro_features, micro_labels, modes.TRAIN, self.params, self.model,
                                      dropout_seed=dropout_seed(self.params.runconfig.seed, self.step, replica, micro))
-                loss = scaled_loss(spec.sums, self.loss_scale, self.label_positions)
+                loss = scaled_loss(spec.sums, self.loss_scale.scale, self.label_positions)
             # dense (the embedding's gradient is IndexedSlices); the first micro-batch's as they are
             micro_grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
             grads = micro_grads if grads is None else [g + d for g, d in zip(grads, micro_grads)]

@@ -45,9 +45,9 @@ def dropout_seed(run_seed: int, step: tf.Tensor, replica: tf.Tensor | int, micro
     return tf.random.experimental.stateless_fold_in(seed, micro)
 
 
-def scaled_loss(sums: dict, loss_scale: LossScale, label_positions: float) -> tf.Tensor:
-    """What each micro-batch differentiates (see the module docstring)."""
-    return sums["loss"] * (loss_scale.scale / label_positions)
+def scaled_loss(sums: dict, scale: tf.Tensor, label_positions: float) -> tf.Tensor:
+    """What each micro-batch differentiates (see the module docstring); scale: the loss scale's value."""
+    return sums["loss"] * (scale / label_positions)
 
 
 def gradient_factor(sums: dict, loss_scale: LossScale, label_positions: float) -> tf.Tensor:

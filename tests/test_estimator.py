@@ -81,11 +81,19 @@ def test_gradient_accumulation_equals_the_larger_batch(data_root, tmp_path):
 
 @pytest.mark.numerics
 @pytest.mark.mixed_precision
-@pytest.mark.parametrize("dtype,scaling,unit_roundoff", [("bfloat16", 1.0, U_BF16), ("float16", "dynamic", U_FP16)])
-def test_mixed_precision_runs_finite_and_close_to_float32(data_root, tmp_path, dtype, scaling, unit_roundoff):
+@pytest.mark.parametrize("dtype,scaling,unit_roundoff,runconfig", [
+    ("bfloat16", 1.0, U_BF16, {}), ("float16", "dynamic", U_FP16, {}),
+    # weight streaming keeps float32 weights on the host and copies them in the compute dtype
+    ("bfloat16", 1.0, U_BF16, {"execution": "weight_streaming"}),
+    ("float16", "dynamic", U_FP16, {"execution": "weight_streaming"}),
+    ("bfloat16", 1.0, U_BF16, {"execution": "weight_streaming", "weight_streaming": {"host_store": "disk"}})],
+    ids=["bfloat16", "float16", "bfloat16-streaming", "float16-streaming", "bfloat16-streaming-disk"])
+def test_mixed_precision_runs_finite_and_close_to_float32(data_root, tmp_path, dtype, scaling, unit_roundoff,
+                                                          runconfig):
     reference = losses_of(Estimator(tiny_params(data_root), str(tmp_path / "fp32")))
     mixed = Estimator(tiny_params(data_root, model={"mixed_precision": True, "mixed_precision_dtype": dtype},
-                                  optimizer={"loss_scaling_factor": scaling}), str(tmp_path / dtype))
+                                  optimizer={"loss_scaling_factor": scaling}, runconfig=runconfig),
+                      str(tmp_path / dtype))
     losses = losses_of(mixed)
     assert all(np.isfinite(v) for v in losses.values())
     # ~23 low-precision roundings on the way to a logit (2 blocks x 10, embedding, final norm, head)

@@ -149,6 +149,20 @@ def test_disk_sgd_checkpoints_resume_in_standard_mode(data_root, tmp_path, momen
     assert sorted(losses) == [3, 4] and losses[4] == pytest.approx(expected[4], rel=LOSS_RTOL)
 
 
+def test_mixed_precision_copies_weights_in_the_compute_dtype(data_root, tmp_path):
+    """bfloat16 streaming: float32 weights on the host, copied in bfloat16 except LayerNorm's (used in float32)."""
+    params = tiny_params(data_root, model={"mixed_precision": True, "mixed_precision_dtype": "bfloat16"},
+                         runconfig={"execution": "weight_streaming"})
+    estimator = Estimator(params, str(tmp_path))
+    streamer = estimator.execution.streamer
+    assert {v.dtype.name for v in estimator.model.trainable_variables} == {"float32"}
+    block = streamer.new_stream().get(1, [1])
+    assert block["attn"]["q_proj"]["kernel"].dtype.name == "bfloat16"
+    assert block["mlp"]["fc_in"]["bias"].dtype.name == "bfloat16"
+    assert block["ln_1"]["gamma"].dtype.name == "float32" and block["ln_1"]["beta"].dtype.name == "float32"
+    assert streamer.new_stream().get(0, [0])["embedding"]["embeddings"].dtype.name == "bfloat16"
+
+
 def test_unsupported_settings_are_rejected(data_root, tmp_path):
     with pytest.raises(ParamsError, match="runs on one compute device; runconfig.strategy='mirrored'"):
         Estimator(tiny_params(data_root, runconfig={"execution": "weight_streaming", "strategy": "mirrored"}),
@@ -163,29 +177,40 @@ PLACEMENT = textwrap.dedent("""
     from runtime.estimator import Estimator
     from tests.runtime_helpers import tiny_params
     root, out = sys.argv[1], {}
-    for prefetch in (0, 1, 2):
+    for prefetch, jit in ((0, "auto"), (1, "auto"), (2, "auto"), (1, False)):
         params = tiny_params(root, model={"num_hidden_layers": 4}, runconfig={
-            "execution": "weight_streaming", "max_steps": 1,
+            "execution": "weight_streaming", "max_steps": 2, "jit_compile": jit,
             "weight_streaming": {"compute_device": "/CPU:1", "prefetch_blocks": prefetch}})
-        estimator = Estimator(params, f"{root}/m{prefetch}")
+        estimator = Estimator(params, f"{root}/m{prefetch}{jit}")
         estimator.train()
         step = estimator.execution.streamer
-        out[prefetch] = {"max_resident": step.last_stream.max_resident, "copies": step.last_stream.copies_made,
-                         "activations": step.last_activation_devices,
-                         "variables": sorted({v.device for v in estimator.model.trainable_variables})}
+        out[f"{prefetch} {jit}"] = {
+            "max_resident": step.last_stream.max_resident, "copies": step.last_stream.copies_made,
+            "activations": step.last_activation_devices,
+            "variables": sorted({v.device for v in estimator.model.trainable_variables}),
+            "xla": step.compile_path.jit_compile, "traces": step.compiled.tracing_counts()}
     print("RESULT " + json.dumps(out))
 """)
 
 
 def test_placement_on_two_logical_devices(data_root):
+    """Compiled pieces (XLA and graph mode) on a second logical CPU: at most prefetch + 1 pieces resident,
+    every activation on the compute device, every variable on the host, one trace per piece kind."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     done = subprocess.run([sys.executable, "-c", PLACEMENT, data_root], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    for prefetch, seen in result.items():
-        assert seen["max_resident"] <= int(prefetch) + 1
-        assert seen["copies"] == 6 + 5  # forward: embedding, 4 blocks, head; backward: 4 blocks, embedding
+    for key, seen in result.items():
+        prefetch = int(key.split()[0])
+        assert seen["max_resident"] <= prefetch + 1
+        # forward: embedding, 4 blocks, head; backward: 4 blocks (3 when the last block runs with the
+        # head, prefetch >= 1), embedding
+        assert seen["copies"] == 6 + (5 if prefetch == 0 else 4)
         assert seen["activations"] and all(d.endswith("CPU:1") for d in seen["activations"])
         assert seen["variables"] and all(d.endswith("CPU:0") for d in seen["variables"])
-    assert result["0"]["max_resident"] == 1 and result["2"]["max_resident"] == 3
+        # two steps of 4 blocks: each piece's function traced once (blocks share theirs)
+        assert seen["traces"]["block_forward"] == 1 and seen["traces"]["block_backward"] == 1
+        assert seen["traces"]["head_backward"] == 1 and seen["traces"]["embed_backward"] == 1
+    assert result["0 auto"]["max_resident"] == 1 and result["2 auto"]["max_resident"] == 3
+    assert result["1 auto"]["xla"] and not result["1 False"]["xla"]     # float32 on CPU: XLA under auto

@@ -31,6 +31,7 @@ import tempfile
 import time
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from bench.shapes import add_shape_flags
 from config.cli import ArgumentParser
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -143,11 +144,7 @@ def decode_rate(batch: int, new_tokens: int, ttft: float, total: float) -> float
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random model")
-    parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads")
-    parser.add_argument("--rotary-dim", dest="rotary_dim", type=int, default=32, help="rotary dimensions per head")
-    parser.add_argument("--vocab", type=int, default=50400, help="vocabulary size")
+    add_shape_flags(parser, rotary_dim=32)
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")

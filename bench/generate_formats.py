@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 
+from bench.shapes import add_shape_flags
 from config.cli import ArgumentParser
 from config.quiet import add_verbose_flag, quiet_tensorflow
 
@@ -145,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from generation.config import WEIGHT_FORMATS
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", default=",".join(WEIGHT_FORMATS), help="comma-separated weight formats")
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random model")
-    parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads")
-    parser.add_argument("--rotary-dim", type=int, default=32, help="rotary dimensions per head")
-    parser.add_argument("--vocab", type=int, default=50400, help="vocabulary size")
+    add_shape_flags(parser, rotary_dim=32)
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt (speed)")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (speed)")

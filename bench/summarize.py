@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from bench.shapes import add_shape_flags
 from config.cli import ArgumentParser
 from config.quiet import add_verbose_flag, quiet_tensorflow
 
@@ -92,11 +93,7 @@ def run_ours(generator, tokenizer, articles, config, batch: int, output_dir: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=256, help="model width")
-    parser.add_argument("--layers", type=int, default=4, help="decoder blocks")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads")
-    parser.add_argument("--rotary-dim", dest="rotary_dim", type=int, default=16, help="rotary dims per head")
-    parser.add_argument("--vocab", type=int, default=50400, help="vocabulary rows (GPT-J: 50400)")
+    add_shape_flags(parser, hidden=256, layers=4)
     parser.add_argument("--articles", type=int, default=16, help="articles summarized per run")
     parser.add_argument("--article-tokens", default="256,512", help="min,max random article length")
     parser.add_argument("--batch", type=int, default=4, help="articles per batch")

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from bench.shapes import add_shape_flags
 from config.cli import ArgumentParser
 
 
@@ -108,11 +109,7 @@ def model_section(args) -> dict:
 
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random model")
-    parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads")
-    parser.add_argument("--rotary-dim", type=int, default=16, help="rotary dimensions per head")
-    parser.add_argument("--vocab", type=int, default=50400, help="vocabulary size")
+    add_shape_flags(parser)
     parser.add_argument("--seq", type=int, default=256, help="tokens per example")
     parser.add_argument("--batch", type=int, default=8, help="examples per step")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing, compilation)")

@@ -179,6 +179,7 @@ def _assert_same_checkpoint(expected: dict, actual: dict, steps: int) -> None:
 
 
 @pytest.mark.numerics
+@pytest.mark.processes
 def test_training_on_a_2x2_mesh_equals_one_device(tmp_path):
     """NeoX-style model (see TRAIN): losses, checkpoint, per-device pieces, device-count error."""
     result = _run(TRAIN, tmp_path)
@@ -207,6 +208,7 @@ def test_training_on_a_2x2_mesh_equals_one_device(tmp_path):
 
 
 @pytest.mark.numerics
+@pytest.mark.processes
 def test_checkpoints_resume_across_mesh_and_one_device(tmp_path):
     """one device to step 2; run.py --mode train on the mesh to step 3; one device again to step 4."""
     result = _run(RESUME, tmp_path)
@@ -218,6 +220,7 @@ def test_checkpoints_resume_across_mesh_and_one_device(tmp_path):
 
 
 @pytest.mark.numerics
+@pytest.mark.processes
 def test_greedy_generation_on_a_2x2_mesh_equals_one_device(tmp_path):
     """A mesh model warm started from a one-device checkpoint evaluates and decodes as that model does."""
     result = _run(GENERATE, tmp_path)

@@ -122,6 +122,7 @@ def assert_losses_match(losses: dict[int, float], expected: dict[int, float], st
 
 
 @pytest.mark.numerics
+@pytest.mark.processes
 def test_two_workers_equal_one_process_and_only_the_chief_writes(job, reference, tmp_path):
     straight = str(tmp_path / "straight")
     done = subprocess.run(job.command(straight), cwd=ROOT, env=launch_env(tmp_path / "scratch"),

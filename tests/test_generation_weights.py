@@ -74,7 +74,7 @@ def test_bfloat16_logits_as_close_to_float32_as_mixed_precision():
     assert 0 < error <= LOW_PRECISION_ROUNDINGS * U_BF16 * np.abs(reference).max()   # the bound standard bf16 meets
 
 
-@pytest.mark.parametrize("weight_format", ["int8", "bfloat16"])
+@pytest.mark.parametrize("weight_format", ["int8", pytest.param("bfloat16", marks=pytest.mark.mixed_precision)])
 def test_greedy_decoding_picks_the_format_s_own_best_token(weight_format):
     """Each new token is the argmax of the same format's logits on the tokens so far (teacher
     forced, no cache, eager): the compiled decode loop computes the same function, to within

@@ -68,7 +68,7 @@ decode_seconds.generators = {}
 def bench_speed(args, base, formats: list[str]) -> None:
     import numpy as np
 
-    from generation.weights import generation_model
+    from generation.weights import generation_model, tree_bytes
     models = {name: generation_model(base, name) for name in formats}
     rng = np.random.default_rng(0)
     print(f"\nspeed: GPT-J d={args.hidden} layers={args.layers} vocab={args.vocab}, prompt {args.prompt} tokens, "
@@ -86,7 +86,7 @@ def bench_speed(args, base, formats: list[str]) -> None:
                 if rate > best[name][1]:
                     best[name] = (ttft, rate)
         for name, model in models.items():
-            size = getattr(model, "weight_bytes", None) or sum(v.shape.num_elements() * 4 for v in base.variables)
+            size = tree_bytes(model.weights if name != "float32" else base.weights_tree())
             ratio = best[name][1] / best["float32"][1] if "float32" in best else float("nan")
             print(f"{batch:>5} {name:>9} {size / 2**20:>7.0f}MiB {best[name][0] * 1e3:>7.1f}ms "
                   f"{best[name][1]:>7.1f} t/s {ratio:>9.2f}x")

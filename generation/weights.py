@@ -22,6 +22,7 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python.xla import optimization_barrier
 
 from generation.config import WEIGHT_FORMATS
+from layers.tree import flatten_weights
 from model import GPTJModel
 
 
@@ -64,13 +65,9 @@ def pack_weights(tree, weight_format: str):
     return out
 
 
-def tree_bytes(tree) -> int:
+def tree_bytes(tree: dict) -> int:
     """Bytes of every tensor in a weight tree."""
-    if isinstance(tree, list):
-        return sum(tree_bytes(t) for t in tree)
-    if isinstance(tree, dict):
-        return sum(tree_bytes(t) for t in tree.values())
-    return tree.shape.num_elements() * tree.dtype.size
+    return sum(t.shape.num_elements() * t.dtype.size for t in flatten_weights(tree).values())
 
 
 class GenerationModel:

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params key, e.g. --set model.num_hidden_layers=2 (repeatable)")
     add_verbose_flag(parser)
+    from runtime.preflight import add_skip_flag
+    add_skip_flag(parser)
     from generation.flags import add_predict_flags
     add_predict_flags(parser.add_argument_group("predict mode (see docs/generation.md)"))
     return parser
@@ -61,13 +63,21 @@ def effective_overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
 
+def memory_estimate(args: argparse.Namespace, params, job):
+    """The peak memory this command will need (runtime/memory_model.py), checked before anything is built."""
+    from runtime import memory_model
+    if args.mode == "predict":
+        from generation import predict
+        return predict.memory_estimate(job, params.model)
+    resuming = os.path.exists(os.path.join(params.runconfig.model_dir, "checkpoint"))
+    return memory_model.run_estimate(params, args.mode, args.params, resuming)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_tensorflow(args.verbose)
-    from runtime.estimator import Estimator, InputExhaustedError, NonFiniteLossError, TrainingTerminated
-    from runtime.run_dir import RunDirLockedError
     from config.params import ParamsError, load_params
-    from runtime.logging_utils import log
+    from runtime import preflight
     try:
         params = load_params(args.params, effective_overrides(args))
         model_dir = params.runconfig.model_dir
@@ -76,9 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "predict" and params.runconfig.mesh is not None:
             raise ParamsError("predict does not run on runconfig.mesh (generation.mesh.MeshGenerator does, from "
                               "Python); a mesh run's checkpoint is a one-device one: add --set runconfig.mesh=null")
+        job = None
         if args.mode == "predict":
             from generation import predict
             job = predict.prepare(args, params.model)      # prompts and flags checked before the model is built
+        preflight.check(memory_estimate(args, params, job), args.skip_memory_check)
+    except (ParamsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # TensorFlow loads from here on: the checks above ran without it.
+    from runtime.estimator import Estimator, InputExhaustedError, NonFiniteLossError, TrainingTerminated
+    from runtime.run_dir import RunDirLockedError
+    from runtime.logging_utils import log
+    try:
         estimator = Estimator(params, model_dir, training=args.mode in ("train", "train_and_eval"))
         if args.mode == "train":
             estimator.train()
@@ -87,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.mode == "train_and_eval":
             estimator.train_and_evaluate()
         else:
+            from generation import predict
             estimator.restore(require=True)
             predict.run_job(estimator.model, job, args.output or os.path.join(model_dir, "predictions.jsonl"))
     except (ParamsError, FileNotFoundError, ValueError, InputExhaustedError, RunDirLockedError) as err:

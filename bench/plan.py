@@ -7,8 +7,9 @@ step time an assumed MFU gives.
 
 Layouts: data parallel (everything replicated), data x tensor parallel for every degree that
 divides the devices and the heads, and weight streaming (alone, or one stream per device with
-data parallelism). The arithmetic and its arguments: bench/sizing.py and docs/scaling.md. It
-reads only the params file: no TensorFlow, no device.
+data parallelism). The arithmetic and its arguments: runtime/memory_model.py (the bytes, shared
+with the memory preflight), bench/sizing.py (layouts, step time) and docs/scaling.md. It reads
+only the params file: no TensorFlow, no device.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from bench import sizing
 from config.cli import ArgumentParser
 from config.params import ParamsError, load_params
+from runtime import memory_model
 from runtime.model_flops import training_flops_per_token
 
 GiB = float(1 << 30)
@@ -163,7 +165,7 @@ def resolve(args):
 
 def describe(run, hardware, args, preset) -> list[str]:
     m = run.model
-    count = sizing.parameter_count(m)
+    count = memory_model.parameter_count(m)
     flops = training_flops_per_token(m, run.sequence_length)
     device = f"{args.device} ({preset.source})" if preset else "custom device"
     return [

@@ -12,16 +12,20 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from generation.config import GenerationConfig
 from generation.flags import config_from_flags
-from generation.generator import Generator
-from generation.text import Completion, complete
-from generation.weights import GenerationModel, generation_model
 from input.tokenizer import GptTokenizer, load_tokenizer
-from model import GPTJModel
 from config.params import ModelParams
+from runtime.memory_model import Decoding, Estimate, generation_estimate
+
+if TYPE_CHECKING:      # TensorFlow is imported where a model runs: run.py checks memory before that
+    from generation.text import Completion
+    from generation.weights import GenerationModel
+    from model import GPTJModel
+
+LENGTH_MULTIPLE = 32   # prompt slots and cache lengths are rounded up to this (fewer compiled shapes)
 
 
 class PredictError(ValueError):
@@ -80,6 +84,7 @@ class PredictJob:
     batch_size: int
     compile_mode: str
     weight_format: str = "float32"
+    longest_prompt: int = 1           # tokens of the longest prompt
 
 
 def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
@@ -91,11 +96,30 @@ def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
     tokenizer.check_fits_model(model_config.vocab_size)
     requests = read_prompts(args.prompt, args.prompts_file)
     config = config_from_flags(args, tokenizer)
-    check_requests(requests, tokenizer, config, model_config)
-    return PredictJob(tokenizer, requests, config, args.batch_size, args.generation_compile, args.weight_format)
+    longest = check_requests(requests, tokenizer, config, model_config)
+    return PredictJob(tokenizer, requests, config, args.batch_size, args.generation_compile, args.weight_format,
+                      longest)
+
+
+def memory_estimate(job: PredictJob, model_config: ModelParams) -> Estimate:
+    """The peak memory of running `job` (runtime/memory_model.py): its weight format, and one
+    batch's cache: prompts x beams (or samples) rows, as long as the longest prompt and the new
+    tokens, each rounded up as the Generator rounds them."""
+    def round_up(value: int) -> int:
+        return -(-value // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+
+    config = job.config
+    prompts = min(job.batch_size, len(job.requests))
+    per_prompt = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+    prompt_slots = round_up(job.longest_prompt)
+    decoding = Decoding(rows=prompts * per_prompt, cache_length=round_up(prompt_slots + config.max_new_tokens),
+                        prompt_slots=prompt_slots, prefill_rows=prompts * (1 if config.num_beams > 1 else per_prompt))
+    return generation_estimate("run.py --mode predict", model_config, job.weight_format, decoding, job.compile_mode,
+                               compile_flag="--generation-compile", slots_flag="--batch-size", slots=prompts)
 
 
 def run_job(model: GPTJModel, job: PredictJob, output_path: str) -> list[Completion]:
+    from generation.weights import generation_model
     done = predict(generation_model(model, job.weight_format), job.tokenizer, job.requests, job.config,
                    output_path, job.batch_size, job.compile_mode)
     # stderr: stdout carries the completions themselves and may be piped
@@ -104,12 +128,13 @@ def run_job(model: GPTJModel, job: PredictJob, output_path: str) -> list[Complet
 
 
 def check_requests(requests: list[PromptRequest], tokenizer: GptTokenizer, config: GenerationConfig,
-                   model_config: ModelParams) -> None:
+                   model_config: ModelParams) -> int:
     """Every prompt and token id fits the model, checked before any work (errors name the
-    prompt's index in the file)."""
+    prompt's index in the file); returns the longest prompt's token count."""
     config.check_against_model(model_config.vocab_size)
-    config.check_prompts(tokenizer.encode_batch([r.text for r in requests]),
-                         model_config.max_position_embeddings, model_config.vocab_size)
+    prompts = tokenizer.encode_batch([r.text for r in requests])
+    config.check_prompts(prompts, model_config.max_position_embeddings, model_config.vocab_size)
+    return max(len(p) for p in prompts)
 
 
 def predict(model: GPTJModel | GenerationModel, tokenizer: GptTokenizer, requests: list[PromptRequest], config: GenerationConfig,
@@ -118,9 +143,11 @@ def predict(model: GPTJModel | GenerationModel, tokenizer: GptTokenizer, request
     """Complete every request in batches, appending one JSON line per completion to output_path.
     A single prompt asking for one sequence is streamed to the console as it is generated
     (greedy and sampling); otherwise each finished completion is printed as one JSON line."""
+    from generation.generator import Generator
+    from generation.text import complete
     console = console or sys.stdout          # looked up per call: tests and tools swap sys.stdout
     check_requests(requests, tokenizer, config, model.config)
-    generator = Generator(model, compile_mode=compile_mode)
+    generator = Generator(model, compile_mode=compile_mode, length_multiple=LENGTH_MULTIPLE)
     stream = len(requests) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
     batch_size = min(batch_size, len(requests))
     directory = os.path.dirname(os.path.abspath(output_path))

@@ -32,6 +32,8 @@ from generation.beam_search import BeamDecoder
 from generation.config import GenerationConfig
 from generation.batch import PromptBatch
 from model import GPTJModel
+from runtime import preflight
+from runtime.memory_model import Decoding, generation_estimate
 from serving.loading import DTYPES, load_serving_model
 from serving.slots import RowSettings, prefill_rows, step_rows
 
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beam-max-new-tokens", type=int, default=64, help="beam_search's max_new_tokens")
     parser.add_argument("--beam-stop-id", type=int, action="append", default=[],
                         help="stop token id of beam_search (repeatable), e.g. the tokenizer's EOS id")
+    preflight.add_skip_flag(parser)
     add_verbose_flag(parser)
     return parser
 
@@ -177,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
             raise ValueError(f"--output-dir {args.output_dir} is not empty; pass a new directory")
-        params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype)
+        def check_memory(params):      # the float32 model restored and traced; nothing decodes here
+            estimate = generation_estimate("serving.export", params.model, "float32", Decoding(0, 0, 0, 0),
+                                           format_flag=None)
+            preflight.check(estimate, args.skip_memory_check)
+        params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype,
+                                           check=check_memory)
         beam = None
         if args.num_beams > 1:
             stops = tuple(args.beam_stop_id)

@@ -2,6 +2,8 @@
 checkpoint) + an optional compute dtype."""
 from __future__ import annotations
 
+from typing import Callable
+
 from checkpoint_utils.load import load_model
 from config.params import ParamsError, Params, load_params
 from model import GPTJModel
@@ -21,11 +23,15 @@ def dtype_overrides(dtype: str | None) -> list[str]:
 
 
 def load_serving_model(params_path: str, model_dir: str | None, checkpoint_path: str | None,
-                       dtype: str | None = None) -> tuple[Params, GPTJModel]:
+                       dtype: str | None = None, check: Callable[[Params], None] | None = None
+                       ) -> tuple[Params, GPTJModel]:
     """(params, model with restored weights). Exactly one of model_dir (its latest checkpoint) and
-    checkpoint_path (a prefix or a converted model directory) names the weights."""
+    checkpoint_path (a prefix or a converted model directory) names the weights. check(params)
+    runs before the model is built (the memory preflight)."""
     if (model_dir is None) == (checkpoint_path is None):
         raise ParamsError("give exactly one of --model-dir (a run directory) and --checkpoint-path "
                           "(a checkpoint prefix or converted model directory)")
     params = load_params(params_path, dtype_overrides(dtype))
+    if check is not None:
+        check(params)
     return params, load_model(params.model, model_dir or checkpoint_path)

@@ -40,6 +40,8 @@ from generation.batch import round_up
 from generation.config import GenerationConfig, GenerationConfigError
 from generation.text import TextStream, find_stop_string, stop_string_checker, strip_stop_token
 from input.tokenizer import GptTokenizer
+from runtime.memory_model import Decoding, Estimate, generation_estimate
+from runtime import preflight
 from serving.metrics import Metrics
 from serving.scheduler import MODES, Draining, Job, QueueFull, Scheduler
 
@@ -305,6 +307,24 @@ class Server:
         return error_response(self._error_message(reason), None, status, reason)
 
 
+def slot_cache_length(limits: Limits, max_positions: int) -> int:
+    """The slots' cache length L: the longest prompt (rounded to 32) and output the limits allow."""
+    cache_length = min(round_up(limits.max_prompt_tokens, 32) + limits.max_tokens, round_up(max_positions, 32) + 32)
+    return round_up(cache_length, 32)
+
+
+def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str, compile_mode: str) -> Estimate:
+    """The server's peak memory (runtime/memory_model.py): the weights in their format, `slots`
+    cache rows of the slot length, and a beam or bad-words request's rows (up to max_beams or
+    max_n) decoded beside them by the Generator; a `--max-batch` whose cache does not fit is
+    refused, naming the largest that does."""
+    length = slot_cache_length(limits, model_config.max_position_embeddings)
+    decoding = Decoding(rows=max(limits.max_beams, limits.max_n), cache_length=length,
+                        prompt_slots=round_up(limits.max_prompt_tokens, 32), prefill_rows=1, slot_rows=slots)
+    return generation_estimate("serving.server", model_config, weight_format, decoding, compile_mode,
+                               compile_flag="--compile", slots_flag="--max-batch", slots=slots)
+
+
 def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str = "continuous",
                  limits: Limits = Limits(), max_queue: int = 64, max_wait: float = 0.02,
                  compile_mode: str = "xla", model_name: str = "gptj", steps_per_call: int = 8,
@@ -312,8 +332,7 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
     """A Server whose cache fits the longest prompt and output the limits allow; with warm_up,
     every prompt bucket is compiled before it listens."""
     max_positions = model.config.max_position_embeddings
-    cache_length = min(round_up(limits.max_prompt_tokens, 32) + limits.max_tokens, round_up(max_positions, 32) + 32)
-    cache_length = round_up(cache_length, 32)
+    cache_length = slot_cache_length(limits, max_positions)
     metrics = Metrics()
     scheduler = Scheduler(model, slots, cache_length, batching, max_queue, max_wait, compile_mode,
                           metrics=metrics, steps_per_call=steps_per_call)
@@ -350,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode steps per compiled call (a call also ends when a row finishes)")
     parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                         help="compile every prompt bucket before listening (seconds each under XLA)")
+    preflight.add_skip_flag(parser)
     add_verbose_flag(parser)
     return parser
 
@@ -374,13 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.logging_utils import log
     from generation.weights import generation_model
     from serving.loading import load_serving_model
+    limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams, args.request_timeout)
+
+    def check_memory(params):
+        estimate = memory_estimate(params.model, limits, args.max_batch, args.weight_format, args.compile)
+        preflight.check(estimate, args.skip_memory_check)
     try:
-        params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype)
+        params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype,
+                                           check=check_memory)
         model = generation_model(model, args.weight_format)
         tokenizer = load_tokenizer(args.tokenizer)
         tokenizer.check_fits_model(params.model.vocab_size)
-        limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams,
-                        args.request_timeout)
         server = build_server(model, tokenizer, args.max_batch, args.batching, limits, args.max_queue,
                               args.max_wait_ms / 1000, args.compile, steps_per_call=args.steps_per_call,
                               warm_up=args.warm_up)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bench import plan, sizing
+from runtime import memory_model
 from config.params import ModelParams, OptimizerParams, load_params
 from layers.weight_specs import weight_specs
 
@@ -38,13 +39,13 @@ def test_state_bytes_equal_the_built_models_variables_and_keras_slots(model, opt
                              weight_decay_rate=0.01 if optimizer_type == "adamw" else 0.0)
     optimizer = build_optimizer(config, variables)
     slots = sum(v.shape.num_elements() for v in optimizer.variables if len(v.shape) > 0)   # scalars: step, lr
-    state = sizing.replicated_state(model, config, "fp32")
+    state = memory_model.replicated_state(model, config, "fp32")
     assert (state.weights, state.gradients, state.optimizer) == (4 * params, 4 * params, 4 * slots)
     # accumulation: runtime/standard.py holds the running sum beside a micro-batch's fresh gradients
-    assert sizing.replicated_state(model, config, "fp32", accumulating=True).gradients == 2 * 4 * params
+    assert memory_model.replicated_state(model, config, "fp32", accumulating=True).gradients == 2 * 4 * params
     matmul = sum(v.shape.num_elements() for v in variables
                  if len(v.shape) == 2 and (model.share_embedding_weights or v is not built.embedding.embeddings))
-    assert sizing.replicated_state(model, config, "mixed").weights == 4 * params + 2 * matmul
+    assert memory_model.replicated_state(model, config, "mixed").weights == 4 * params + 2 * matmul
 
 
 def test_parameter_counts_match_transformers():
@@ -66,7 +67,7 @@ def test_parameter_counts_match_transformers():
     for ours, theirs, published in ((gptj, hf_gptj, 6_050_882_784), (neox, hf_neox, 20_554_567_680)):
         count = sum(math.prod(s.shape) for s in weight_specs(ours))
         assert count == sum(p.numel() for p in theirs.parameters()) == published
-        assert sizing.replicated_state(ours, OptimizerParams(), "fp32").total == 16 * count
+        assert memory_model.replicated_state(ours, OptimizerParams(), "fp32").total == 16 * count
 
 
 # Megatron-LM: ColumnParallelLinear for q/k/v (query_key_value) and dense_h_to_4h, its bias split
@@ -86,24 +87,24 @@ def test_tensor_parallel_splits_exactly_what_megatron_splits(model):
     split = replicated = 0
     for spec in weight_specs(model):
         key = next((k for k in MEGATRON_SPLIT if spec.path.endswith(k)), None)
-        assert sizing.tensor_split_axis(spec.path) == (None if key is None else MEGATRON_SPLIT[key]), spec.path
+        assert memory_model.tensor_split_axis(spec.path) == (None if key is None else MEGATRON_SPLIT[key]), spec.path
         size = math.prod(spec.shape)
         if key is None:
             replicated += size
         else:
             split += size
-            assert sizing.elements_per_device(spec, m) * m == size        # every split axis divides by 4
+            assert memory_model.elements_per_device(spec, m) * m == size        # every split axis divides by 4
     assert replicated > 0 and split > 0
-    state = sizing.replicated_state(model, OptimizerParams(), "fp32", tensor_parallel=m)
+    state = memory_model.replicated_state(model, OptimizerParams(), "fp32", tensor_parallel=m)
     assert state.weights == 4 * (replicated + split // m)
 
 
 def test_streaming_keeps_prefetch_plus_one_pieces_on_the_device():
     sizes = [64 * 32] + [sum(math.prod(s.shape) for s in weight_specs(TINY) if s.path.startswith(f"blocks/{i}/"))
                          for i in range(2)] + [2 * 32 + 32 * 64 + 64]     # embedding, blocks, ln_f + head
-    assert [sum(math.prod(s.shape) for s in p) for p in sizing.streaming_pieces(TINY)] == sizes
+    assert [sum(math.prod(s.shape) for s in p) for p in memory_model.streaming_pieces(TINY)] == sizes
     for prefetch, window in ((0, 1), (1, 2), (5, 4)):
-        state = sizing.streaming_device_state(TINY, "fp32", prefetch)
+        state = memory_model.streaming_device_state(TINY, "fp32", prefetch)
         assert state.weights == 4 * max(sum(sizes[i:i + window]) for i in range(len(sizes) - window + 1))
         assert (state.gradients, state.optimizer) == (4 * max(sizes), 0)
 
@@ -162,18 +163,18 @@ def test_layer_activations_equal_what_tensorflow_keeps_less_what_xla_fuses(preci
     cast per block (4 tensors of r, shared by every block in an optimised graph)."""
     model = dataclasses.replace(TINY, mixed_precision=precision == "mixed")
     batch, seq = 2, 16
-    c, d, f, h, r = sizing.COMPUTE_BYTES[precision], model.hidden_size, model.filter_size, model.num_heads, model.rotary_dim
+    c, d, f, h, r = memory_model.COMPUTE_BYTES[precision], model.hidden_size, model.filter_size, model.num_heads, model.rotary_dim
     unfused = 3 * c * f + 2 * 4 * d + 2 * 4 + 4 * h * seq + 4 * d + (4 * c * r if precision == "mixed" else 0)
-    formula = sum(sizing.layer_activation_items(model, precision, seq).values())
+    formula = sum(memory_model.layer_activation_items(model, precision, seq).values())
     assert graph_saved_bytes(model, batch, seq) == batch * seq * (formula + unfused)
 
 
 def test_activation_total_counts_every_block_or_their_inputs_with_recompute():
     seq, tokens = 16, 32
-    layer = sum(sizing.layer_activation_items(TINY, "mixed", seq, 2).values())
+    layer = sum(memory_model.layer_activation_items(TINY, "mixed", seq, 2).values())
     head = 4 * 32 + 2 * 32 + 8 * 32              # ln_f in (f32) and out, logits and their gradient: 64 / 2 vocab
-    assert sizing.activation_bytes(TINY, "mixed", seq, tokens, 2) == tokens * (2 * layer + head)
-    assert sizing.activation_bytes(TINY, "mixed", seq, tokens, 2, recompute=True) == tokens * (2 * 2 * 32 + layer + head)
+    assert memory_model.activation_bytes(TINY, "mixed", seq, tokens, 2) == tokens * (2 * layer + head)
+    assert memory_model.activation_bytes(TINY, "mixed", seq, tokens, 2, recompute=True) == tokens * (2 * 2 * 32 + layer + head)
 
 
 # ---- the command line -----------------------------------------------------------------------

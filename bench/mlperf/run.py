@@ -27,6 +27,7 @@ if __name__ == "__main__":      # before the imports below load TensorFlow (--ve
     quiet_tensorflow("--verbose" in sys.argv[1:])
 
 from config.cli import ArgumentParser
+from runtime.preflight import add_skip_flag
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_NAME = "gptj"                    # the model's key in mlperf.conf / user.conf
@@ -61,8 +62,25 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--http-concurrency", type=int, default=8, help="http SUT: requests in flight")
     parser.add_argument("--compile", choices=("xla", "graph", "eager"), default="xla",
                         help="how generation runs: XLA (fastest), graph, or eager")
+    add_skip_flag(parser)
     add_verbose_flag(parser)
     return parser
+
+
+def memory_estimate(model_config, args):
+    """The peak memory of the model in this process (runtime/memory_model.py): MLPerf's 4 beams
+    per sample over prompts of up to 1,919 tokens and 128 new ones, --batch-size samples at a
+    time (generator SUT) or one request in the local server's slot beside its beam search."""
+    from bench.mlperf.dataset import MAX_INPUT_TOKENS, generation_config
+    from runtime.memory_model import Decoding, generation_estimate
+    config = generation_config(0)
+    prompt_slots = -(-MAX_INPUT_TOKENS // 32) * 32
+    length = -(-(prompt_slots + config.max_new_tokens) // 32) * 32
+    batch = args.batch_size if args.sut == "generator" else 1
+    decoding = Decoding(rows=batch * config.num_beams, cache_length=length, prompt_slots=prompt_slots,
+                        prefill_rows=batch, slot_rows=0 if args.sut == "generator" else 1)
+    return generation_estimate("bench.mlperf.run", model_config, "float32", decoding, args.compile, format_flag=None,
+                               slots_flag="--batch-size" if args.sut == "generator" else None, slots=batch)
 
 
 def tiny_setup(work: str, count: int):
@@ -127,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             from input.tokenizer import load_tokenizer
             tokenizer, dataset, model = load_tokenizer(args.tokenizer), args.dataset, None
             if not remote:
+                from runtime import preflight
                 from serving.loading import load_serving_model
-                _, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype)
+
+                def check_memory(params):
+                    preflight.check(memory_estimate(params.model, args), args.skip_memory_check)
+                _, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype,
+                                              check=check_memory)
                 tokenizer.check_fits_model(model.config.vocab_size)
         samples = load_samples(dataset, args.count)
         settings = test_settings(args, lg)

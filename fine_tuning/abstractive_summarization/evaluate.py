@@ -42,6 +42,8 @@ from fine_tuning.abstractive_summarization.layout import (MLPERF_MAX_INPUT_TOKEN
 from fine_tuning.abstractive_summarization.rouge import score_summaries
 from input.errors import InputDataError
 from input.tokenizer import GptTokenizer
+from runtime import preflight
+from runtime.memory_model import Decoding, Estimate, generation_estimate
 
 __all__ = ["EvalArticle", "load_eval_articles", "mlperf_generation_config", "summarize_batch", "evaluate", "main"]
 
@@ -233,8 +235,23 @@ def _parser() -> argparse.ArgumentParser:
                         help="prompt slots are rounded up to this (fewer shapes, fewer compilations)")
     parser.add_argument("--overwrite", action="store_true", help="discard predictions of an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    preflight.add_skip_flag(parser)
     add_verbose_flag(parser)
     return parser
+
+
+def memory_estimate(model_config, config, args) -> Estimate:
+    """The peak memory of summarizing --batch-size articles at once (runtime/memory_model.py):
+    the float32 model, and a batch's cache of articles x beams rows as long as the longest
+    prompt allowed (--max-input-tokens) and --max-new-tokens, rounded as the Generator rounds."""
+    multiple = args.length_multiple
+    prompt_slots = -(-args.max_input_tokens // multiple) * multiple
+    cache_length = -(-(prompt_slots + config.max_new_tokens) // multiple) * multiple
+    decoding = Decoding(rows=args.batch_size * config.num_beams, cache_length=cache_length, prompt_slots=prompt_slots,
+                        prefill_rows=args.batch_size)
+    return generation_estimate("fine_tuning.abstractive_summarization.evaluate", model_config, "float32", decoding,
+                               args.generation_compile, format_flag=None, slots_flag="--batch-size",
+                               slots=args.batch_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"use --max-input-tokens {room} or fewer new tokens")
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
             raise InputDataError("--batch-size and --limit must be positive")
+        preflight.check(memory_estimate(model_config, config, args), args.skip_memory_check)
         sep_id = None
         if not args.raw_prompt:
             sep_id = default_sep_id(tokenizer) if args.sep_id is None else args.sep_id

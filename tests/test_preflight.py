@@ -220,19 +220,20 @@ def test_server_refuses_its_max_batch_and_skip_memory_check_goes_on_to_load(tmp_
 
 # ---- estimates against measured peaks ------------------------------------------------------------
 #
-# A model of 67 M parameters (256 MiB in float32: d 1024, 4 blocks, vocab 8192) trained for one
-# step (Adam, clipping, XLA), then predicting in each weight format, each command in a process of
-# its own whose peak resident set the kernel reports (wait4's ru_maxrss). What the estimate does
-# not count, and so the margin it is allowed: an under-estimate of up to 15% of the peak covers the
-# initialisation's slack (drawing the weights left 130 MiB above the 352 MiB of a model of this
-# kind) and whether glibc's per-thread arenas happen to reuse a freed buffer (a freed float32
-# copy is up to 20% of these peaks); an over-estimate of up to 25% covers compiled buffers XLA
-# fuses or reuses on one CPU kind and not another (the prefill's temporaries, a cache copy: 10-15%
-# of these peaks) and the compile workspaces fitted to 4-12 blocks. Outside that band the
-# preflight would refuse commands that fit, or pass ones that do not.
+# A model of 53.5 M parameters (204 MiB in float32; most of them in the token table and the LM
+# head, vocabulary 49,152, so that one block compiles quickly) trained for one step (AdamW,
+# clipping, XLA), then predicting in float32 and int8, each command in a process of its own whose
+# peak resident set the kernel reports (wait4's ru_maxrss). What the estimate does not count, and
+# so the margin it is allowed: an under-estimate of up to 15% of the peak covers the
+# initialisation's slack (drawing a model's weights left 130 MiB above its 352 MiB) and whether
+# glibc's per-thread arenas happen to reuse a freed buffer; an over-estimate of up to 25% covers
+# compiled buffers XLA fuses or reuses on one CPU kind and not another (the prefill's
+# temporaries, a cache copy) and the compile workspaces fitted to 1-12 blocks. Outside that band
+# the preflight would refuse commands that fit, or pass ones that do not. docs/runtime.md has
+# the wider table (bfloat16, resumed training, SGD, mixed precision, other shapes).
 UNDER, OVER = 0.85, 1.25
-MEASURED_MODEL = {"vocab_size": 8192, "hidden_size": 1024, "num_hidden_layers": 4, "num_heads": 8, "rotary_dim": 16,
-                  "filter_size": 4096, "max_position_embeddings": 256}
+MEASURED_MODEL = {"vocab_size": 49152, "hidden_size": 512, "num_hidden_layers": 1, "num_heads": 8, "rotary_dim": 16,
+                  "filter_size": 2048, "max_position_embeddings": 256}
 
 
 def peak_of(argv: list[str], work) -> tuple[int, str, float]:
@@ -269,8 +270,7 @@ def test_training_estimate_is_within_the_margin_of_its_measured_peak(trained):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("weight_format", ["float32", pytest.param("bfloat16", marks=pytest.mark.mixed_precision),
-                                           "int8"])
+@pytest.mark.parametrize("weight_format", ["float32", "int8"])
 def test_predict_estimate_is_within_the_margin_of_its_measured_peak(trained, weight_format):
     from generation import predict
     from generation.flags import add_predict_flags

@@ -110,12 +110,15 @@ def memory_estimate(job: PredictJob, model_config: ModelParams) -> Estimate:
 
     config = job.config
     prompts = min(job.batch_size, len(job.requests))
-    per_prompt = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+    beams = config.num_beams > 1
+    per_prompt = config.num_beams if beams else config.num_return_sequences
     prompt_slots = round_up(job.longest_prompt)
-    decoding = Decoding(rows=prompts * per_prompt, cache_length=round_up(prompt_slots + config.max_new_tokens),
-                        prompt_slots=prompt_slots, prefill_rows=prompts * (1 if config.num_beams > 1 else per_prompt))
-    return generation_estimate("run.py --mode predict", model_config, job.weight_format, decoding, job.compile_mode,
-                               compile_flag="--generation-compile", slots_flag="--batch-size", slots=prompts)
+    cache_length = round_up(prompt_slots + config.max_new_tokens)
+
+    def decoding(count: int) -> Decoding:          # beams expand after the prefill; samples are rows from the start
+        return Decoding(count * per_prompt, cache_length, prompt_slots, count * (1 if beams else per_prompt))
+    return generation_estimate("run.py --mode predict", model_config, job.weight_format, decoding, prompts,
+                               job.compile_mode, compile_flag="--generation-compile", slots_flag="--batch-size")
 
 
 def run_job(model: GPTJModel, job: PredictJob, output_path: str) -> list[Completion]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from config.params import ModelParams, OptimizerParams, Params
 from layers.weight_specs import WeightSpec, weight_specs
@@ -235,11 +236,12 @@ def precision_of(model: ModelParams) -> str:
 # Measured on the project's CPU machines (TF 2.21, x86-64), by peak RSS (VmHWM) between phases
 # of a process (docs/runtime.md has the table; tests/test_preflight.py keeps whole commands'
 # estimates within a stated margin of their measured peaks). RSS grows when the live set
-# outgrows what the allocator already holds. Memory freed while loading is held by the process
-# and reused only by allocations of the thread that freed it (glibc's per-thread arenas), so a
-# step compiled and run on TensorFlow's threads grows the process beyond it: such memory is a
-# term of the peak ("freed, held by the allocator"). Where phases do reuse each other's memory
-# (building, then training), the estimate is the largest phase's total.
+# outgrows what the allocator already holds. Memory freed while loading stays with the process,
+# and the compiled steps that follow do not reuse it (measured for a restore's copy before a
+# decode and before a training step; presumably glibc's per-thread arenas: the restore runs on
+# the caller's thread, compiled steps on TensorFlow's): such memory is a term of the peak
+# ("freed, held by the allocator"). Where phases reuse each other's memory (training, then
+# evaluating), the estimate is the largest phase's total.
 
 TENSORFLOW_RUNTIME = 560 * MiB
 """Python, TensorFlow and this project's modules after import and a first op: 553-566 MiB of
@@ -368,7 +370,7 @@ class Decoding:
     rows x cache_length: cache rows of `generation.Generator` calls (prompts x beams or
     samples); a compiled decode call takes the cache in and returns a new one (no buffer
     donation from Python), so both are alive until it returns: counted twice.
-    prefill_rows x prompt_slots: prompts prefilled in one call (before beams expand them).
+    prefill_rows x prompt_slots: rows prefilled in one call (beams expand after the prefill).
     slot_rows: the serving scheduler's slots (serving/slots.py), whose cache lives in variables
     a compiled call updates in place: counted once (measured: 8 slots of a 384 MiB cache grew
     the decoding process by 336 MiB more than one slot did)."""
@@ -378,13 +380,6 @@ class Decoding:
     prefill_rows: int
     slot_rows: int = 0
 
-    def with_slots(self, count: int) -> "Decoding":
-        """The same decoding with `count` requests: serving slots when there are any, else prompts."""
-        if self.slot_rows:
-            return dataclasses.replace(self, slot_rows=count)
-        per_prompt = self.rows // max(self.prefill_rows, 1)
-        return dataclasses.replace(self, rows=count * per_prompt, prefill_rows=count)
-
 
 def generation_phases(model: ModelParams, weight_format: str, decoding: Decoding, compile_mode: str = "xla",
                       loader: str = "restore") -> dict[str, dict[str, float]]:
@@ -392,14 +387,14 @@ def generation_phases(model: ModelParams, weight_format: str, decoding: Decoding
 
     - the weights (`format_weight_bytes`); with the `restore` loader also the float32 model
       the packed formats were made from;
-    - what loading freed but the process still holds: with `restore`, the checkpoint's copy
-      of the model (or, where packing reuses that memory, the packed weights and three
-      float32 tensors of the largest kernel that `generation.weights.quantize_int8` makes:
-      its transpose, the scaled and the rounded copies); with `direct`, one tensor and its
-      packed copy. The allocator keeps freed memory for the thread that freed it (glibc's
-      arenas), and a compiled step's buffers come from TensorFlow's own threads: measured,
-      a float32 predict decoded 200 MiB above the restore's peak rather than within the
-      352 MiB the restore had freed;
+    - what loading freed but the process still holds (see the note above `TENSORFLOW_RUNTIME`):
+      with `restore`, the checkpoint's copy of the model, or, where packing reuses that memory
+      (it runs on the same thread), the packed weights and the float32 temporaries of packing
+      the largest kernel (`generation.weights.pack_kernel`: bfloat16 casts its transpose, one
+      tensor; `quantize_int8` holds the transpose with the scaled copy, then that with the
+      rounded one, two); with `direct`, one tensor and its packed copy. Measured: a
+      float32 predict decoded 200 MiB above the restore's peak rather than within the 352 MiB
+      the restore had freed;
     - the key/value caches (`Decoding`) and the prefill's largest live set (`prefill_bytes`);
     - XLA:CPU decoding bfloat16 or int8 kernels converts them to float32 buffers inside the
       compiled loop (its dots run in float32): measured 0.76-0.96 x the kernels' float32
@@ -414,9 +409,10 @@ def generation_phases(model: ModelParams, weight_format: str, decoding: Decoding
     packs = weight_format != "float32"
     if loader == "restore":
         terms = {"float32 weights": float32, **({f"{weight_format} weights": packed} if packs else {})}
-        kernel = max(FLOAT32 * math.prod(s.shape) for s in weight_specs(model) if is_packed_kernel(s)) if packs else 0
+        kernel = max(FLOAT32 * math.prod(s.shape) for s in weight_specs(model) if is_packed_kernel(s))
+        packing = {"float32": 0, "bfloat16": kernel, "int8": 2 * kernel}[weight_format]
         terms["checkpoint restore copy (freed, held by the allocator)"] = max(float32 - (packed if packs else 0),
-                                                                              3 * kernel)
+                                                                              packing)
     else:
         terms = {f"{weight_format} weights": packed,
                  "one tensor loading (freed, held by the allocator)": loading_transient(model, weight_format)}
@@ -436,36 +432,36 @@ def generation_terms(model: ModelParams, weight_format: str, decoding: Decoding,
     return peak_terms(generation_phases(model, weight_format, decoding, compile_mode, loader))
 
 
-def _total(terms) -> float:
+def total_of(terms: tuple[tuple[str, float], ...]) -> float:
     return sum(size for _, size in terms)
 
 
-def generation_estimate(command: str, model: ModelParams, weight_format: str, decoding: Decoding,
-                        compile_mode: str = "xla", *, loader: str = "restore",
+def generation_estimate(command: str, model: ModelParams, weight_format: str, decoding: Callable[[int], Decoding],
+                        slots: int = 1, compile_mode: str = "xla", *, loader: str = "restore",
                         format_flag: str | None = "--weight-format", compile_flag: str | None = None,
-                        slots_flag: str | None = None, slots: int = 1) -> Estimate:
-    """A generating command's estimate. Fixes, when they lower the peak: the other weight
-    formats (`format_flag`; with graph mode too when `compile_flag` is given), graph mode for a
-    packed format, and fewer requests decoded together (`slots_flag`, halving `slots`)."""
-    def terms(fmt=weight_format, mode=compile_mode, count=None):
-        shape = decoding if count is None else decoding.with_slots(count)
-        return generation_terms(model, fmt, shape, mode, loader)
+                        slots_flag: str | None = None) -> Estimate:
+    """A generating command's estimate with `slots` requests decoded together (prompts of a
+    batch, or serving slots); decoding(n) is its caches with n of them. Fixes, when they lower
+    the peak: the other weight formats (`format_flag`; with graph mode too when `compile_flag`
+    is given), graph mode for a packed format, and halving the requests (`slots_flag`)."""
+    def terms(fmt=weight_format, mode=compile_mode, count=slots):
+        return generation_terms(model, fmt, decoding(count), mode, loader)
 
-    current = _total(terms())
+    current = total_of(terms())
     fixes = []
     graph_too = compile_flag is not None and compile_mode == "xla"
     if format_flag:
         for fmt in ("bfloat16", "int8"):
             if fmt != weight_format:
-                fixes.append((f"{format_flag} {fmt}", _total(terms(fmt=fmt))))
+                fixes.append((f"{format_flag} {fmt}", total_of(terms(fmt=fmt))))
                 if graph_too:
-                    fixes.append((f"{format_flag} {fmt} {compile_flag} graph", _total(terms(fmt=fmt, mode="graph"))))
+                    fixes.append((f"{format_flag} {fmt} {compile_flag} graph", total_of(terms(fmt=fmt, mode="graph"))))
     if graph_too and weight_format != "float32":
-        fixes.append((f"{compile_flag} graph", _total(terms(mode="graph"))))
+        fixes.append((f"{compile_flag} graph", total_of(terms(mode="graph"))))
     if slots_flag:
         count = slots // 2
         while count >= 1:
-            fixes.append((f"{slots_flag} {count}", _total(terms(count=count))))
+            fixes.append((f"{slots_flag} {count}", total_of(terms(count=count))))
             count //= 2
     return Estimate(command, terms(), tuple(f for f in fixes if f[1] < current))
 
@@ -556,26 +552,26 @@ def run_estimate(params: Params, mode: str, params_path: str, resuming: bool = F
         return peak_terms(phases)
 
     terms = terms_of(params)
-    current = _total(terms)
+    current = total_of(terms)
     fixes = []
     run = params.runconfig
     if mode != "eval" and run.execution == "standard" and run.mesh is None:
         disk = replace_run(params, execution="weight_streaming", host_store="disk")
         fixes.append(("--execution weight_streaming --set runconfig.weight_streaming.host_store=disk",
-                      _total(terms_of(disk))))
+                      total_of(terms_of(disk))))
     train, evaluation = params.train_input, params.eval_input
     if mode != "eval" and train is not None and run.mesh is None:
         accum = params.optimizer.grad_accum_steps * 2
         while accum <= train.batch_size:
             if train.batch_size % accum == 0:
                 fixes.append((f"--set optimizer.grad_accum_steps={accum}",
-                              _total(terms_of(replace_run(params, grad_accum_steps=accum)))))
+                              total_of(terms_of(replace_run(params, grad_accum_steps=accum)))))
             accum *= 2
     if mode != "train" and evaluation is not None:
         batch = evaluation.batch_size // 2
         while batch >= 1:
             smaller = dataclasses.replace(params, eval_input=dataclasses.replace(evaluation, batch_size=batch))
-            fixes.append((f"--set eval_input.batch_size={batch}", _total(terms_of(smaller))))
+            fixes.append((f"--set eval_input.batch_size={batch}", total_of(terms_of(smaller))))
             batch //= 2
     return Estimate(f"run.py --mode {mode}", terms, tuple(f for f in fixes if f[1] < current),
                     f"python -m bench.plan --params {params_path}")

@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
             raise ValueError(f"--output-dir {args.output_dir} is not empty; pass a new directory")
         def check_memory(params):      # the float32 model restored and traced; nothing decodes here
-            estimate = generation_estimate("serving.export", params.model, "float32", Decoding(0, 0, 0, 0),
-                                           format_flag=None)
+            estimate = generation_estimate("serving.export", params.model, "float32",
+                                           lambda count: Decoding(0, 0, 0, 0), format_flag=None)
             preflight.check(estimate, args.skip_memory_check)
         params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype,
                                            check=check_memory)

@@ -319,10 +319,12 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
     max_n) decoded beside them by the Generator; a `--max-batch` whose cache does not fit is
     refused, naming the largest that does."""
     length = slot_cache_length(limits, model_config.max_position_embeddings)
-    decoding = Decoding(rows=max(limits.max_beams, limits.max_n), cache_length=length,
-                        prompt_slots=round_up(limits.max_prompt_tokens, 32), prefill_rows=1, slot_rows=slots)
-    return generation_estimate("serving.server", model_config, weight_format, decoding, compile_mode,
-                               compile_flag="--compile", slots_flag="--max-batch", slots=slots)
+
+    def decoding(count: int) -> Decoding:
+        return Decoding(rows=max(limits.max_beams, limits.max_n), cache_length=length,
+                        prompt_slots=round_up(limits.max_prompt_tokens, 32), prefill_rows=1, slot_rows=count)
+    return generation_estimate("serving.server", model_config, weight_format, decoding, slots, compile_mode,
+                               compile_flag="--compile", slots_flag="--max-batch")
 
 
 def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str = "continuous",

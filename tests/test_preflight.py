@@ -181,7 +181,7 @@ def test_gptj_6b_float32_predict_and_train_are_refused_in_seconds_before_tensorf
     directory is empty: the refusal comes first) and TensorFlow never imported."""
     from tests.data_helpers import make_tiny_tokenizer
     estimate = memory_model.generation_estimate("run.py --mode predict", load_params(GPTJ_6B).model, "float32",
-                                                Decoding(1, 64, 32, 1))
+                                                lambda count: Decoding(count, 64, 32, count))
     if preflight.available_memory().bytes >= estimate.total:
         pytest.skip(f"this machine has {preflight.available_memory().bytes / GiB:.0f} GiB available: 6B fits")
     make_tiny_tokenizer(str(tmp_path / "tok"))
@@ -286,3 +286,21 @@ def test_predict_estimate_is_within_the_margin_of_its_measured_peak(trained, wei
     job = predict.prepare(parser.parse_args(argv), load_params(path).model)
     estimate = predict.memory_estimate(job, load_params(path).model)
     assert UNDER * peak <= estimate.total <= OVER * peak, (peak / MiB, preflight.describe(estimate))
+
+
+def test_predict_counts_samples_as_rows_and_beams_after_the_prefill():
+    """run.py predict's cache: prompts x samples rows from the start, prompts x beams after a
+    prefill of the prompts alone; each as long as the longest prompt and the new tokens, both
+    rounded up to 32 as the Generator rounds them; halving --batch-size halves the rows."""
+    from generation import predict
+    from generation.config import GenerationConfig
+    requests = [predict.PromptRequest("x")] * 5
+    for config, rows, prefill in ((GenerationConfig(max_new_tokens=40, do_sample=True, num_return_sequences=3), 12, 12),
+                                  (GenerationConfig(max_new_tokens=40, num_beams=4), 16, 4)):
+        job = predict.PredictJob(None, requests, config, 4, "graph", "float32", longest_prompt=70)
+        terms = dict(predict.memory_estimate(job, TINY).terms)
+        length = 96 + 40 + 24                                                    # round_up(round_up(70) + 40)
+        assert terms["KV cache"] == 2 * memory_model.kv_cache_bytes(TINY, rows, length, 4)
+        assert terms["prefill activations"] == memory_model.prefill_bytes(TINY, prefill, 96, length, 4)
+        halved = memory_model.generation_terms(TINY, "float32", Decoding(rows // 2, length, 96, prefill // 2), "graph")
+        assert ("--batch-size 2", memory_model.total_of(halved)) in predict.memory_estimate(job, TINY).fixes

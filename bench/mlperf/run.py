@@ -76,11 +76,14 @@ def memory_estimate(model_config, args):
     config = generation_config(0)
     prompt_slots = -(-MAX_INPUT_TOKENS // 32) * 32
     length = -(-(prompt_slots + config.max_new_tokens) // 32) * 32
-    batch = args.batch_size if args.sut == "generator" else 1
-    decoding = Decoding(rows=batch * config.num_beams, cache_length=length, prompt_slots=prompt_slots,
-                        prefill_rows=batch, slot_rows=0 if args.sut == "generator" else 1)
-    return generation_estimate("bench.mlperf.run", model_config, "float32", decoding, args.compile, format_flag=None,
-                               slots_flag="--batch-size" if args.sut == "generator" else None, slots=batch)
+    generator = args.sut == "generator"
+
+    def decoding(count: int) -> Decoding:
+        return Decoding(count * config.num_beams, length, prompt_slots, prefill_rows=count,
+                        slot_rows=0 if generator else 1)
+    return generation_estimate("bench.mlperf.run", model_config, "float32", decoding,
+                               args.batch_size if generator else 1, args.compile, format_flag=None,
+                               slots_flag="--batch-size" if generator else None)
 
 
 def tiny_setup(work: str, count: int):

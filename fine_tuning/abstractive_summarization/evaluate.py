@@ -247,11 +247,10 @@ def memory_estimate(model_config, config, args) -> Estimate:
     multiple = args.length_multiple
     prompt_slots = -(-args.max_input_tokens // multiple) * multiple
     cache_length = -(-(prompt_slots + config.max_new_tokens) // multiple) * multiple
-    decoding = Decoding(rows=args.batch_size * config.num_beams, cache_length=cache_length, prompt_slots=prompt_slots,
-                        prefill_rows=args.batch_size)
+    def decoding(count: int) -> Decoding:
+        return Decoding(count * config.num_beams, cache_length, prompt_slots, prefill_rows=count)
     return generation_estimate("fine_tuning.abstractive_summarization.evaluate", model_config, "float32", decoding,
-                               args.generation_compile, format_flag=None, slots_flag="--batch-size",
-                               slots=args.batch_size)
+                               args.batch_size, args.generation_compile, format_flag=None, slots_flag="--batch-size")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,13 +64,13 @@ def effective_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def memory_estimate(args: argparse.Namespace, params, job):
-    """The peak memory this command will need (runtime/memory_model.py), checked before anything is built."""
-    from runtime import memory_model
+    """The peak memory this command will need (runtime/peak_memory.py), checked before anything is built."""
+    from runtime import peak_memory
     if args.mode == "predict":
         from generation import predict
         return predict.memory_estimate(job, params.model)
     resuming = os.path.exists(os.path.join(params.runconfig.model_dir, "checkpoint"))
-    return memory_model.run_estimate(params, args.mode, args.params, resuming)
+    return peak_memory.run_estimate(params, args.mode, args.params, resuming)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from generation.config import GenerationConfig
 from generation.flags import config_from_flags
 from input.tokenizer import GptTokenizer, load_tokenizer
 from config.params import ModelParams
-from runtime.memory_model import Decoding, Estimate, generation_estimate
+from runtime.peak_memory import Decoding, Estimate, generation_estimate
 
 if TYPE_CHECKING:      # TensorFlow is imported where a model runs: run.py checks memory before that
     from generation.text import Completion
@@ -102,7 +102,7 @@ def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
 
 
 def memory_estimate(job: PredictJob, model_config: ModelParams) -> Estimate:
-    """The peak memory of running `job` (runtime/memory_model.py): its weight format, and one
+    """The peak memory of running `job` (runtime/peak_memory.py): its weight format, and one
     batch's cache: prompts x beams (or samples) rows, as long as the longest prompt and the new
     tokens, each rounded up as the Generator rounds them."""
     def round_up(value: int) -> int:

@@ -1,5 +1,5 @@
 """The memory preflight: before a command builds its model, compare the peak memory it will
-need (runtime/memory_model.py) with the memory this process may use, and stop with one line
+need (runtime/peak_memory.py) with the memory this process may use, and stop with one line
 when it does not fit, instead of being killed by the kernel's OOM killer minutes later with
 no message at all. Free of TensorFlow: run.py checks before TensorFlow is even imported.
 
@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from runtime.memory_model import Estimate
+from runtime.peak_memory import Estimate
 
 GiB = float(1 << 30)
 # cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit value; anything this large is none

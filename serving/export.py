@@ -33,7 +33,7 @@ from generation.config import GenerationConfig
 from generation.batch import PromptBatch
 from model import GPTJModel
 from runtime import preflight
-from runtime.memory_model import Decoding, generation_estimate
+from runtime.peak_memory import Decoding, generation_estimate
 from serving.loading import DTYPES, load_serving_model
 from serving.slots import RowSettings, prefill_rows, step_rows
 
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
             raise ValueError(f"--output-dir {args.output_dir} is not empty; pass a new directory")
+
         def check_memory(params):      # the float32 model restored and traced; nothing decodes here
             estimate = generation_estimate("serving.export", params.model, "float32",
                                            lambda count: Decoding(0, 0, 0, 0), format_flag=None)

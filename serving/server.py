@@ -40,7 +40,7 @@ from generation.batch import round_up
 from generation.config import GenerationConfig, GenerationConfigError
 from generation.text import TextStream, find_stop_string, stop_string_checker, strip_stop_token
 from input.tokenizer import GptTokenizer
-from runtime.memory_model import Decoding, Estimate, generation_estimate
+from runtime.peak_memory import Decoding, Estimate, generation_estimate
 from runtime import preflight
 from serving.metrics import Metrics
 from serving.scheduler import MODES, Draining, Job, QueueFull, Scheduler
@@ -314,7 +314,7 @@ def slot_cache_length(limits: Limits, max_positions: int) -> int:
 
 
 def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str, compile_mode: str) -> Estimate:
-    """The server's peak memory (runtime/memory_model.py): the weights in their format, `slots`
+    """The server's peak memory (runtime/peak_memory.py): the weights in their format, `slots`
     cache rows of the slot length, and a beam or bad-words request's rows (up to max_beams or
     max_n) decoded beside them by the Generator; a `--max-batch` whose cache does not fit is
     refused, naming the largest that does."""

@@ -1,11 +1,10 @@
-"""The memory preflight (runtime/preflight.py) and the memory model it reads
-(runtime/memory_model.py): the limits read from fake /proc and cgroup trees, the one refusal
+"""The memory preflight (runtime/preflight.py) and the estimates it reads (runtime/peak_memory.py
+over runtime/memory_model.py): the limits read from fake /proc and cgroup trees, the one refusal
 line, the model's counts against independent ones, commands refused before they build anything
 (GPT-J-6B in float32 among them), and estimates against the measured peaks of real commands."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import pytest
 import yaml
 
 from config.params import ModelParams, load_params
-from runtime import memory_model, preflight
-from runtime.memory_model import Decoding, Estimate
+from runtime import memory_model, peak_memory, preflight
+from runtime.peak_memory import Decoding, Estimate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPTJ_6B = os.path.join(ROOT, "configs", "params_gptj_6B.yaml")
@@ -180,7 +179,7 @@ def test_gptj_6b_float32_predict_and_train_are_refused_in_seconds_before_tensorf
     checkpoint restore's copy): refused with one line, exit code 2, no weights needed (the model
     directory is empty: the refusal comes first) and TensorFlow never imported."""
     from tests.data_helpers import make_tiny_tokenizer
-    estimate = memory_model.generation_estimate("run.py --mode predict", load_params(GPTJ_6B).model, "float32",
+    estimate = peak_memory.generation_estimate("run.py --mode predict", load_params(GPTJ_6B).model, "float32",
                                                 lambda count: Decoding(count, 64, 32, count))
     if preflight.available_memory().bytes >= estimate.total:
         pytest.skip(f"this machine has {preflight.available_memory().bytes / GiB:.0f} GiB available: 6B fits")
@@ -259,7 +258,7 @@ def trained(tmp_path_factory):
     make_tiny_tokenizer(str(root / "tok"))
     code, err, peak = peak_of(["run.py", "--mode", "train", "--params", str(path), "--model-dir", str(root / "m")], root)
     assert code == 0, err
-    estimate = memory_model.run_estimate(parse_params(raw), "train", str(path))
+    estimate = peak_memory.run_estimate(parse_params(raw), "train", str(path))
     return str(path), str(root / "m"), str(root / "tok"), peak, estimate, root
 
 
@@ -302,5 +301,5 @@ def test_predict_counts_samples_as_rows_and_beams_after_the_prefill():
         length = 96 + 40 + 24                                                    # round_up(round_up(70) + 40)
         assert terms["KV cache"] == 2 * memory_model.kv_cache_bytes(TINY, rows, length, 4)
         assert terms["prefill activations"] == memory_model.prefill_bytes(TINY, prefill, 96, length, 4)
-        halved = memory_model.generation_terms(TINY, "float32", Decoding(rows // 2, length, 96, prefill // 2), "graph")
-        assert ("--batch-size 2", memory_model.total_of(halved)) in predict.memory_estimate(job, TINY).fixes
+        halved = peak_memory.generation_terms(TINY, "float32", Decoding(rows // 2, length, 96, prefill // 2), "graph")
+        assert ("--batch-size 2", peak_memory.total_of(halved)) in predict.memory_estimate(job, TINY).fixes

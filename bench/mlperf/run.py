@@ -68,14 +68,15 @@ def build_parser() -> ArgumentParser:
 
 
 def memory_estimate(model_config, args):
-    """The peak memory of the model in this process (runtime/memory_model.py): MLPerf's 4 beams
+    """The peak memory of the model in this process (runtime/peak_memory.py): MLPerf's 4 beams
     per sample over prompts of up to 1,919 tokens and 128 new ones, --batch-size samples at a
     time (generator SUT) or one request in the local server's slot beside its beam search."""
     from bench.mlperf.dataset import MAX_INPUT_TOKENS, generation_config
-    from runtime.memory_model import Decoding, generation_estimate
+    from generation.batch import round_up
+    from runtime.peak_memory import Decoding, generation_estimate
     config = generation_config(0)
-    prompt_slots = -(-MAX_INPUT_TOKENS // 32) * 32
-    length = -(-(prompt_slots + config.max_new_tokens) // 32) * 32
+    prompt_slots = round_up(MAX_INPUT_TOKENS, 32)               # the Generator's default length multiple
+    length = round_up(prompt_slots + config.max_new_tokens, 32)
     generator = args.sut == "generator"
 
     def decoding(count: int) -> Decoding:

@@ -43,7 +43,7 @@ from fine_tuning.abstractive_summarization.rouge import score_summaries
 from input.errors import InputDataError
 from input.tokenizer import GptTokenizer
 from runtime import preflight
-from runtime.memory_model import Decoding, Estimate, generation_estimate
+from runtime.peak_memory import Decoding, Estimate, generation_estimate
 
 __all__ = ["EvalArticle", "load_eval_articles", "mlperf_generation_config", "summarize_batch", "evaluate", "main"]
 
@@ -241,12 +241,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def memory_estimate(model_config, config, args) -> Estimate:
-    """The peak memory of summarizing --batch-size articles at once (runtime/memory_model.py):
+    """The peak memory of summarizing --batch-size articles at once (runtime/peak_memory.py):
     the float32 model, and a batch's cache of articles x beams rows as long as the longest
     prompt allowed (--max-input-tokens) and --max-new-tokens, rounded as the Generator rounds."""
-    multiple = args.length_multiple
-    prompt_slots = -(-args.max_input_tokens // multiple) * multiple
-    cache_length = -(-(prompt_slots + config.max_new_tokens) // multiple) * multiple
+    from generation.batch import round_up
+    prompt_slots = round_up(args.max_input_tokens, args.length_multiple)
+    cache_length = round_up(prompt_slots + config.max_new_tokens, args.length_multiple)
+
     def decoding(count: int) -> Decoding:
         return Decoding(count * config.num_beams, cache_length, prompt_slots, prefill_rows=count)
     return generation_estimate("fine_tuning.abstractive_summarization.evaluate", model_config, "float32", decoding,

@@ -9,9 +9,9 @@ MultiWorkerMirroredStrategy is built with.
   set, else no cluster (one worker).
 
 SLURM is read here rather than by TensorFlow's `SlurmClusterResolver`, which (TF 2.21) cannot
-serve this runtime: on a node without GPUs it lists no task (it pairs each task with its own
-GPUs, asking `nvidia-smi` for them); it orders the nodes by sorting their names as text, so
-`node10` comes before `node9` while SLURM numbers the tasks of `node9` first; and the GPUs it
+serve this runtime: it cannot describe a node without GPUs (it gives each task its own block of
+the node's GPUs, counted by `nvidia-smi`); it orders the nodes by sorting their names as text,
+so `node10` comes before `node9` while SLURM numbers the tasks of `node9` first; and the GPUs it
 assigns to a task through CUDA_VISIBLE_DEVICES take no effect once TensorFlow has listed the
 devices (the CLIs do that at import). Here the node list and the tasks per node are expanded
 by TensorFlow's own parsers, kept in SLURM's order (block distribution), checked against this
@@ -95,8 +95,8 @@ def tf_config_cluster() -> Cluster:
         spec = resolver.cluster_spec()
         task_type, task_index = resolver.task_type, resolver.task_id
     except (TypeError, ValueError, AttributeError) as err:
-        raise ParamsError(f"TF_CONFIG is not a TensorFlow cluster ({err}); it needs "
-                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}') from None
+        raise ParamsError(f"TF_CONFIG is not a TensorFlow cluster ({err}); it needs {{\"cluster\": {{\"worker\": "
+                          '["host:port", ...]}, "task": {"type": "worker", "index": i}}') from None
     jobs = {job: tuple(spec.job_tasks(job)) for job in spec.jobs}
     return checked(Cluster("TF_CONFIG", jobs, task_type, task_index, resolver))
 
@@ -144,7 +144,9 @@ def checked(cluster: Cluster) -> Cluster:
     if other:
         raise ParamsError(f"{cluster.source}'s cluster has {', '.join(repr(j) for j in other)} tasks: "
                           "runconfig.strategy=multi_worker trains with chief and worker tasks only")
-    if cluster.task_type not in cluster.jobs or not 0 <= (cluster.task_index or 0) < len(cluster.jobs[cluster.task_type]):
+    tasks = cluster.jobs.get(cluster.task_type, ())
+    if not 0 <= (cluster.task_index or 0) < len(tasks):
+        counts = ", ".join(f"{job}: {len(addresses)}" for job, addresses in cluster.jobs.items())
         raise ParamsError(f"{cluster.source}'s task (type {cluster.task_type!r}, index {cluster.task_index!r}) is not "
-                          f"one of its cluster's tasks ({', '.join(f'{j}: {len(t)}' for j, t in cluster.jobs.items())})")
+                          f"one of its cluster's tasks ({counts})")
     return cluster

@@ -93,6 +93,7 @@ def test_auto_prefers_tf_config_then_slurm_then_one_worker(monkeypatch):
 @pytest.mark.parametrize("environment, config, message", [
     ({}, {"cluster": "tf_config"}, "runconfig.cluster=tf_config needs the TF_CONFIG environment variable"),
     ({"TF_CONFIG": "{not json"}, {}, "TF_CONFIG is not valid JSON"),
+    ({"TF_CONFIG": '{"cluster": ["a:1"]}'}, {}, "TF_CONFIG is not a TensorFlow cluster"),
     ({"TF_CONFIG": tfjob_tf_config({"ps": 1, "worker": 2}, "worker", 0)}, {},
      "TF_CONFIG's cluster has 'ps' tasks: runconfig.strategy=multi_worker trains with chief and worker tasks only"),
     ({"TF_CONFIG": tfjob_tf_config({"worker": 2}, "worker", 2)}, {},

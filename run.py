@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_tensorflow(args.verbose)
     from config.params import ParamsError, load_params
     from runtime import preflight
+    estimator = None
     try:
         params = load_params(args.params, effective_overrides(args))
         model_dir = params.runconfig.model_dir
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.logging_utils import log
     try:
         estimator = Estimator(params, model_dir, training=args.mode in ("train", "train_and_eval"))
+        status = 0
         if args.mode == "train":
             estimator.train()
         elif args.mode == "eval":
@@ -113,14 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError, ValueError, InputExhaustedError, RunDirLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except TrainingTerminated:
-        return 143
+    except TrainingTerminated:        # workers stop together at one step, so all of them end here
+        status = 143
     except NonFiniteLossError as err:
         log(f"error: {err}")
         return 3
     except KeyboardInterrupt:
-        return 130
-    return 0
+        if estimator is None:
+            return 130
+        status = 130
+    estimator.finish(status)          # a multi-worker process exits here, with the other workers
+    return status
 
 
 if __name__ == "__main__":

@@ -252,12 +252,20 @@ class RunConfig:
     deterministic: bool = False
     jit_compile: Literal["auto"] | bool = "auto"   # auto: per dtype and device (runtime/compile_path.py)
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
+    # multi_worker: where the workers come from (runtime/cluster.py); slurm: task k of a node listens on port base + k
+    cluster: Literal["auto", "tf_config", "slurm"] = "auto"
+    slurm_port_base: int = 8888
     execution: Literal["standard", "weight_streaming"] = "standard"
     weight_streaming: WeightStreamingParams = field(default_factory=WeightStreamingParams)
     mesh: MeshParams | None = None        # tensor parallelism: {data: D, model: M}; absent: no mesh
 
     def validate(self, path: str) -> None:
         _positive(self, path, "save_checkpoints_steps", "save_summary_steps", "log_steps")
+        _require(self.cluster == "auto" or self.strategy == "multi_worker",
+                 f"{path}.cluster={self.cluster!r} applies to {path}.strategy=multi_worker (got {self.strategy!r}); "
+                 f"set strategy: multi_worker or drop {path}.cluster")
+        _require(1024 <= self.slurm_port_base <= 65535,
+                 f"{path}.slurm_port_base={self.slurm_port_base} must be a port in 1024..65535")
         if self.mesh is not None:
             _require(self.execution == "standard",
                      f"{path}.mesh needs {path}.execution=standard (got {self.execution!r}); weight streaming "

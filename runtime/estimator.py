@@ -15,8 +15,8 @@ section agrees with model_dir's params.yaml and that the latest checkpoint holds
 it then restores and only then writes params.yaml. Ctrl-C and SIGTERM save a checkpoint.
 
 Multi-worker (runconfig.strategy: multi_worker): every worker runs this loop; only the chief
-takes the lock and writes params.yaml, metrics, summaries and eval results, and the workers
-agree every step on whether to stop (docs/scaling.md).
+takes the lock and writes params.yaml, metrics, summaries and eval results, the workers
+agree every step on whether to stop, and `finish` ends them together (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from config.files import atomic_write_text
 from config.params import Params, ParamsError, RunConfig, save_params
 from input.errors import InputDataError
 from runtime.disk_streaming import DiskStreamingExecution
+from runtime.distribution import exit_with_the_other_workers
 from runtime.execution import Execution, no_weights_error
 from runtime.flops import FlopsCounter
 from runtime.logging_utils import ProgressLine, log
@@ -167,6 +168,13 @@ class Estimator:
         path = self.execution.save()
         self._has_weights = True
         return path
+
+    def finish(self, status: int) -> None:
+        """End of the command: write out the summaries; a multi-worker process then exits here, in
+        step with the other workers (runtime/distribution.py), with `status`."""
+        for writer in self._writers.values():
+            writer.flush()
+        exit_with_the_other_workers(self.strategy, status)
 
     def _writer(self, name: str) -> tf.summary.SummaryWriter:
         if name not in self._writers:

@@ -66,9 +66,6 @@ class Execution:
         self.training = training
         self.model_fn = model_fn
         self.input_fn = input_fn
-        multi_worker = params.runconfig.strategy == "multi_worker"
-        self.workers = worker_count() if multi_worker else 1     # processes training together
-        self.chief = is_chief() if multi_worker else True        # writes model_dir; others only compute
         train = params.train_input
         # The global batch's label positions: the constant that scales every gradient (runtime/steps.py).
         self.label_positions = float(train.batch_size * train.max_sequence_length) if train else 1.0
@@ -77,6 +74,16 @@ class Execution:
         model = self.params.model
         fp16 = model.mixed_precision and model.mixed_precision_dtype == "float16"
         return LossScale(self.params.optimizer, enabled=fp16)
+
+    @property
+    def workers(self) -> int:
+        """Processes training together (several only with runconfig.strategy: multi_worker)."""
+        return worker_count(self.strategy)
+
+    @property
+    def chief(self) -> bool:
+        """Whether this process writes model_dir (other workers only compute)."""
+        return is_chief(self.strategy)
 
     def require_training(self) -> None:
         if not self.training:

@@ -10,7 +10,8 @@ step, save and exit; a second signal kills them), and when a worker fails stops 
 naming it. A command starting with a `.py` file runs under this Python. The workers run in
 their own process group (a terminal's Ctrl-C reaches them once, through the launcher), so a
 launcher killed with SIGKILL leaves them running. On N machines, set TF_CONFIG on each
-yourself instead (docs/scaling.md, "Multi-worker data parallelism").
+yourself, run them under SLURM's srun or as a Kubeflow TFJob instead (runconfig.cluster;
+docs/scaling.md, "Multi-worker data parallelism").
 
 The launcher never imports TensorFlow: its workers do.
 """

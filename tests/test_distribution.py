@@ -52,19 +52,6 @@ def test_mirrored_two_devices_matches_one_device(tmp_path):
     assert abs(single["weights"] - mirrored["weights"]) <= 1e-5 * single["weights"]
 
 
-def test_multi_worker_needs_a_valid_tf_config(monkeypatch):
-    import pytest
-
-    from runtime.distribution import make_strategy
-    from config.params import ParamsError, RunConfig
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(ParamsError, match="runconfig.strategy=multi_worker needs the TF_CONFIG environment variable"):
-        make_strategy(RunConfig(strategy="multi_worker"))
-    monkeypatch.setenv("TF_CONFIG", "{not json")
-    with pytest.raises(ParamsError, match="TF_CONFIG is not valid JSON"):
-        make_strategy(RunConfig(strategy="multi_worker"))
-
-
 def test_a_step_over_several_cpu_replicas_compiles_in_graph_mode():
     """A step over several replicas all-reduces across devices (and XLA:CPU has no collectives in
     TF 2.21): a mirrored or multi-worker step takes graph mode under `auto` and refuses `true`

@@ -15,6 +15,7 @@ garbled file up front, naming it, instead of failing later inside tf.data.
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -66,8 +67,12 @@ _TAG_FEATURES = _TAG_ENTRY = _TAG_KEY = _TAG_VALUES = b"\x0a"
 _TAG_ENTRY_VALUE, _TAG_INT64_LIST = b"\x12", b"\x1a"
 
 
-def _feature_entry_head(name: str, packed_length: int) -> list[bytes]:
-    """The bytes before `packed` in one `features` map entry holding an Int64List (payload not copied)."""
+@functools.lru_cache(maxsize=1 << 14)
+def _feature_entry_head(name: str, packed_length: int) -> bytes:
+    """The bytes before `packed` in one `features` map entry holding an Int64List (payload not copied).
+
+    Cached: records of one run repeat a few thousand payload lengths at most.
+    """
     key = name.encode()
     values_head = _TAG_VALUES + _varint(packed_length)
     list_length = len(values_head) + packed_length
@@ -76,17 +81,16 @@ def _feature_entry_head(name: str, packed_length: int) -> list[bytes]:
     key_part = _TAG_KEY + _varint(len(key)) + key
     value_head = _TAG_ENTRY_VALUE + _varint(feature_length)
     entry_length = len(key_part) + len(value_head) + feature_length
-    return [_TAG_ENTRY, _varint(entry_length), key_part, value_head, list_head, values_head]
+    return b"".join([_TAG_ENTRY, _varint(entry_length), key_part, value_head, list_head, values_head])
 
 
 def serialize_payloads(input_ids: bytes, input_mask: bytes, labels: bytes) -> bytes:
-    """A serialized Example from the packed varint bytes of its three features."""
-    parts: list[bytes] = []
+    """A serialized Example from the packed varint bytes of its three features (any bytes-like)."""
+    parts = []
     for name, packed in zip(FEATURE_NAMES, (input_ids, input_mask, labels)):
-        parts += _feature_entry_head(name, len(packed))
-        parts.append(packed)
+        parts += (_feature_entry_head(name, len(packed)), packed)
     features_length = sum(len(p) for p in parts)
-    return b"".join([_TAG_FEATURES, _varint(features_length)] + parts)
+    return b"".join([_TAG_FEATURES, _varint(features_length), *parts])
 
 
 def serialize_example(input_ids, labels, input_mask) -> bytes:

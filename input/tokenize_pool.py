@@ -1,8 +1,8 @@
 """Tokenizing batches of documents in worker processes, results in submission order.
 
 Workers are started with "spawn" (not fork) because the parent may already hold
-TensorFlow's threads; each builds the tokenizer once from its JSON and runs it on one
-thread (one process per core already). A task function (`tokenize_documents` by default,
+TensorFlow's threads; each builds the tokenizer once from its JSON (handed over in a
+temporary file) and runs it on one thread (one process per core already). A task function (`tokenize_documents` by default,
 any module-level function of (tokenizer, texts)) turns a batch of texts into NumPy arrays
 in the worker, so only flat arrays cross the process border, never lists of Python ints.
 Results come back in the order the batches were submitted, which keeps the output
@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import tempfile
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -54,10 +55,11 @@ def tokenize_to_varints(tokenizer: GptTokenizer, texts: Sequence[str]
     return (tokens, lengths, *encode_varints(tokens))
 
 
-def _init_worker(tokenizer_json: str, eos_token: str) -> None:
+def _init_worker(tokenizer_path: str, eos_token: str) -> None:
     global _worker_tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core already
-    _worker_tokenizer = GptTokenizer.from_json(tokenizer_json, eos_token=eos_token)
+    with open(tokenizer_path, encoding="utf-8") as f:
+        _worker_tokenizer = GptTokenizer.from_json(f.read(), eos_token=eos_token)
 
 
 def _run_in_worker(task: Callable[[GptTokenizer, Sequence[str]], tuple], texts: Sequence[str]) -> tuple:
@@ -74,12 +76,20 @@ class TokenizePool:
         self.task = task
         self.ahead = ahead
         self._pool = None
+        self._folder: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> "TokenizePool":
         if self.workers > 0:
+            # The tokenizer goes to the workers as a file, not as an initializer argument: spawn
+            # writes a start-up payload bigger than a pipe buffer (64 KiB; a tokenizer JSON is
+            # 0.5-2 MB) synchronously, so each worker would wait for the previous one to start.
+            self._folder = tempfile.TemporaryDirectory(prefix="tokenize_pool_")
+            path = os.path.join(self._folder.name, "tokenizer.json")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.tokenizer.to_json())
             context = multiprocessing.get_context("spawn")
             self._pool = context.Pool(self.workers, initializer=_init_worker,
-                                      initargs=(self.tokenizer.to_json(), self.tokenizer.eos_token))
+                                      initargs=(path, self.tokenizer.eos_token))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -87,6 +97,9 @@ class TokenizePool:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
 
     def map(self, batches: Iterable[tuple[Any, Sequence[str]]]) -> Iterator[tuple]:
         """For each (key, texts) yield (key, *task(tokenizer, texts)), in input order."""

@@ -56,7 +56,9 @@ from config.cli import ArgumentParser
 __all__ = ["preprocess", "main", "in_val_split"]
 
 FORMAT_VERSION = 1
-DEFAULT_CHUNK_BYTES = 1 << 20      # text per task sent to a worker
+# Text per task sent to a worker: a task costs ~0.4 ms of CPU on top of tokenizing (~85 ms
+# for 256 KiB on one core), and small tasks keep the idle tail short when the last ones finish.
+DEFAULT_CHUNK_BYTES = 256 << 10
 
 
 def in_val_split(text: str, fraction: float, seed: int) -> bool:

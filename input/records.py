@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FEATURE_NAMES", "encode_varints", "serialize_example", "serialize_payloads",
+__all__ = ["FEATURE_NAMES", "encode_varints", "varint_offsets", "serialize_example", "serialize_payloads",
            "RecordScan", "scan_tfrecord", "read_record", "masked_crc32c"]
 
 FEATURE_NAMES = ("input_ids", "input_mask", "labels")
@@ -50,6 +50,16 @@ def encode_varints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         group = (values[has] >> (7 * byte)) & 0x7F
         encoded[offsets[:-1][has] + byte] = (group | ((lengths[has] > byte + 1) << 7)).astype(np.uint8)
     return encoded, offsets
+
+
+def varint_offsets(encoded: np.ndarray) -> np.ndarray:
+    """The offsets [n + 1] of `encode_varints`, recovered from its bytes: a value ends at each byte
+    whose high (continuation) bit is clear. Cheaper to recompute than to send between processes."""
+    encoded = np.asarray(encoded, dtype=np.uint8)
+    ends = np.flatnonzero(encoded < 0x80)                                         # [n]
+    offsets = np.zeros(len(ends) + 1, dtype=np.int64)                              # [n + 1]
+    offsets[1:] = ends + 1
+    return offsets
 
 
 def _varint(n: int) -> bytes:

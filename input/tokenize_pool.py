@@ -43,16 +43,18 @@ def tokenize_documents(tokenizer: GptTokenizer, texts: Sequence[str]) -> tuple[n
     return tokens, lengths
 
 
-def tokenize_to_varints(tokenizer: GptTokenizer, texts: Sequence[str]
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`tokenize_documents` plus the protobuf varint bytes of the tokens and their offsets.
+def tokenize_to_varints(tokenizer: GptTokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`tokenize_documents` plus the protobuf varint bytes of the tokens, for the record writer.
 
-    Returns (tokens int32 [n], lengths int64 [docs], varints uint8 [bytes], offsets int64 [n + 1]),
-    token i's varint being varints[offsets[i]:offsets[i + 1]] (`encode_varints`): the record
-    writer then only slices bytes, and this per-token work runs in the workers.
+    Returns (tokens [n], lengths int64 [docs], varints uint8 [bytes]); tokens are uint16 when
+    the vocab fits (GPT-2's does), else int32, and `varint_offsets(varints)` locates each
+    token's bytes. The per-token work runs in the workers, and what crosses the process
+    border is about 4 bytes a token.
     """
     tokens, lengths = tokenize_documents(tokenizer, texts)
-    return (tokens, lengths, *encode_varints(tokens))
+    if tokenizer.vocab_size <= 1 << 16:
+        tokens = tokens.astype(np.uint16)
+    return tokens, lengths, encode_varints(tokens)[0]
 
 
 def _init_worker(tokenizer_path: str, eos_token: str) -> None:

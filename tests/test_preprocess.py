@@ -12,7 +12,7 @@ import zstandard
 
 from input.errors import InputDataError
 from input.packing import StreamPacker
-from input.records import encode_varints, serialize_example
+from input.records import encode_varints, serialize_example, varint_offsets
 from input.scripts.pile.download import download_pile
 from input.scripts.pile.preprocess import main, preprocess
 from input.shards import ShardWriter
@@ -319,6 +319,7 @@ def test_example_encoding_parses_back_with_tensorflow():
     assert list(feature["input_mask"].int64_list.value) == (np.arange(len(values)) % 2).tolist()
     encoded, offsets = encode_varints(values)
     assert offsets[-1] == len(encoded) and np.diff(offsets).tolist() == [1, 1, 1, 2, 2, 2, 3, 4, 6, 9, 3]
+    np.testing.assert_array_equal(varint_offsets(encoded), offsets)
 
 
 @pytest.mark.parametrize("seq_len", [1, 3, 8])

@@ -46,7 +46,7 @@ import numpy as np
 from input.errors import InputDataError
 from input.packing import StreamPacker, Window
 from input.readers import Document, ReadCounters, expand_inputs, read_documents
-from input.records import encode_varints, serialize_payloads
+from input.records import encode_varints, serialize_payloads, varint_offsets
 from input.shards import ProgressLog, ShardWriter, write_json_atomic
 from input.tokenize_pool import TokenizePool, tokenize_to_varints
 from input.tokenizer import EOS_TOKEN, GptTokenizer, load_tokenizer
@@ -267,7 +267,8 @@ def _run_split(job: SplitJob, paths: list[str], tokenizer: GptTokenizer, *, seq_
                                                 counters=counters))
     try:
         with TokenizePool(tokenizer, workers, task=tokenize_to_varints) as pool:
-            for metas, tokens, lengths, varints, offsets in pool.map(_batches(documents, counters, chunk_bytes)):
+            for metas, tokens, lengths, varints in pool.map(_batches(documents, counters, chunk_bytes)):
+                offsets = varint_offsets(varints)                       # [tokens + 1]
                 skip, first = 0, metas[0][0]
                 if token_offset and (first.file_index, first.record_index) == cursor:
                     skip, token_offset = token_offset, 0   # resuming inside it: earlier shards hold `skip` tokens

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -63,17 +63,38 @@ class StreamPacker:
             ) -> list[Window]:
         """Append one document's tokens (its EOS included) and return the windows it completes.
 
-        `tag` identifies the document in `Window.next_start`; `encoded` may pass precomputed
-        `encode_varints(tokens)` (offsets may start anywhere).
+        `tag` identifies the document in `Window.next_start`; `encoded` as in `add_documents`.
+        """
+        tokens = np.asarray(tokens)
+        return self.add_documents(tokens, [tokens.size], [tag], encoded)
+
+    def add_documents(self, tokens: np.ndarray, lengths: Sequence[int], tags: Sequence[Any],
+                      encoded: tuple[np.ndarray, np.ndarray] | None = None) -> list[Window]:
+        """Append documents stored back to back and return the windows they complete.
+
+        `tokens` [sum(lengths)] holds document i's tokens (its EOS included) as the i-th run of
+        `lengths[i]`, `tags[i]` names it in `Window.next_start`. `encoded` may pass the tokens'
+        varints precomputed, (varints, offsets [n + 1]) with token i at varints[offsets[i]:
+        offsets[i + 1]] (`encode_varints(tokens)`, or a slice of a larger batch's offsets).
+        One concatenation per call, however many documents: feed a whole tokenized batch.
         """
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.size == 0:
             return []
         encoded_bytes, offsets = encoded if encoded is not None else encode_varints(tokens)
-        self._doc_starts.append(len(self._tokens))
-        self._doc_tags.append(tag)
+        if len(offsets) != tokens.size + 1:
+            raise ValueError(f"{len(offsets)} varint offsets for {tokens.size} tokens; expected one more")
+        ends = np.cumsum(lengths)                                                   # [docs]
+        if len(ends) != len(tags) or int(ends[-1]) != tokens.size:
+            raise ValueError(f"{len(tags)} tags and lengths summing to {int(ends[-1])} for {len(ends)} "
+                             f"documents of {tokens.size} tokens; give one tag and length per document")
+        starts = ends - np.asarray(lengths) + len(self._tokens)                     # [docs] buffer positions
+        for start, length, tag in zip(starts.tolist(), lengths, tags):
+            if length:                                  # an empty document holds no window start
+                self._doc_starts.append(start)
+                self._doc_tags.append(tag)
         self._tokens = np.concatenate([self._tokens, tokens])
-        self._encoded = np.concatenate([self._encoded, encoded_bytes])
+        self._encoded = np.concatenate([self._encoded, encoded_bytes[offsets[0]:offsets[-1]]])
         self._offsets = np.concatenate([self._offsets[:-1], offsets - offsets[0] + self._offsets[-1]])
         return self._cut()
 

@@ -15,13 +15,14 @@ garbled file up front, naming it, instead of failing later inside tf.data.
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FEATURE_NAMES", "encode_varints", "serialize_example", "serialize_payloads",
+__all__ = ["FEATURE_NAMES", "encode_varints", "varint_offsets", "serialize_example", "serialize_payloads",
            "RecordScan", "scan_tfrecord", "read_record", "masked_crc32c"]
 
 FEATURE_NAMES = ("input_ids", "input_mask", "labels")
@@ -51,6 +52,16 @@ def encode_varints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return encoded, offsets
 
 
+def varint_offsets(encoded: np.ndarray) -> np.ndarray:
+    """The offsets [n + 1] of `encode_varints`, recovered from its bytes: a value ends at each byte
+    whose high (continuation) bit is clear. Cheaper to recompute than to send between processes."""
+    encoded = np.asarray(encoded, dtype=np.uint8)
+    ends = np.flatnonzero(encoded < 0x80)                                         # [n]
+    offsets = np.zeros(len(ends) + 1, dtype=np.int64)                              # [n + 1]
+    offsets[1:] = ends + 1
+    return offsets
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
@@ -66,8 +77,12 @@ _TAG_FEATURES = _TAG_ENTRY = _TAG_KEY = _TAG_VALUES = b"\x0a"
 _TAG_ENTRY_VALUE, _TAG_INT64_LIST = b"\x12", b"\x1a"
 
 
-def _feature_entry_head(name: str, packed_length: int) -> list[bytes]:
-    """The bytes before `packed` in one `features` map entry holding an Int64List (payload not copied)."""
+@functools.lru_cache(maxsize=1 << 14)
+def _feature_entry_head(name: str, packed_length: int) -> bytes:
+    """The bytes before `packed` in one `features` map entry holding an Int64List (payload not copied).
+
+    Cached: records of one run repeat a few thousand payload lengths at most.
+    """
     key = name.encode()
     values_head = _TAG_VALUES + _varint(packed_length)
     list_length = len(values_head) + packed_length
@@ -76,17 +91,16 @@ def _feature_entry_head(name: str, packed_length: int) -> list[bytes]:
     key_part = _TAG_KEY + _varint(len(key)) + key
     value_head = _TAG_ENTRY_VALUE + _varint(feature_length)
     entry_length = len(key_part) + len(value_head) + feature_length
-    return [_TAG_ENTRY, _varint(entry_length), key_part, value_head, list_head, values_head]
+    return b"".join([_TAG_ENTRY, _varint(entry_length), key_part, value_head, list_head, values_head])
 
 
 def serialize_payloads(input_ids: bytes, input_mask: bytes, labels: bytes) -> bytes:
-    """A serialized Example from the packed varint bytes of its three features."""
-    parts: list[bytes] = []
+    """A serialized Example from the packed varint bytes of its three features (any bytes-like)."""
+    parts = []
     for name, packed in zip(FEATURE_NAMES, (input_ids, input_mask, labels)):
-        parts += _feature_entry_head(name, len(packed))
-        parts.append(packed)
+        parts += (_feature_entry_head(name, len(packed)), packed)
     features_length = sum(len(p) for p in parts)
-    return b"".join([_TAG_FEATURES, _varint(features_length)] + parts)
+    return b"".join([_TAG_FEATURES, _varint(features_length), *parts])
 
 
 def serialize_example(input_ids, labels, input_mask) -> bytes:

@@ -40,6 +40,8 @@ class GptTokenizer:
                 f"tokenizer {source} has no {eos_token!r} token to end documents with; use a GPT-2 "
                 f"style vocab (input/scripts/train_tokenizer.py adds it) or pass eos_token=")
         self._tokenizer = tokenizer
+        # tokenizers >= 0.20 has encode_batch_fast: the same ids without computing character offsets.
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         self.eos_token = eos_token
         self.eos_id = eos_id
         self.source = source
@@ -51,8 +53,7 @@ class GptTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of many texts at once (the Rust side may use several threads)."""
-        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
-        return [e.ids for e in encodings]
+        return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], *, skip_unknown: bool = False) -> str:
         """Text of `ids`; ids past the tokenizer vocab (GPT-J's padding rows) raise unless skipped."""

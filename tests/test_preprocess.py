@@ -12,7 +12,7 @@ import zstandard
 
 from input.errors import InputDataError
 from input.packing import StreamPacker
-from input.records import encode_varints, serialize_example
+from input.records import encode_varints, serialize_example, varint_offsets
 from input.scripts.pile.download import download_pile
 from input.scripts.pile.preprocess import main, preprocess
 from input.shards import ShardWriter
@@ -319,15 +319,25 @@ def test_example_encoding_parses_back_with_tensorflow():
     assert list(feature["input_mask"].int64_list.value) == (np.arange(len(values)) % 2).tolist()
     encoded, offsets = encode_varints(values)
     assert offsets[-1] == len(encoded) and np.diff(offsets).tolist() == [1, 1, 1, 2, 2, 2, 3, 4, 6, 9, 3]
+    np.testing.assert_array_equal(varint_offsets(encoded), offsets)
 
 
 @pytest.mark.parametrize("seq_len", [1, 3, 8])
-def test_stream_packer_windows_overlap_by_one_and_report_where_the_next_starts(seq_len):
+@pytest.mark.parametrize("batched", [False, True])
+def test_stream_packer_windows_overlap_by_one_and_report_where_the_next_starts(seq_len, batched):
     rng = np.random.default_rng(seq_len)
     docs = [rng.integers(1, 50, size=rng.integers(1, 20)) for _ in range(30)]
     packer, windows = StreamPacker(seq_len, pad_id=0), []
-    for index, doc in enumerate(docs):
-        windows += packer.add(doc, tag=index)
+    if batched:      # documents fed in groups of 0..6, as preprocessing feeds a tokenized batch
+        cuts = np.unique(np.r_[0, rng.integers(0, len(docs), size=8), len(docs)])
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            tokens = np.concatenate(docs[a:b])
+            varints, offsets = encode_varints(np.r_[7, tokens, 300])    # offsets need not start at 0
+            windows += packer.add_documents(tokens, [len(d) for d in docs[a:b]], list(range(a, b)),
+                                            (varints, offsets[1:-1]))
+    else:
+        for index, doc in enumerate(docs):
+            windows += packer.add(doc, tag=index)
     final = packer.finish()
     stream = np.concatenate(docs)
     starts = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
@@ -344,6 +354,36 @@ def test_stream_packer_windows_overlap_by_one_and_report_where_the_next_starts(s
         assert (final.labels[final.num_real:] == 0).all()
     else:
         assert final is None
+
+
+@pytest.mark.parametrize("workers, seq_len, drop_last", [(2, SEQ, False), (0, 5, True)])
+def test_shards_equal_a_reference_encoding_and_packing(tmp_path, tokenizer, corpus, workers, seq_len, drop_last):
+    """Byte for byte, the shards are TFRecord files of protobuf-made Examples of the plain packing of
+    one-document-at-a-time `encode` (batches of ~300 bytes split the corpus at many places)."""
+    paths, docs = corpus
+    stats = _run(paths, tmp_path / "out", tokenizer, workers=workers, max_sequence_length=seq_len,
+                 drop_last=drop_last, chunk_bytes=300)["train"]
+    stream = _stream(tokenizer, [text for text, _ in docs])
+    records = []
+    for start in range(0, len(stream) - 1, seq_len):          # window k: stream[k S : k S + S + 1]
+        window = stream[start:start + seq_len + 1]
+        real = len(window) - 1
+        if real < seq_len and drop_last:
+            break
+        window = np.r_[window, np.full(seq_len + 1 - len(window), tokenizer.eos_id)]
+        features = {"input_ids": window[:-1], "labels": window[1:], "input_mask": np.arange(seq_len) < real}
+        example = tf.train.Example(features=tf.train.Features(feature={
+            name: tf.train.Feature(int64_list=tf.train.Int64List(value=values.astype(np.int64)))
+            for name, values in features.items()}))
+        records.append(example.SerializeToString(deterministic=True))    # deterministic: map keys sorted
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for shard, first in enumerate(range(0, len(records), 7)):
+        with tf.io.TFRecordWriter(str(reference / f"train-{shard:05d}.tfrecord")) as writer:
+            for record in records[first:first + 7]:
+                writer.write(record)
+    assert stats["examples"] == len(records) > 14
+    assert _shard_bytes(tmp_path / "out" / "train") == _shard_bytes(reference)
 
 
 @pytest.mark.parametrize("case", ["empty_file", "blank_lines", "other_subsets", "drop_last_short"])

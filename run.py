@@ -65,11 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_tensorflow(args.verbose)
     from runtime.estimator import Estimator, InputExhaustedError, NonFiniteLossError, TrainingTerminated
+    from runtime.devices import configure_devices
     from runtime.run_dir import RunDirLockedError
     from config.params import ParamsError, load_params
     from runtime.logging_utils import log
     try:
         params = load_params(args.params, effective_overrides(args))
+        configure_devices(params.runconfig)            # before anything starts TensorFlow's devices
         model_dir = params.runconfig.model_dir
         if not model_dir:
             raise ParamsError("no model directory: pass --model-dir or set runconfig.model_dir")

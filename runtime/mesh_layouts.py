@@ -8,6 +8,9 @@ Megatron's split of a decoder block, over the mesh's `model` axis:
     lm_head kernel [D, V]            by vocabulary cols  [-, model]   (its bias [model])
     LayerNorms                       replicated
 
+and, when `model` does not divide V, over the hidden axis instead (HIDDEN_SPLIT_VOCABULARY):
+embedding [-, model], lm_head kernel [model, -] (its bias replicated).
+
 Column blocks of q/k/v are D/M = (heads/M) x head_dim wide, so each device holds whole heads
 (params require num_heads % M == 0) and rotary, which mixes dims inside a head only, runs per
 device unchanged. The batch is split over the `data` axis. DTensor's SPMD expansion inserts

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             from generation import predict
             job = predict.prepare(args, params.model)      # prompts and flags checked before the model is built
         preflight.check(memory_estimate(args, params, job), args.skip_memory_check)
+        from runtime.devices import configure_devices
+        configure_devices(params.runconfig)            # before anything starts TensorFlow's devices
     except (ParamsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,14 +24,6 @@ from config.quiet import add_verbose_flag
 MiB = 1 << 20
 
 
-def split_cpu(devices: int) -> None:
-    """Make `devices` logical CPU devices (before TensorFlow initialises) when there is no GPU."""
-    import tensorflow as tf
-    if not tf.config.list_physical_devices("GPU"):
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
-
-
 def device_bytes(estimator) -> int:
     """Bytes of weights and optimizer state on the first device (the whole of it without a mesh)."""
     import tensorflow as tf
@@ -56,7 +48,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="training steps per run (the first two are not timed)")
     add_verbose_flag(parser)
     args = parser.parse_args()
-    split_cpu(args.data * args.model)
+    import tensorflow as tf
+    from runtime.devices import set_cpu_devices
+    if not tf.config.list_physical_devices("GPU"):       # the mesh is made of logical CPU devices
+        set_cpu_devices(args.data * args.model)
     from bench.machine import describe_machine
     from bench.weight_streaming import make_params, synthetic_input_fn
     from runtime.estimator import Estimator

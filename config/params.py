@@ -225,7 +225,8 @@ class WeightStreamingParams:
 class MeshParams:
     """A device mesh (data, model): the batch split `data` ways, each layer's weights split
     `model` ways (Megatron layouts, runtime/mesh_layouts.py). data x model must equal the number
-    of devices (GPUs, else CPUs); that is checked when the mesh is built."""
+    of devices (GPUs, else CPUs: `runconfig.cpu_devices` makes logical ones); that is checked when
+    the mesh is built."""
     data: int = 1
     model: int = 1
 
@@ -258,6 +259,9 @@ class RunConfig:
     execution: Literal["standard", "weight_streaming"] = "standard"
     weight_streaming: WeightStreamingParams = field(default_factory=WeightStreamingParams)
     mesh: MeshParams | None = None        # tensor parallelism: {data: D, model: M}; absent: no mesh
+    # Split the host CPU into N logical devices (runtime/devices.py), e.g. for a mesh on a machine
+    # without GPUs; absent: TensorFlow's one CPU device.
+    cpu_devices: int | None = None
 
     def validate(self, path: str) -> None:
         _positive(self, path, "save_checkpoints_steps", "save_summary_steps", "log_steps")
@@ -266,6 +270,9 @@ class RunConfig:
                  f"set strategy: multi_worker or drop {path}.cluster")
         _require(1024 <= self.slurm_port_base <= 65535,
                  f"{path}.slurm_port_base={self.slurm_port_base} must be a port in 1024..65535")
+        if self.cpu_devices is not None:
+            _require(self.cpu_devices > 0, f"{path}.cpu_devices={self.cpu_devices} must be a positive number of "
+                                           "logical CPU devices (or absent: one)")
         if self.mesh is not None:
             _require(self.execution == "standard",
                      f"{path}.mesh needs {path}.execution=standard (got {self.execution!r}); weight streaming "
@@ -290,11 +297,12 @@ class Params:
     def validate(self, path: str) -> None:
         mesh, model = self.runconfig.mesh, self.model
         if mesh is not None:
-            # Whole heads, whole filter columns and whole vocabulary rows on each device.
-            for name in ("num_heads", "filter_size", "vocab_size"):
+            # Whole heads and whole filter columns on each device (a vocabulary mesh.model does not
+            # divide splits the embedding and head over hidden_size instead: runtime/mesh_layouts.py).
+            for name in ("num_heads", "filter_size"):
                 _require(getattr(model, name) % mesh.model == 0,
                          f"model.{name}={getattr(model, name)} is not divisible by runconfig.mesh.model="
-                         f"{mesh.model}; choose a mesh.model dividing num_heads, filter_size and vocab_size")
+                         f"{mesh.model}; choose a mesh.model dividing num_heads and filter_size")
             _require(self.optimizer.grad_accum_steps == 1,
                      f"runconfig.mesh runs optimizer.grad_accum_steps=1 only (got {self.optimizer.grad_accum_steps}; "
                      "DTensor cannot split the data-split batch into micro-batches); raise mesh.data instead")

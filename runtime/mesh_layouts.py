@@ -8,6 +8,9 @@ Megatron's split of a decoder block, over the mesh's `model` axis:
     lm_head kernel [D, V]            by vocabulary cols  [-, model]   (its bias [model])
     LayerNorms                       replicated
 
+and, when `model` does not divide V, over the hidden axis instead (HIDDEN_SPLIT_VOCABULARY):
+embedding [-, model], lm_head kernel [model, -] (its bias replicated).
+
 Column blocks of q/k/v are D/M = (heads/M) x head_dim wide, so each device holds whole heads
 (params require num_heads % M == 0) and rotary, which mixes dims inside a head only, runs per
 device unchanged. The batch is split over the `data` axis. DTensor's SPMD expansion inserts
@@ -38,6 +41,14 @@ WEIGHT_LAYOUTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lm_head/kernel", (_, MODEL)), ("lm_head/bias", (MODEL,)), ("lm_head_bias", (MODEL,)),
 )
 
+# A vocabulary that `model` does not divide (DTensor splits evenly) splits the embedding and the
+# head over the hidden axis instead: the same 1/M of their bytes per device, no padded rows, and
+# checkpoints unchanged; the head's logits come out of a row split, whole after an all-reduce.
+HIDDEN_SPLIT_VOCABULARY: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("embedding/embeddings", (_, MODEL)),
+    ("lm_head/kernel", (MODEL, _)), ("lm_head/bias", (_,)), ("lm_head_bias", (_,)),
+)
+
 
 def mesh_device_type() -> str:
     """The mesh's devices: GPUs when there are any, else the (logical) CPUs."""
@@ -50,17 +61,28 @@ def make_mesh(config: MeshParams) -> dtensor.Mesh:
     device_type = mesh_device_type()
     count = len(tf.config.list_logical_devices(device_type))
     if config.devices != count:
+        fix = f"set runconfig.cpu_devices={config.devices} (logical CPU devices) or choose data x model = {count}" \
+            if device_type == "CPU" else f"choose data x model = {count}"
         raise ParamsError(f"runconfig.mesh data={config.data} x model={config.model} = {config.devices} devices, "
-                          f"but this process has {count} {device_type} device(s); choose data x model = {count}")
+                          f"but this process has {count} {device_type} device(s); {fix}")
     return dtensor.create_mesh([(DATA, config.data), (MODEL, config.model)], device_type=device_type)
 
 
-def weight_sharding(path: str, rank: int) -> tuple[str, ...]:
-    """The sharding spec (one mesh axis or UNSHARDED per tensor axis) of weight `path`."""
-    for suffix, spec in WEIGHT_LAYOUTS:
-        if path.endswith(suffix) and len(spec) == rank:
-            return spec
-    return (_,) * rank
+def weight_sharding(path: str, shape: Sequence[int], model_size: int) -> tuple[str, ...]:
+    """The sharding spec (one mesh axis or UNSHARDED per tensor axis) of weight `path` of `shape`
+    on a mesh whose `model` axis has `model_size` devices."""
+    def layout(table):
+        return next((spec for suffix, spec in table if path.endswith(suffix) and len(spec) == len(shape)), None)
+
+    def divides(spec):
+        return all(n % model_size == 0 for n, axis in zip(shape, spec) if axis == MODEL)
+
+    spec = layout(WEIGHT_LAYOUTS)
+    if spec is None:
+        return (_,) * len(shape)
+    if not divides(spec):
+        spec = layout(HIDDEN_SPLIT_VOCABULARY)     # heads and filter columns divide (params check them)
+    return spec
 
 
 def replicated(mesh: dtensor.Mesh, value) -> tf.Tensor:
@@ -97,7 +119,8 @@ def place_module(mesh: dtensor.Mesh, module: tf.Module, prefix: str = "") -> Non
             continue
         path = f"{prefix}{name}"
         if isinstance(value, tf.Variable) and not isinstance(value, dtensor.DVariable):
-            setattr(module, name, new_variable(mesh, value.read_value(), weight_sharding(path, value.shape.rank),
+            sharding = weight_sharding(path, value.shape, mesh.dim_size(MODEL))
+            setattr(module, name, new_variable(mesh, value.read_value(), sharding,
                                                trainable=value.trainable, name=value.name.split(":")[0]))
         elif isinstance(value, tf.Module):
             place_module(mesh, value, f"{path}/")

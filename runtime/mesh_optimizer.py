@@ -28,6 +28,10 @@ class TensorOpsOptimizer(tf.Module):
         self.config = config
         self._mesh = mesh
         self._weights = list(variables)
+        # Each gradient is laid out as its weight before the update: DTensor's layout propagation
+        # may return one otherwise (a replicated LayerNorm's gradient split as the hidden-split
+        # embedding's activations), and assigning it to the weight would silently corrupt it.
+        self._layouts = [dtensor.fetch_layout(w) for w in self._weights] if mesh is not None else None
         self._schedule = learning_rate_schedule(config)
         self.iterations = self._scalar(tf.constant(0, tf.int64), "iteration")
         state = [self.iterations]
@@ -78,6 +82,8 @@ class TensorOpsOptimizer(tf.Module):
         for grad, weight in pairs:
             i = index[id(weight)]
             slots, grad = self._slots[i], tf.cast(grad, weight.dtype)
+            if self._layouts is not None:
+                grad = dtensor.relayout(grad, self._layouts[i])
             if self._decays[i]:
                 # Decoupled decay before the Adam step, scaled by the rate (Keras AdamW).
                 weight.assign(weight - weight * c.weight_decay_rate * rate)

@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import json, sys
     import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from runtime.devices import set_cpu_devices
+    set_cpu_devices(2)
     from runtime.estimator import Estimator
     from tests.runtime_helpers import tiny_params
     root = sys.argv[1]

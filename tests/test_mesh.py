@@ -1,9 +1,12 @@
 """Tensor parallelism on a 2x2 mesh (data=2, model=2) of logical CPU devices equals one device:
-training (loss, gradients, AdamW update), evaluation, greedy KV-cache generation; each device
-holds 1/M of every split weight; checkpoints are a one-device run's, resumable both ways.
+`run.py` with `runconfig.cpu_devices`, training (loss, gradients, AdamW update), a vocabulary the
+mesh does not divide, evaluation, greedy KV-cache generation; each device holds 1/M of every
+split weight; checkpoints are a one-device run's, resumable both ways.
 
-Logical devices must be configured before TensorFlow initialises, so each comparison runs in a
-fresh interpreter (as tests/test_distribution.py does) and reports JSON; arrays go through .npz.
+Logical devices are fixed once TensorFlow starts, so every comparison runs in one fresh
+interpreter (SCRIPT, started once for the module) whose first TensorFlow work is `run.main` with
+`--set runconfig.cpu_devices=4`, as a user's command on a CPU machine; it reports JSON, arrays go
+through .npz, and each test below checks one part.
 
 Tolerances: the mesh computes the same float32 math as one device in another summation order
 (partial sums over the model axis all-reduced, the two data halves' gradients summed), which is
@@ -27,16 +30,26 @@ from tests.test_weight_streaming import LOSS_RTOL
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 3e-3                     # tests/runtime_helpers.raw_params
 MESH = {"data": 2, "model": 2}
+ODD_VOCAB = 67                # model=2 does not divide it
 
-PRELUDE = textwrap.dedent("""
+SCRIPT = textwrap.dedent("""
     import json, os, shutil, sys
     import numpy as np
     import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
+    import yaml
+    from tensorflow.experimental import dtensor
+    import run
+    from config.params import ParamsError
+    from generation.config import GenerationConfig
+    from generation.generator import Generator
+    from generation.mesh import MeshGenerator
+    from layers.tree import flatten_weights
+    from model import GPTJModel
+    from runtime.devices import set_cpu_devices
     from runtime.estimator import Estimator
-    from tests.runtime_helpers import tiny_params
-    root, out = sys.argv[1], {}
+    from runtime.mesh_layouts import batch_to_mesh, local_shapes, replicated
+    from tests.runtime_helpers import raw_params, tiny_params
+    root, odd_vocab = sys.argv[1], int(sys.argv[2])
     MESH = {"data": 2, "model": 2}
 
     def train(directory, steps, mesh, model=None):
@@ -46,122 +59,144 @@ PRELUDE = textwrap.dedent("""
         estimator.train(on_step=lambda step, logs: losses.__setitem__(step, logs["loss"]))
         return estimator, losses
 
-    def checkpoint_arrays(directory):
+    def save_checkpoint_arrays(name, directory):
         reader = tf.train.load_checkpoint(directory)
-        return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k.startswith(("model/", "optimizer/"))}
-""")
+        np.savez(f"{root}/{name}.npz", **{k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+                                          if k.startswith(("model/", "optimizer/"))})
 
-TRAIN = PRELUDE + textwrap.dedent("""
-    from tensorflow.experimental import dtensor
-    from config.params import ParamsError
-    from layers.tree import flatten_weights
-    from runtime.mesh_layouts import local_shapes, weight_sharding
-    # GPT-NeoX-style switches (q/k/v and output biases, two LayerNorms, sequential residual, the
-    # head tied to the embedding): the GPT-J layout is covered by the resume and generation tests.
-    neox = {"use_projection_bias_in_attention": True, "use_attention_output_bias": True,
-            "use_untied_layer_norm": True, "use_parallel_residual": False, "share_embedding_weights": True,
-            "rotary_style": "neox"}
-    one, one_losses = train(f"{root}/one", 3, mesh=False, model=neox)
-    mesh, mesh_losses = train(f"{root}/mesh", 3, mesh=True, model=neox)
-    out["losses"] = [one_losses, mesh_losses]
-    arrays = [checkpoint_arrays(f"{root}/one"), checkpoint_arrays(f"{root}/mesh")]
-    out["keys"] = [{k: list(v.shape) for k, v in a.items()} for a in arrays]
-    np.savez(f"{root}/one.npz", **arrays[0]); np.savez(f"{root}/mesh.npz", **arrays[1])
-    weights = flatten_weights(mesh.model.weights_tree())
-    out["local"] = {path: [list(weight.shape), list(weight_sharding(path, weight.shape.rank)), local_shapes(weight)]
-                    for path, weight in weights.items()}
-    slots = mesh.execution.optimizer._slots[[id(v) for v in mesh.model.trainable_variables].index(
-        id(weights["blocks/0/mlp/fc_in/kernel"]))]
-    out["fc_in_slot_local"] = local_shapes(slots["velocity"])
-    try:
-        Estimator(tiny_params(root, runconfig={"mesh": {"data": 2, "model": 1}}), f"{root}/bad")
-        out["bad_mesh"] = None
-    except ParamsError as err:
-        out["bad_mesh"] = [str(err), os.path.exists(f"{root}/bad")]
+    def pieces(weights, paths):          # path -> [full shape, its layout's sharding, each device's piece]
+        return {path: [list(weights[path].shape), dtensor.fetch_layout(weights[path]).sharding_specs,
+                       local_shapes(weights[path])] for path in paths}
+
+    def run_py():
+        # run.py --mode train on the mesh, as typed on a machine of one CPU device: the first thing to
+        # start TensorFlow in this process, so its runconfig.cpu_devices=4 makes the mesh's devices.
+        with open(f"{root}/tiny.yaml", "w") as f:
+            yaml.safe_dump(raw_params(root, runconfig={"jit_compile": False}), f)
+        assert run.main(["--mode", "train", "--params", f"{root}/tiny.yaml", "--model-dir", f"{root}/run_py",
+                         "--max-steps", "2", "--set", "runconfig.mesh={data: 2, model: 2}",
+                         "--set", "runconfig.cpu_devices=4"]) == 0
+        with open(f"{root}/run_py/train_metrics.jsonl") as f:
+            fresh = {json.loads(line)["step"]: json.loads(line)["loss"] for line in f}
+        devices = len(tf.config.list_logical_devices("CPU"))
+        one, reference = train(f"{root}/one", 4, mesh=False)             # uninterrupted, steps 1-4
+        shutil.copytree(f"{root}/run_py", f"{root}/back")
+        _, back = train(f"{root}/back", 4, mesh=False)                   # one device resumes the mesh's step 2
+        save_checkpoint_arrays("one", f"{root}/one")
+        save_checkpoint_arrays("back", f"{root}/back")
+        return {"devices": devices, "reference": reference, "fresh": fresh, "back": back}
+
+    def neox():
+        # GPT-NeoX-style switches (q/k/v and output biases, two LayerNorms, sequential residual, the
+        # head tied to the embedding); run_py and generation cover the GPT-J layout.
+        switches = {"use_projection_bias_in_attention": True, "use_attention_output_bias": True,
+                    "use_untied_layer_norm": True, "use_parallel_residual": False, "share_embedding_weights": True,
+                    "rotary_style": "neox"}
+        _, one_losses = train(f"{root}/neox_one", 3, mesh=False, model=switches)
+        mesh, mesh_losses = train(f"{root}/neox_mesh", 3, mesh=True, model=switches)
+        save_checkpoint_arrays("neox_one", f"{root}/neox_one")
+        save_checkpoint_arrays("neox_mesh", f"{root}/neox_mesh")
+        weights = flatten_weights(mesh.model.weights_tree())
+        slots = mesh.execution.optimizer._slots[[id(v) for v in mesh.model.trainable_variables].index(
+            id(weights["blocks/0/mlp/fc_in/kernel"]))]
+        return {"losses": [one_losses, mesh_losses], "local": pieces(weights, weights),
+                "fc_in_slot_local": local_shapes(slots["velocity"])}
+
+    def odd_vocabulary():
+        # GPT-J (untied head), one block, a vocabulary model=2 does not divide: the mesh resumes a
+        # one-device step 2 (optimizer state included) and trains step 3 as one device does.
+        model = {"vocab_size": odd_vocab, "num_hidden_layers": 1}
+        one, reference = train(f"{root}/odd_one", 2, mesh=False, model=model)
+        shutil.copytree(f"{root}/odd_one", f"{root}/odd_mesh")
+        one.train(max_steps=3, on_step=lambda step, logs: reference.__setitem__(step, logs["loss"]))
+        mesh, resumed = train(f"{root}/odd_mesh", 3, mesh=True, model=model)
+        save_checkpoint_arrays("odd_one", f"{root}/odd_one")
+        save_checkpoint_arrays("odd_mesh", f"{root}/odd_mesh")
+        return {"reference": reference, "resumed": resumed,
+                "local": pieces(flatten_weights(mesh.model.weights_tree()),
+                                ["embedding/embeddings", "lm_head/kernel", "lm_head/bias"])}
+
+    def errors():
+        out = {}
+        try:
+            Estimator(tiny_params(root, runconfig={"mesh": {"data": 2, "model": 1}}), f"{root}/bad")
+            out["bad_mesh"] = None
+        except ParamsError as err:
+            out["bad_mesh"] = [str(err), os.path.exists(f"{root}/bad")]
+        # TensorFlow has started with 4 CPU devices: asking for 4 again is a no-op, for 2 an error.
+        set_cpu_devices(4)
+        try:
+            set_cpu_devices(2)
+            out["recount"] = None
+        except ParamsError as err:
+            out["recount"] = str(err)
+        return out
+
+    def generation():
+        out = {}
+        # The mesh model warm starts (--checkpoint-path) from a one-device model's checkpoint.
+        one = GPTJModel(tiny_params(root).model, seed=7)
+        tf.train.Checkpoint(model=one).save(f"{root}/generation_one/ckpt")
+        estimator = Estimator(tiny_params(root, runconfig={"mesh": MESH, "checkpoint_path": f"{root}/generation_one"},
+                                          eval_input={"batch_size": 5}), f"{root}/generation_mesh", training=False)
+        estimator.restore()
+        split, mesh = estimator.model, estimator.execution.mesh
+        # Evaluation (run.py --mode eval) of the same weights on one device and on the mesh, in batches
+        # of 5 (16 examples: the last batch of 1 does not split over data=2 and is replicated).
+        reference = Estimator(tiny_params(root, runconfig={"checkpoint_path": f"{root}/generation_one",
+                                                           "jit_compile": False},
+                                          eval_input={"batch_size": 5}), f"{root}/generation_reference", training=False)
+        out["eval"] = [reference.evaluate()["loss"], estimator.evaluate(restore=False)["loss"]]
+        prompts = [[5, 9, 2, 33, 17, 8, 61], [40, 3]]
+        generation = GenerationConfig(max_new_tokens=8)
+        out["one"] = [g.token_ids for g in Generator(one, "graph", length_multiple=8).generate(prompts, generation)]
+        with dtensor.default_mesh(mesh):
+            out["mesh"] = [g.token_ids for g in MeshGenerator(split, mesh, length_multiple=8).generate(prompts, generation)]
+        # Logits of a cached decode step (prefill 6 tokens, then 2 more), both ways.
+        ids = np.array([[5, 9, 2, 33, 17, 8, 61, 40], [40, 3, 11, 12, 13, 14, 15, 16]], np.int32)
+        def cached(model, place):
+            cache = tuple(tuple(place(t) for t in pair) for pair in model.empty_cache(2, 8))
+            first = tf.function(lambda x, c: model(x, cache=c, cache_index=0))(place(ids[:, :6]), cache)
+            return tf.function(lambda x, c: model(x, cache=c, cache_index=6).logits)(place(ids[:, 6:]), first.cache)
+        np.save(f"{root}/one_logits.npy", cached(one, tf.constant).numpy())
+        with dtensor.default_mesh(mesh):
+            logits = cached(split, lambda t: replicated(mesh, t))
+        np.save(f"{root}/mesh_logits.npy", dtensor.unpack(dtensor.relayout(logits, dtensor.Layout.replicated(mesh, 3)))[0].numpy())
+        # The activations' layouts, op by op (eager): heads stay split through attention.
+        layouts = {}
+        with dtensor.default_mesh(mesh):
+            weights = tf.nest.map_structure(lambda v: v.read_value(), split.weights_tree())
+            block, attention = weights["blocks"][0], split.blocks[0].attn
+            x = split.blocks[0].ln_1.forward(block["ln_1"], split.embed(weights, batch_to_mesh(mesh, ids)))
+            q = tf.reshape(attention.q_proj.forward(block["attn"]["q_proj"], x), [2, 8, 4, 8])    # [b, s, h, hd]
+            scores = tf.einsum("bqhd,bkhd->bhqk", q, q)
+            context = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", scores, q), [2, 8, 32])
+            for name, t in {"q": q, "scores": scores, "context": context,
+                            "out_proj": attention.out_proj.forward(block["attn"]["out_proj"], context),
+                            "fc_in": split.blocks[0].mlp.fc_in.forward(block["mlp"]["fc_in"], x)}.items():
+                layouts[name] = dtensor.fetch_layout(t).sharding_specs
+        out["layouts"] = layouts
+        return out
+
+    out = {"run_py": run_py(), "neox": neox(), "odd": odd_vocabulary(), "errors": errors(),
+           "generation": generation()}
     print("RESULT " + json.dumps(out))
 """)
 
-RESUME = PRELUDE + textwrap.dedent("""
-    one, _ = train(f"{root}/one", 2, mesh=False)
-    shutil.copytree(f"{root}/one", f"{root}/mesh")
-    reference = {}
-    one.train(max_steps=4, on_step=lambda step, logs: reference.__setitem__(step, logs["loss"]))
-    # run.py --mode train on the mesh resumes the one-device step 2.
-    import yaml, run
-    from tests.runtime_helpers import raw_params
-    with open(f"{root}/mesh.yaml", "w") as f:
-        yaml.safe_dump(raw_params(root, runconfig={"jit_compile": False, "mesh": MESH}), f)
-    assert run.main(["--mode", "train", "--params", f"{root}/mesh.yaml", "--model-dir", f"{root}/mesh",
-                     "--max-steps", "3"]) == 0
-    with open(f"{root}/mesh/train_metrics.jsonl") as f:
-        on_mesh = {json.loads(line)["step"]: json.loads(line)["loss"] for line in f}
-    on_mesh = {step: loss for step, loss in on_mesh.items() if step > 2}
-    shutil.copytree(f"{root}/mesh", f"{root}/back")
-    _, back = train(f"{root}/back", 4, mesh=False)                      # resumes the mesh's step 3
-    np.savez(f"{root}/one.npz", **checkpoint_arrays(f"{root}/one"))
-    np.savez(f"{root}/back.npz", **checkpoint_arrays(f"{root}/back"))
-    print("RESULT " + json.dumps({"reference": reference, "mesh": on_mesh, "back": back}))
-""")
 
-GENERATE = PRELUDE + textwrap.dedent("""
-    from tensorflow.experimental import dtensor
-    from generation.config import GenerationConfig
-    from generation.generator import Generator
-    from generation.mesh import MeshGenerator
-    from model import GPTJModel
-    from runtime.mesh_layouts import replicated
-    # The mesh model warm starts (--checkpoint-path) from a one-device model's checkpoint.
-    one = GPTJModel(tiny_params(root).model, seed=7)
-    tf.train.Checkpoint(model=one).save(f"{root}/one/ckpt")
-    estimator = Estimator(tiny_params(root, runconfig={"mesh": MESH, "checkpoint_path": f"{root}/one"},
-                                      eval_input={"batch_size": 5}), f"{root}/mesh", training=False)
-    estimator.restore()
-    split, mesh = estimator.model, estimator.execution.mesh
-    # Evaluation (run.py --mode eval) of the same weights on one device and on the mesh, in batches
-    # of 5 (16 examples: the last batch of 1 does not split over data=2 and is replicated).
-    reference = Estimator(tiny_params(root, runconfig={"checkpoint_path": f"{root}/one", "jit_compile": False},
-                                      eval_input={"batch_size": 5}), f"{root}/reference", training=False)
-    out["eval"] = [reference.evaluate()["loss"], estimator.evaluate(restore=False)["loss"]]
-    prompts = [[5, 9, 2, 33, 17, 8, 61], [40, 3]]
-    generation = GenerationConfig(max_new_tokens=8)
-    out["one"] = [g.token_ids for g in Generator(one, "graph", length_multiple=8).generate(prompts, generation)]
-    with dtensor.default_mesh(mesh):
-        out["mesh"] = [g.token_ids for g in MeshGenerator(split, mesh, length_multiple=8).generate(prompts, generation)]
-    # Logits of a cached decode step (prefill 6 tokens, then 2 more), both ways.
-    ids = np.array([[5, 9, 2, 33, 17, 8, 61, 40], [40, 3, 11, 12, 13, 14, 15, 16]], np.int32)
-    def cached(model, place):
-        cache = tuple(tuple(place(t) for t in pair) for pair in model.empty_cache(2, 8))
-        first = tf.function(lambda x, c: model(x, cache=c, cache_index=0))(place(ids[:, :6]), cache)
-        return tf.function(lambda x, c: model(x, cache=c, cache_index=6).logits)(place(ids[:, 6:]), first.cache)
-    np.save(f"{root}/one.npy", cached(one, tf.constant).numpy())
-    with dtensor.default_mesh(mesh):
-        logits = cached(split, lambda t: replicated(mesh, t))
-    np.save(f"{root}/mesh.npy", dtensor.unpack(dtensor.relayout(logits, dtensor.Layout.replicated(mesh, 3)))[0].numpy())
-    # The activations' layouts, op by op (eager): heads stay split through attention.
-    from runtime.mesh_layouts import batch_to_mesh
-    layouts = {}
-    with dtensor.default_mesh(mesh):
-        weights = tf.nest.map_structure(lambda v: v.read_value(), split.weights_tree())
-        block, attention = weights["blocks"][0], split.blocks[0].attn
-        x = split.blocks[0].ln_1.forward(block["ln_1"], split.embed(weights, batch_to_mesh(mesh, ids)))
-        q = tf.reshape(attention.q_proj.forward(block["attn"]["q_proj"], x), [2, 8, 4, 8])    # [b, s, h, hd]
-        scores = tf.einsum("bqhd,bkhd->bhqk", q, q)
-        context = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", scores, q), [2, 8, 32])
-        for name, t in {"q": q, "scores": scores, "context": context,
-                        "out_proj": attention.out_proj.forward(block["attn"]["out_proj"], context),
-                        "fc_in": split.blocks[0].mlp.fc_in.forward(block["mlp"]["fc_in"], x)}.items():
-            layouts[name] = dtensor.fetch_layout(t).sharding_specs
-    out["layouts"] = layouts
-    print("RESULT " + json.dumps(out))
-""")
-
-
-def _run(script: str, root) -> dict:
+@pytest.fixture(scope="module")
+def mesh_run(tmp_path_factory) -> tuple[dict, object]:
+    """(SCRIPT's results, its directory): one interpreter for every comparison of this module."""
+    root = tmp_path_factory.mktemp("mesh")
     env = dict(os.environ, PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", script, str(root)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(root), str(ODD_VOCAB)], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:]), root
+
+
+def _load(root, name: str) -> dict:
+    return dict(np.load(root / f"{name}.npz"))
 
 
 def _assert_same_checkpoint(expected: dict, actual: dict, steps: int) -> None:
@@ -180,19 +215,35 @@ def _assert_same_checkpoint(expected: dict, actual: dict, steps: int) -> None:
 
 @pytest.mark.numerics
 @pytest.mark.processes
-def test_training_on_a_2x2_mesh_equals_one_device(tmp_path):
-    """NeoX-style model (see TRAIN): losses, checkpoint, per-device pieces, device-count error."""
-    result = _run(TRAIN, tmp_path)
-    one, mesh = result["losses"]
+def test_run_py_trains_on_a_cpu_mesh_as_one_device(mesh_run):
+    """`run.py --mode train ... --set runconfig.mesh='{data: 2, model: 2}' --set runconfig.cpu_devices=4`
+    in a fresh process trains steps 1-2 as one device does, and one device resumes its step 2 as an
+    uninterrupted run."""
+    result, root = mesh_run
+    run_py = result["run_py"]
+    assert run_py["devices"] == 4
+    reference, fresh, back = run_py["reference"], run_py["fresh"], run_py["back"]
+    assert sorted(reference) == ["1", "2", "3", "4"] and sorted(fresh) == ["1", "2"] and sorted(back) == ["3", "4"]
+    for step, loss in {**fresh, **back}.items():
+        assert loss == pytest.approx(reference[step], rel=LOSS_RTOL)
+    _assert_same_checkpoint(_load(root, "one"), _load(root, "back"), steps=4)
+
+
+@pytest.mark.numerics
+@pytest.mark.processes
+def test_training_on_a_2x2_mesh_equals_one_device(mesh_run):
+    """NeoX-style model: losses, checkpoint, per-device pieces."""
+    result, root = mesh_run
+    neox = result["neox"]
+    one, mesh = neox["losses"]
     assert sorted(one) == sorted(mesh) == ["1", "2", "3"]
     for step in one:
         assert mesh[step] == pytest.approx(one[step], rel=LOSS_RTOL)
     # The checkpoint: a one-device run's keys and full shapes, and its values.
-    assert result["keys"][0] == result["keys"][1]
-    _assert_same_checkpoint(dict(np.load(tmp_path / "one.npz")), dict(np.load(tmp_path / "mesh.npz")), steps=3)
+    _assert_same_checkpoint(_load(root, "neox_one"), _load(root, "neox_mesh"), steps=3)
     # Each of the 4 devices holds 1/M of every split weight (and whole replicated ones).
     split = set()
-    for path, (shape, sharding, pieces) in result["local"].items():
+    for path, (shape, sharding, pieces) in neox["local"].items():
         local = [n // MESH["model"] if axis == "model" else n for n, axis in zip(shape, sharding)]
         assert pieces == [local] * 4, path
         if "model" in sharding:
@@ -200,31 +251,45 @@ def test_training_on_a_2x2_mesh_equals_one_device(tmp_path):
     assert split == {"attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel", "attn/q_proj/bias",
                      "attn/k_proj/bias", "attn/v_proj/bias", "attn/out_proj/kernel", "mlp/fc_in/kernel",
                      "mlp/fc_in/bias", "mlp/fc_out/kernel", "embedding/embeddings", "lm_head_bias"}
-    assert result["local"]["blocks/0/attn/q_proj/kernel"][2][0] == [32, 16]       # 2 of 4 heads, whole
-    assert result["fc_in_slot_local"] == [[32, 32]] * 4                         # Adam's slots split as their weight
-    message, created = result["bad_mesh"]
-    assert "runconfig.mesh data=2 x model=1 = 2 devices, but this process has 4 CPU device(s)" in message
+    assert neox["local"]["embedding/embeddings"][1] == ["model", "unsharded"]        # by vocabulary rows
+    assert neox["local"]["blocks/0/attn/q_proj/kernel"][2][0] == [32, 16]           # 2 of 4 heads, whole
+    assert neox["fc_in_slot_local"] == [[32, 32]] * 4                             # Adam's slots split as their weight
+
+
+@pytest.mark.numerics
+@pytest.mark.processes
+def test_a_vocabulary_the_mesh_does_not_divide_splits_over_hidden_and_trains_as_one_device(mesh_run):
+    """Vocabulary 67 on model=2: the mesh resumes a one-device step 2 and trains step 3 as one device."""
+    result, root = mesh_run
+    odd = result["odd"]
+    assert sorted(odd["reference"]) == ["1", "2", "3"] and sorted(odd["resumed"]) == ["3"]
+    assert odd["resumed"]["3"] == pytest.approx(odd["reference"]["3"], rel=LOSS_RTOL)
+    # The same checkpoint (keys, full shapes: nothing padded), every weight and slot within the bounds.
+    _assert_same_checkpoint(_load(root, "odd_one"), _load(root, "odd_mesh"), steps=3)
+    # The embedding by hidden columns, the head by input rows, its bias whole.
+    v = ODD_VOCAB
+    assert odd["local"] == {"embedding/embeddings": [[v, 32], ["unsharded", "model"], [[v, 16]] * 4],
+                            "lm_head/kernel": [[32, v], ["model", "unsharded"], [[16, v]] * 4],
+                            "lm_head/bias": [[v], ["unsharded"], [[v]] * 4]}
+
+
+@pytest.mark.processes
+def test_device_count_errors_name_the_fix(mesh_run):
+    errors = mesh_run[0]["errors"]
+    message, created = errors["bad_mesh"]
+    assert ("runconfig.mesh data=2 x model=1 = 2 devices, but this process has 4 CPU device(s); set "
+            "runconfig.cpu_devices=2 (logical CPU devices) or choose data x model = 4") in message
     assert not created
+    assert errors["recount"].startswith("runconfig.cpu_devices=2: TensorFlow has already started in this process "
+                                        "with 4 CPU device(s)")
 
 
 @pytest.mark.numerics
 @pytest.mark.processes
-def test_checkpoints_resume_across_mesh_and_one_device(tmp_path):
-    """one device to step 2; run.py --mode train on the mesh to step 3; one device again to step 4."""
-    result = _run(RESUME, tmp_path)
-    reference, mesh, back = result["reference"], result["mesh"], result["back"]
-    assert sorted(mesh) == ["3"] and sorted(back) == ["4"]
-    for step, loss in {**mesh, **back}.items():
-        assert loss == pytest.approx(reference[step], rel=LOSS_RTOL)
-    _assert_same_checkpoint(dict(np.load(tmp_path / "one.npz")), dict(np.load(tmp_path / "back.npz")), steps=4)
-
-
-@pytest.mark.numerics
-@pytest.mark.processes
-def test_greedy_generation_on_a_2x2_mesh_equals_one_device(tmp_path):
+def test_greedy_generation_on_a_2x2_mesh_equals_one_device(mesh_run):
     """A mesh model warm started from a one-device checkpoint evaluates and decodes as that model does."""
-    result = _run(GENERATE, tmp_path)
-    expected, actual = np.load(tmp_path / "one.npy"), np.load(tmp_path / "mesh.npy")
+    result, root = mesh_run[0]["generation"], mesh_run[1]
+    expected, actual = np.load(root / "one_logits.npy"), np.load(root / "mesh_logits.npy")
     # Another summation order of the same float32 forward (2 blocks, sums of <= 64 terms).
     atol = float32_atol(forward_reductions(2), 64, float(np.max(np.abs(expected))))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=atol)
@@ -254,25 +319,30 @@ def test_blend_cache_writes_what_write_cache_writes(per_row):
     np.testing.assert_array_equal(blend_cache(cache, new, index).numpy(), write_cache(cache, new, index).numpy())
 
 
+@pytest.mark.parametrize("vocab_size", [64, 67])
 @pytest.mark.parametrize("model", [
     {},                                                                      # GPT-J: no q/k/v biases, untied head
     {"use_projection_bias_in_attention": True, "use_attention_output_bias": True, "use_untied_layer_norm": True,
      "share_embedding_weights": True, "rotary_style": "neox"},                 # NeoX-style switches, tied head
 ])
-def test_every_weight_has_its_megatron_layout(model):
+def test_every_weight_has_its_megatron_layout(model, vocab_size):
+    """On a model axis of 2: Megatron's splits; a vocabulary of 67, which 2 does not divide, splits the
+    embedding and the head over hidden_size instead."""
     from config.params import ModelParams
     from model import weight_specs
     from runtime.mesh_layouts import weight_sharding
-    config = ModelParams(**{"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 4,
+    config = ModelParams(**{"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 4,
                             "rotary_dim": 4, "filter_size": 64, **model})
-    columns, rows = ("model",), ("model", "unsharded")
+    columns, rows, whole = ("model",), ("model", "unsharded"), ("unsharded",)
     expected = {"attn/q_proj/kernel": ("unsharded", "model"), "attn/k_proj/kernel": ("unsharded", "model"),
                 "attn/v_proj/kernel": ("unsharded", "model"), "mlp/fc_in/kernel": ("unsharded", "model"),
                 "attn/q_proj/bias": columns, "attn/k_proj/bias": columns, "attn/v_proj/bias": columns,
                 "mlp/fc_in/bias": columns, "attn/out_proj/kernel": rows, "mlp/fc_out/kernel": rows,
                 "embedding/embeddings": rows, "lm_head/kernel": ("unsharded", "model"), "lm_head/bias": columns,
                 "lm_head_bias": columns}
+    if vocab_size % 2:
+        expected.update({"embedding/embeddings": ("unsharded", "model"), "lm_head/kernel": rows,
+                         "lm_head/bias": whole, "lm_head_bias": whole})
     for spec in weight_specs(config):
         short = spec.path.split("/", 2)[-1] if spec.path.startswith("blocks/") else spec.path
-        assert weight_sharding(spec.path, len(spec.shape)) == expected.get(short, ("unsharded",) * len(spec.shape)), \
-            spec.path
+        assert weight_sharding(spec.path, spec.shape, 2) == expected.get(short, whole * len(spec.shape)), spec.path

@@ -166,8 +166,8 @@ def test_a_renamed_key_reads_under_its_new_name_and_is_reported(tmp_path, capsys
 @pytest.mark.parametrize("overrides, message", [
     (["runconfig.mesh={data: 2, model: 0}"], "runconfig.mesh.model=0 must be positive"),
     (["runconfig.mesh={data: 1, model: 3}"], "model.num_heads=4 is not divisible by runconfig.mesh.model=3"),
-    (["model.vocab_size=66", "runconfig.mesh={model: 4}"],
-     "model.vocab_size=66 is not divisible by runconfig.mesh.model=4"),
+    (["model.filter_size=66", "runconfig.mesh={model: 4}"],
+     "model.filter_size=66 is not divisible by runconfig.mesh.model=4"),
     (["runconfig.mesh={model: 2}", "model.fused_qkv=true"], "runconfig.mesh does not split model.fused_qkv=true"),
     (["runconfig.mesh={model: 2}", "optimizer.grad_accum_steps=2"], "runconfig.mesh runs optimizer.grad_accum_steps=1"),
     (["runconfig.mesh={model: 2}", "runconfig.execution=weight_streaming"],
@@ -185,3 +185,16 @@ def test_mesh_is_absent_by_default_and_parsed_when_given(tmp_path):
     assert load_with(tmp_path).runconfig.mesh is None
     mesh = load_with(tmp_path, "runconfig.mesh={data: 2, model: 2}").runconfig.mesh
     assert (mesh.data, mesh.model, mesh.devices) == (2, 2, 4)
+    # A vocabulary mesh.model does not divide is split over hidden_size instead (runtime/mesh_layouts.py).
+    assert load_with(tmp_path, "model.vocab_size=67", "runconfig.mesh={model: 4}").model.vocab_size == 67
+
+
+def test_cpu_devices_is_absent_by_default_and_a_positive_count(tmp_path):
+    assert load_with(tmp_path).runconfig.cpu_devices is None
+    assert load_with(tmp_path, "runconfig.cpu_devices=4").runconfig.cpu_devices == 4
+    for value, message in (("0", "runconfig.cpu_devices=0 must be a positive number of logical CPU devices"),
+                           ("-2", "runconfig.cpu_devices=-2 must be a positive"),
+                           ("2.5", "runconfig.cpu_devices=2.5 has the wrong type; expected int | null"),
+                           ("four", "runconfig.cpu_devices='four' has the wrong type")):
+        with pytest.raises(ParamsError, match=re.escape(f"override 'runconfig.cpu_devices={value}': {message}")):
+            load_with(tmp_path, f"runconfig.cpu_devices={value}")

@@ -77,6 +77,10 @@ def test_train_eval_train_and_eval_predict(params_file, tmp_path, capsys):
     (["--checkpoint_path", "/nonexistent/ckpt"], "no TF checkpoint at '/nonexistent/ckpt'"),
     (["--set", "train_input.batch_size=6", "--set", "optimizer.grad_accum_steps=4"],
      "train_input.batch_size=6 must be divisible by replicas (1) x optimizer.grad_accum_steps (4)"),
+    (["--set", "runconfig.cpu_devices=0"], "runconfig.cpu_devices=0 must be a positive number of logical CPU devices"),
+    # This process keeps TensorFlow's one CPU device (tests that split it run their own processes).
+    (["--set", "runconfig.mesh={data: 2, model: 2}"],
+     "= 4 devices, but this process has 1 CPU device(s); set runconfig.cpu_devices=4 (logical CPU devices)"),
 ])
 def test_bad_params_and_flags_exit_2_with_a_message(params_file, tmp_path, capsys, argv, message):
     assert run.main(["--mode", "train", "--params", params_file, "--model_dir", str(tmp_path / "m")] + argv) == 2

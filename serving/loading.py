@@ -2,9 +2,12 @@
 checkpoint) + an optional compute dtype."""
 from __future__ import annotations
 
-from checkpoint_utils.load import load_model
+from typing import TYPE_CHECKING
+
 from config.params import ParamsError, Params, load_params
-from model import GPTJModel
+
+if TYPE_CHECKING:       # TensorFlow loads with the model: the CLIs import DTYPES for their --help without it
+    from model import GPTJModel
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -27,5 +30,6 @@ def load_serving_model(params_path: str, model_dir: str | None, checkpoint_path:
     if (model_dir is None) == (checkpoint_path is None):
         raise ParamsError("give exactly one of --model-dir (a run directory) and --checkpoint-path "
                           "(a checkpoint prefix or converted model directory)")
+    from checkpoint_utils.load import load_model
     params = load_params(params_path, dtype_overrides(dtype))
     return params, load_model(params.model, model_dir or checkpoint_path)

@@ -18,6 +18,8 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from checkpoint_utils.host_arrays import as_tensor
+from checkpoint_utils.integrity import (CorruptCheckpointError, checkpoint_problem, newest_whole_checkpoint,
+                                        warn_skipped)
 from config.files import atomic_write_text
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -110,24 +112,63 @@ def write_checkpoint(prefix: str, tensors: Iterable[tuple[str, np.ndarray]], roo
     return keys
 
 
-def write_checkpoint_state(directory: str, checkpoint_name: str, all_names: list[str] | None = None) -> None:
+def write_checkpoint_state(directory: str, checkpoint_name: str, all_names: list[str] | None = None,
+                           timestamps: list[float] | None = None, last_preserved_timestamp: float | None = None
+                           ) -> None:
     """The `checkpoint` file that lets tf.train.latest_checkpoint(directory) find `checkpoint_name`
     (paths relative to `directory`, so the directory stays movable); `all_names` lists every
-    checkpoint kept, oldest first (default: just this one)."""
-    listed = "".join(f'all_model_checkpoint_paths: "{name}"\n' for name in (all_names or [checkpoint_name]))
-    atomic_write_text(os.path.join(directory, "checkpoint"), f'model_checkpoint_path: "{checkpoint_name}"\n' + listed)
+    checkpoint kept, oldest first (default: just this one). `timestamps` (one per name) and
+    `last_preserved_timestamp` are what tf.train.CheckpointManager keeps there to rotate them."""
+    names = all_names or [checkpoint_name]
+    text = f'model_checkpoint_path: "{checkpoint_name}"\n' + "".join(
+        f'all_model_checkpoint_paths: "{name}"\n' for name in names)
+    text += "".join(f"all_model_checkpoint_timestamps: {stamp!r}\n" for stamp in timestamps or [])
+    if last_preserved_timestamp is not None:
+        text += f"last_preserved_timestamp: {last_preserved_timestamp!r}\n"
+    atomic_write_text(os.path.join(directory, "checkpoint"), text)
+
+
+def drop_from_checkpoint_state(directory: str, prefixes: list[str], latest: str) -> None:
+    """Rewrite `directory`'s `checkpoint` file without `prefixes` (their files stay where they are)
+    and with `latest` as the latest: a CheckpointManager built afterwards neither counts nor
+    rotates them."""
+    state = tf.train.get_checkpoint_state(directory)
+    if state is None:
+        return
+    dropped = {os.path.normpath(p) for p in prefixes}
+    paths = list(state.all_model_checkpoint_paths)
+    stamps = list(state.all_model_checkpoint_timestamps)
+    kept = [i for i, path in enumerate(paths) if os.path.normpath(path) not in dropped]
+
+    def name(path: str) -> str:
+        inside = os.path.dirname(os.path.normpath(path)) == os.path.normpath(directory)
+        return os.path.basename(path) if inside else path
+
+    write_checkpoint_state(directory, name(latest), [name(paths[i]) for i in kept] or [name(latest)],
+                           timestamps=[stamps[i] for i in kept] if len(stamps) == len(paths) and kept else None,
+                           last_preserved_timestamp=state.last_preserved_timestamp or None)
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint prefix from a prefix or a directory holding a `checkpoint` state file."""
+    """A checkpoint prefix from a prefix or a directory holding a `checkpoint` state file, checked
+    to be whole (checkpoint_utils/integrity.py). A directory's newest whole checkpoint is used, with
+    a warning naming any newer one that is not; a broken prefix, or a directory whose checkpoints
+    are all broken, is one CorruptCheckpointError."""
     if os.path.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
+        latest, skipped = newest_whole_checkpoint(
+            path, fix="pass a whole checkpoint's prefix or another directory (or restore these files)")
         if latest is None:
             raise FileNotFoundError(f"{path!r} holds no TF checkpoint (no `checkpoint` file or "
                                     "*.index); pass a checkpoint prefix or a converted model directory")
+        if skipped:
+            warn_skipped(skipped, latest)
         return latest
     if not os.path.exists(path + ".index"):
         raise FileNotFoundError(f"no TF checkpoint at {path!r} ({path}.index is missing)")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CorruptCheckpointError(f"checkpoint {path} is unusable: {problem}; pass a whole checkpoint "
+                                     "(e.g. an older ckpt-N of the same run) or write this one again")
     return path
 
 

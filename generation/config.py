@@ -15,6 +15,7 @@ from typing import Sequence, Union
 EarlyStopping = Union[bool, str]   # True | False | "never", as in transformers
 COMPILE_MODES = ("xla", "graph", "eager")   # how the decode functions run (generation/batch.py)
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")   # dense kernels while generating (generation/weights.py)
+BATCHING_MODES = ("continuous", "static")   # how the server admits requests (serving/scheduler.py)
 
 
 class GenerationConfigError(ValueError):

@@ -115,7 +115,10 @@ class DiskStreamingState:
         self.store.write_state(self.state)
 
     def restore(self, prefix: str, weights_only: bool = False) -> None:
-        """Load a checkpoint (either mode's) into the store, one tensor at a time."""
+        """Load a checkpoint (either mode's) into the store, one tensor at a time (the store is
+        marked dirty first: a read that fails half way leaves it to be rebuilt)."""
+        if not weights_only:
+            self.mark(clean=False)
         reader = tf.train.load_checkpoint(prefix)
         found = variable_shapes(prefix)
         for path in self.order:
@@ -134,8 +137,9 @@ class DiskStreamingState:
         self.state["good_steps"] = int(reader.get_tensor(f"loss_scale/good_steps{VALUE_SUFFIX}"))
         self.mark(clean=True)
 
-    def save(self, keep: int) -> str:
-        """ckpt-<step> in model_dir with the standard layout; keeps the newest `keep` (0: all)."""
+    def save(self, keep: int, dropped: list[str] = ()) -> str:
+        """ckpt-<step> in model_dir with the standard layout; keeps the newest `keep` (0: all) of the
+        listed checkpoints, leaving `dropped` ones (broken, passed over by restore) out of the list."""
         step = self.state["step"]
         name = f"ckpt-{step}"
         lr = self.learning_rate()
@@ -156,7 +160,8 @@ class DiskStreamingState:
             yield "step", np.array(step, np.int64)
 
         write_checkpoint(os.path.join(self.model_dir, name), tensors(), root="")
-        kept = _checkpoint_names(self.model_dir) + [name]
+        dropped_names = {os.path.basename(prefix) for prefix in dropped}
+        kept = [n for n in _checkpoint_names(self.model_dir) if n not in dropped_names] + [name]
         kept = sorted(set(kept), key=lambda n: int(n.split("-")[1]))
         if keep:
             for old in kept[:-keep]:
@@ -316,21 +321,26 @@ class DiskStreamingExecution(Execution):
         self.writer = GradientWriter(self.disk.store, self.timeline)
 
     def restore(self, require: bool) -> int:
-        """The store is the live state; it is rebuilt from the latest checkpoint when it is not
-        exactly that checkpoint's state (a kill mid-step, or newer)."""
+        """The store is the live state; it is rebuilt from model_dir's newest whole checkpoint when it
+        is not exactly that checkpoint's state (a kill mid-step, or newer)."""
         disk = self.disk
-        latest = self.check_latest_checkpoint()
-        disk.open(initial_loss_scale=float(self.loss_scale.scale.numpy()))
-        if latest and (not disk.state.get("clean") or int(latest.rsplit("-", 1)[1]) != disk.state["step"]):
-            disk.restore(latest)
-            log(f"restored {latest} into the weight store {disk.store.directory} (step {disk.state['step']})")
-        elif latest:
-            log(f"weight store {disk.store.directory} is at {latest} (step {disk.state['step']})")
-        elif self.params.runconfig.checkpoint_path and disk.state["step"] == 0:
-            disk.restore(resolve_checkpoint(self.params.runconfig.checkpoint_path), weights_only=True)
-            log(f"warm start: weights from {self.params.runconfig.checkpoint_path} into {disk.store.directory}")
-        elif require:
-            raise no_weights_error(self.model_dir)
+        initial_loss_scale = float(self.loss_scale.scale.numpy())
+
+        def load(prefix: str) -> None:
+            disk.open(initial_loss_scale)
+            if not disk.state.get("clean") or int(prefix.rsplit("-", 1)[1]) != disk.state["step"]:
+                disk.restore(prefix)
+                log(f"restored {prefix} into the weight store {disk.store.directory} (step {disk.state['step']})")
+            else:
+                log(f"weight store {disk.store.directory} is at {prefix} (step {disk.state['step']})")
+
+        if self.restore_latest(load) is None:
+            disk.open(initial_loss_scale)
+            if self.params.runconfig.checkpoint_path and disk.state["step"] == 0:
+                disk.restore(resolve_checkpoint(self.params.runconfig.checkpoint_path), weights_only=True)
+                log(f"warm start: weights from {self.params.runconfig.checkpoint_path} into {disk.store.directory}")
+            elif require:
+                raise no_weights_error(self.model_dir)
         self.step.assign(disk.state["step"])
         self.loss_scale.scale.assign(disk.state["loss_scale"])
         self.loss_scale.good_steps.assign(disk.state["good_steps"])
@@ -338,7 +348,9 @@ class DiskStreamingExecution(Execution):
 
     def save(self) -> str:
         self.require_training()
-        return self.disk.save(self.params.runconfig.keep_checkpoint_max)
+        self._latest = self.disk.save(self.params.runconfig.keep_checkpoint_max, dropped=self.unusable)
+        self.unusable = []
+        return self._latest
 
     def train_step(self, features, labels) -> dict:
         self.require_training()

@@ -22,12 +22,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import tensorflow as tf
 
 import data as data_module
 import model as model_module
+from checkpoint_utils.integrity import newest_whole_checkpoint, warn_skipped
 from checkpoint_utils.load import CheckpointMismatchError, check_checkpoint
+from checkpoint_utils.tf_checkpoint import drop_from_checkpoint_state
 from config import modes
 from config.params import Params, ParamsError
 from runtime.distribution import is_chief, worker_count
@@ -47,6 +50,11 @@ class OptimizerState(tf.Module):
     def __init__(self, optimizer):
         super().__init__(name="optimizer_state")
         self.state = list(optimizer.variables)
+
+
+# How to get past a model_dir whose checkpoint files are all broken (its files are named before this).
+NO_WHOLE_CHECKPOINT_FIX = ("restore them from a backup; or, to start afresh, delete them or use a new --model-dir "
+                           "(nothing was changed)")
 
 
 def no_weights_error(model_dir: str) -> FileNotFoundError:
@@ -69,6 +77,8 @@ class Execution:
         train = params.train_input
         # The global batch's label positions: the constant that scales every gradient (runtime/steps.py).
         self.label_positions = float(train.batch_size * train.max_sequence_length) if train else 1.0
+        self._latest: str | None = None        # the checkpoint this process restored or last saved
+        self.unusable: list[str] = []          # broken checkpoints restore passed over (training runs)
 
     def new_loss_scale(self) -> LossScale:
         model = self.params.model
@@ -119,18 +129,36 @@ class Execution:
 
     @property
     def latest_checkpoint(self) -> str | None:
-        return tf.train.latest_checkpoint(self.model_dir)
+        """The checkpoint this process restored or last saved (None before either)."""
+        return self._latest
 
-    def check_latest_checkpoint(self) -> str | None:
-        """The latest checkpoint of model_dir, checked to hold this model (one clear line if not)."""
-        latest = self.latest_checkpoint
-        if latest:
-            try:
-                check_checkpoint(latest, self.params.model)
-            except CheckpointMismatchError as err:
-                raise CheckpointMismatchError(
-                    f"{err}; model_dir {self.model_dir} holds another model: use a new --model-dir (warm start "
-                    f"from this one with --checkpoint-path {self.model_dir}) or that run's params.yaml") from None
+    def check_model(self, prefix: str) -> None:
+        """The checkpoint holds this model (one clear line if not)."""
+        try:
+            check_checkpoint(prefix, self.params.model)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(
+                f"{err}; model_dir {self.model_dir} holds another model: use a new --model-dir (warm start "
+                f"from this one with --checkpoint-path {self.model_dir}) or that run's params.yaml") from None
+
+    def restore_latest(self, load: Callable[[str], None]) -> str | None:
+        """Restore model_dir's newest whole checkpoint with load(prefix), after checking it holds this
+        model, and return it. A newer checkpoint whose files are broken (cut short, index or data
+        missing, named by the `checkpoint` file but gone) or whose data fails to load is passed over
+        with one warning naming it and what is wrong; its files stay where they are, and a training
+        run drops it from the checkpoint list when it first saves. None when model_dir holds no
+        checkpoint file; CorruptCheckpointError (nothing changed) when it holds some but none is whole."""
+        def checked_load(prefix: str) -> None:
+            self.check_model(prefix)
+            load(prefix)
+
+        latest, skipped = newest_whole_checkpoint(self.model_dir, NO_WHOLE_CHECKPOINT_FIX, checked_load)
+        if skipped:
+            note = (f"; this run drops them from {os.path.join(self.model_dir, 'checkpoint')} when it first saves, "
+                    "and a checkpoint it saves at the same step replaces them") if self.training else ""
+            warn_skipped(skipped, latest, note)
+            self.unusable = [prefix for prefix, _ in skipped] if self.training else []
+        self._latest = latest
         return latest
 
     # Backends define: model, step, loss_scale, restore, save, train_step, eval_sums.
@@ -169,21 +197,11 @@ class CheckpointedExecution(Execution):
         variable.assign(value)
 
     def restore(self, require: bool) -> int:
-        """Resume from model_dir's latest checkpoint, else warm start from runconfig.checkpoint_path
+        """Resume from model_dir's newest whole checkpoint, else warm start from runconfig.checkpoint_path
         (weights only), else keep the fresh initialisation (an error when `require`)."""
         run = self.params.runconfig
-        latest = self.check_latest_checkpoint()
+        latest = self.restore_latest(self._restore_from)
         if latest:
-            status = self.checkpoint.restore(latest)
-            try:
-                status.assert_existing_objects_matched()
-            except AssertionError as err:
-                raise CheckpointMismatchError(
-                    f"checkpoint {latest} does not hold this run's state ({str(err).splitlines()[0]}); was it "
-                    "written with another optimizer? Use a new --model-dir with --checkpoint-path "
-                    f"{self.model_dir} to warm start from its weights") from None
-            if not self.training:
-                status.expect_partial()          # the optimizer's slots are not needed
             ignored = (f"; runconfig.checkpoint_path {run.checkpoint_path} is not used when model_dir has "
                        "a checkpoint") if run.checkpoint_path else ""
             log(f"restored {latest} (step {int(self.step.numpy())}){ignored}")
@@ -196,6 +214,18 @@ class CheckpointedExecution(Execution):
                 f"starting from a fresh initialisation (seed {run.seed})")
         return int(self.step.numpy())
 
+    def _restore_from(self, prefix: str) -> None:
+        status = self.checkpoint.restore(prefix)
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as err:
+            raise CheckpointMismatchError(
+                f"checkpoint {prefix} does not hold this run's state ({str(err).splitlines()[0]}); was it "
+                "written with another optimizer? Use a new --model-dir with --checkpoint-path "
+                f"{self.model_dir} to warm start from its weights") from None
+        if not self.training:
+            status.expect_partial()          # the optimizer's slots are not needed
+
     def save(self) -> str:
         """Write a checkpoint (TF writes it under a temp name and renames, then rewrites the
         `checkpoint` state file atomically: a kill leaves the previous one usable).
@@ -206,11 +236,17 @@ class CheckpointedExecution(Execution):
         self.require_training()
         step = int(self.step.numpy())
         if self.chief:
-            return self.manager.save(checkpoint_number=step)
+            if self.unusable:   # out of the list first: the manager would count them and rotate good ones out
+                drop_from_checkpoint_state(self.model_dir, self.unusable, self._latest)
+                self.manager = self._manager(self.model_dir, self.params.runconfig.keep_checkpoint_max or None)
+                self.unusable = []
+            self._latest = self.manager.save(checkpoint_number=step)
+            return self._latest
         scratch = tempfile.mkdtemp(prefix="gptj-worker-ckpt-")
         try:
             self._manager(scratch, 1).save(checkpoint_number=step)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return os.path.join(self.model_dir, f"ckpt-{step}")
+        self._latest = os.path.join(self.model_dir, f"ckpt-{step}")
+        return self._latest
 

@@ -21,7 +21,7 @@ from runtime.schedules import learning_rate_schedule
 
 class TensorOpsOptimizer(tf.Module):
     """The `apply_gradients` / `learning_rate` / `iterations` / `variables` surface that
-    runtime/steps.apply_update and OptimizerState use."""
+    runtime/steps.InMemoryUpdate and OptimizerState use."""
 
     def __init__(self, config: OptimizerParams, variables, mesh: dtensor.Mesh | None = None):
         super().__init__(name="tensor_ops_optimizer")

@@ -9,7 +9,7 @@ from runtime.compile_path import CompilePath, choose_compile_path, compile_funct
 from runtime.distribution import make_strategy
 from runtime.execution import CheckpointedExecution
 from runtime.logging_utils import log
-from runtime.steps import add_sums, apply_update, dropout_seed, micro_batches, scaled_loss, zero_sums
+from runtime.steps import InMemoryUpdate, add_sums, dropout_seed, micro_batches, scaled_loss, zero_sums
 
 
 class StandardExecution(CheckpointedExecution):
@@ -29,6 +29,9 @@ class StandardExecution(CheckpointedExecution):
                                                replicas=strategy.num_replicas_in_sync)
         self.compile_path = compile_path
         self.islands = islands and strategy.num_replicas_in_sync == 1
+        self._apply_update = InMemoryUpdate(self.optimizer, self.model.trainable_variables, self.loss_scale,
+                                            self.label_positions, params.optimizer.max_gradient_norm,
+                                            self.step) if training else None
         log(self.compile_path.describe())
 
     def _compiled(self, function):
@@ -61,8 +64,7 @@ class StandardExecution(CheckpointedExecution):
                 grads, sums = strategy.run(self._replica_grads, args=(features, labels))
                 grads = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
                 sums = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in sums.items()}
-                return apply_update(self.optimizer, self.model.trainable_variables, grads, sums, self.loss_scale,
-                                    self.label_positions, self.params.optimizer.max_gradient_norm, self.step)
+                return self._apply_update(grads, sums)
 
             # Called outside strategy.scope(): in cross-replica context the Keras optimizer applies
             # the already-reduced gradients once (inside the scope it would all-reduce them again).

@@ -4,7 +4,7 @@ seeds, the loss scaling of gradients, and the end of an in-memory update.
 Gradient convention: each micro-batch differentiates `scaled_loss(sums)`, the loss summed over
 its counted tokens times loss_scale / label_positions (a constant, the global batch's label
 positions), so gradients keep the size of a mean loss's, as float16 loss scaling expects.
-Once every micro-batch and replica is summed, `apply_update` turns them into gradients of
+Once every micro-batch and replica is summed, `InMemoryUpdate` turns them into gradients of
 the mean loss over counted tokens: times label_positions / tokens / loss_scale.
 """
 from __future__ import annotations
@@ -63,30 +63,40 @@ def step_logs(sums: dict, grad_norm, learning_rate, loss_scale_value, finite) ->
             "finite": finite}
 
 
-def apply_update(optimizer, variables: list, grads: list, sums: dict, loss_scale: LossScale,
-                 label_positions: float, max_gradient_norm: float | None, step: tf.Variable) -> dict:
+class InMemoryUpdate:
     """The end of an in-memory train step (standard and memory weight streaming): scale the summed
     gradients to the mean loss's, check them, clip by global norm, apply them when finite, update
-    the loss scale and the step counter; returns `step_logs`. Works in a tf.function and eagerly."""
-    learning_rate = current_learning_rate(optimizer)
+    the loss scale and the step counter; a call returns `step_logs`. Works in a tf.function and eagerly.
 
-    @island
-    def update(grads, sums):
-        factor = gradient_factor(sums, loss_scale, label_positions)
+    A backend builds one for its optimizer and calls it from its step: the XLA island of the update
+    (layers/fusion.py) is then one tf.function for the backend's life, traced once per input
+    signature, where an island built inside the step would be traced and compiled again at every
+    trace of the step."""
+
+    def __init__(self, optimizer, variables: list, loss_scale: LossScale, label_positions: float,
+                 max_gradient_norm: float | None, step: tf.Variable):
+        self.optimizer, self.variables, self.loss_scale = optimizer, variables, loss_scale
+        self.label_positions, self.max_gradient_norm, self.step = label_positions, max_gradient_norm, step
+        self._scaled_checked_applied = island(self._scale_check_apply)
+
+    def _scale_check_apply(self, grads: list, sums: dict):
+        factor = gradient_factor(sums, self.loss_scale, self.label_positions)
         grads = [g * factor for g in grads]
         finite = all_finite(grads + [sums["loss"]])
         grad_norm = tf.linalg.global_norm(grads)
-        if max_gradient_norm is not None:
-            grads, _ = tf.clip_by_global_norm(grads, max_gradient_norm, use_norm=grad_norm)
+        if self.max_gradient_norm is not None:
+            grads, _ = tf.clip_by_global_norm(grads, self.max_gradient_norm, use_norm=grad_norm)
 
         def apply():
-            optimizer.apply_gradients(zip(grads, variables))
+            self.optimizer.apply_gradients(zip(grads, self.variables))
             return tf.constant(True)
 
         return tf.cond(finite, apply, lambda: tf.constant(False)), grad_norm
 
-    finite, grad_norm = update(grads, sums)
-    loss_scale_value = tf.identity(loss_scale.scale)
-    loss_scale.update(finite)
-    step.assign_add(1)
-    return step_logs(sums, grad_norm, learning_rate, loss_scale_value, finite)
+    def __call__(self, grads: list, sums: dict) -> dict:
+        learning_rate = current_learning_rate(self.optimizer)
+        finite, grad_norm = self._scaled_checked_applied(grads, sums)
+        loss_scale_value = tf.identity(self.loss_scale.scale)
+        self.loss_scale.update(finite)
+        self.step.assign_add(1)
+        return step_logs(sums, grad_norm, learning_rate, loss_scale_value, finite)

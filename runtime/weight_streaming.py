@@ -38,7 +38,7 @@ from runtime.compile_path import choose_compile_path, compile_function, device_t
 from runtime.execution import CheckpointedExecution
 from runtime.logging_utils import log
 from runtime.loss_scale import LossScale
-from runtime.steps import add_sums, apply_update, dropout_seed, micro_batches, zero_sums
+from runtime.steps import InMemoryUpdate, add_sums, dropout_seed, micro_batches, zero_sums
 from runtime.streamed_pieces import StreamedPieces
 from runtime.timeline import BACKGROUND_READ, BACKWARD, COPY, FORWARD, HEAD, HOST_UPDATE, WAIT, Timeline
 
@@ -272,11 +272,13 @@ class MemoryStreamingExecution(CheckpointedExecution):
         self.timeline = self.streamer.timeline
         host_path = choose_compile_path(params.runconfig.jit_compile, "float32", device_type_of(HOST_DEVICE))
         self._update = compile_function(self._apply_update, host_path)
+        self._in_memory_update = InMemoryUpdate(self.optimizer, self.model.trainable_variables, self.loss_scale,
+                                                self.label_positions, params.optimizer.max_gradient_norm,
+                                                self.step) if training else None
 
     def _apply_update(self, grads: list, sums: dict) -> dict:
         with tf.device(HOST_DEVICE):
-            return apply_update(self.optimizer, self.model.trainable_variables, grads, sums, self.loss_scale,
-                                self.label_positions, self.params.optimizer.max_gradient_norm, self.step)
+            return self._in_memory_update(grads, sums)
 
     def train_step(self, features, labels) -> dict:
         self.require_training()

@@ -18,23 +18,43 @@ import argparse
 import os
 import sys
 
+from config.cli import ArgumentParser
 from config.quiet import add_verbose_flag, quiet_tensorflow
+from runtime import preflight
+from serving.loading import DTYPES
 
-if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
-    quiet_tensorflow("--verbose" in sys.argv[1:])
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", required=True, help="params YAML the weights were trained with")
+    parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint is exported")
+    parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
+    parser.add_argument("--output-dir", required=True, help="where the SavedModel is written (a new directory)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the params')")
+    parser.add_argument("--num-beams", type=int, default=1, help="also export a beam_search signature "
+                                                                 "with this many beams (1: none)")
+    parser.add_argument("--beam-prompt-length", type=int, default=128, help="longest prompt beam_search takes")
+    parser.add_argument("--beam-max-new-tokens", type=int, default=64, help="beam_search's max_new_tokens")
+    parser.add_argument("--beam-stop-id", type=int, action="append", default=[],
+                        help="stop token id of beam_search (repeatable), e.g. the tokenizer's EOS id")
+    preflight.add_skip_flag(parser)
+    add_verbose_flag(parser)
+    return parser
+
+
+if __name__ == "__main__":      # --help and argument errors exit here, before the imports below load TensorFlow
+    quiet_tensorflow(build_parser().parse_args().verbose)
 
 import numpy as np
 import tensorflow as tf
 
-from config.cli import ArgumentParser
 from generation.batch import round_up
 from generation.beam_search import BeamDecoder
 from generation.config import GenerationConfig
 from generation.batch import PromptBatch
 from model import GPTJModel
-from runtime import preflight
 from runtime.peak_memory import Decoding, generation_estimate
-from serving.loading import DTYPES, load_serving_model
+from serving.loading import load_serving_model
 from serving.slots import RowSettings, prefill_rows, step_rows
 
 PAD_OUTPUT = 0     # fills output_ids past a row's length (the lengths output says where that starts)
@@ -154,24 +174,6 @@ def export(model: GPTJModel, output_dir: str, beam_config: GenerationConfig | No
         signatures["beam_search"] = module.beam_search.get_concrete_function()
     tf.saved_model.save(module, output_dir, signatures=signatures)
     return output_dir
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", required=True, help="params YAML the weights were trained with")
-    parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint is exported")
-    parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
-    parser.add_argument("--output-dir", required=True, help="where the SavedModel is written (a new directory)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the params')")
-    parser.add_argument("--num-beams", type=int, default=1, help="also export a beam_search signature "
-                                                                 "with this many beams (1: none)")
-    parser.add_argument("--beam-prompt-length", type=int, default=128, help="longest prompt beam_search takes")
-    parser.add_argument("--beam-max-new-tokens", type=int, default=64, help="beam_search's max_new_tokens")
-    parser.add_argument("--beam-stop-id", type=int, action="append", default=[],
-                        help="stop token id of beam_search (repeatable), e.g. the tokenizer's EOS id")
-    preflight.add_skip_flag(parser)
-    add_verbose_flag(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,12 @@
 checkpoint) + an optional compute dtype."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from checkpoint_utils.load import load_model
 from config.params import ParamsError, Params, load_params
-from model import GPTJModel
+
+if TYPE_CHECKING:       # TensorFlow loads with the model: the CLIs import DTYPES for their --help without it
+    from model import GPTJModel
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -31,6 +32,7 @@ def load_serving_model(params_path: str, model_dir: str | None, checkpoint_path:
     if (model_dir is None) == (checkpoint_path is None):
         raise ParamsError("give exactly one of --model-dir (a run directory) and --checkpoint-path "
                           "(a checkpoint prefix or converted model directory)")
+    from checkpoint_utils.load import load_model
     params = load_params(params_path, dtype_overrides(dtype))
     if check is not None:
         check(params)

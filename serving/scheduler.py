@@ -25,13 +25,13 @@ from typing import Callable
 import numpy as np
 
 from generation.batch import left_pad, round_up
-from generation.config import GenerationConfig
+from generation.config import BATCHING_MODES, GenerationConfig
 from generation.generator import Generator
 from generation.results import Generation
 from model import GPTJModel
 from serving.slots import SlotDecoder, row_settings, supports
 
-MODES = ("continuous", "static")
+MODES = BATCHING_MODES               # defined beside the other CLI choices, free of TensorFlow
 IDLE = GenerationConfig()             # settings of a free row (its tokens are never read)
 # sink(kind, sequence, payload): "tokens" (ids so far), "finish" (a Generation), "error" (a message)
 Sink = Callable[[str, int, object], None]

@@ -36,14 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from config.cli import ArgumentParser
 from generation.config import COMPILE_MODES
 from generation.flags import add_weight_format_flag
-from generation.batch import round_up
-from generation.config import GenerationConfig, GenerationConfigError
-from generation.text import TextStream, find_stop_string, stop_string_checker, strip_stop_token
+from generation.config import BATCHING_MODES as MODES, GenerationConfig, GenerationConfigError
 from input.tokenizer import GptTokenizer
 from runtime.peak_memory import Decoding, Estimate, generation_estimate
 from runtime import preflight
 from serving.metrics import Metrics
-from serving.scheduler import MODES, Draining, Job, QueueFull, Scheduler
+# generation.batch, generation.text and serving.scheduler load TensorFlow: they are imported where
+# used, so `--help` and argument errors return at once (tests/test_cli_quiet.py).
 
 Number = Union[StrictInt, StrictFloat]
 
@@ -150,6 +149,7 @@ class Server:
         return prompt_ids, config
 
     def final_text(self, ids: list[int], config: GenerationConfig, stop) -> tuple[str, list[int]]:
+        from generation.text import find_stop_string, strip_stop_token
         if isinstance(stop, int):
             ids = strip_stop_token(ids, config.stop_token_ids)
         text = self.tokenizer.decode(ids, skip_unknown=True)
@@ -200,6 +200,8 @@ class Server:
         return app
 
     async def complete(self, body: CompletionRequest):
+        from generation.text import stop_string_checker
+        from serving.scheduler import Draining, Job, QueueFull
         try:
             prompt_ids, config = self.job_config(body)
         except RequestError as err:
@@ -254,6 +256,7 @@ class Server:
                                        "total_tokens": prompt_tokens + completion_tokens}})
 
     async def _stream(self, job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int):
+        from generation.text import TextStream
         count = job.config.num_return_sequences
         pieces: list[str] = []
         streams = [TextStream(self.tokenizer, job.config, pieces.append) for _ in range(count)]
@@ -333,6 +336,8 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
                  warm_up: bool = False) -> Server:
     """A Server whose cache fits the longest prompt and output the limits allow; with warm_up,
     every prompt bucket is compiled before it listens."""
+    from generation.batch import round_up
+    from serving.scheduler import Scheduler
     max_positions = model.config.max_position_embeddings
     cache_length = slot_cache_length(limits, max_positions)
     metrics = Metrics()

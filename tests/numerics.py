@@ -11,30 +11,12 @@ import math
 
 import numpy as np
 
-U32 = 2.0 ** -24        # float32 unit roundoff: 24 significand bits
+# float32 unit roundoff, the forward pass's chain of reductions and the rounding bound of such a
+# chain live where checkpoint_utils.verify's default tolerance reads them; re-exported for the tests.
+from checkpoint_utils.rounding import U32, float32_atol, forward_reductions  # noqa: F401
+
 U_BF16 = 2.0 ** -8      # bfloat16: 8 significand bits
 U_FP16 = 2.0 ** -11     # float16: 11 significand bits
-
-# A float32 forward pass of d=32 models as in the tests: along the path to a logit, each block
-# chains ~9 reductions (layer-norm mean and variance, q/k/v, scores, softmax sum, attention x
-# values, output projection, fc_in, fc_out); the head adds final layer norm (2) and the logits (1).
-REDUCTIONS_PER_BLOCK = 9
-HEAD_REDUCTIONS = 3
-
-# Rounding errors of independent signs add like a random walk: a chain of R sums of K terms each
-# rounds by ~sqrt(R * K) * u relative to the values' size (the deterministic worst case, R * K * u,
-# is reached only if every rounding goes the same way). Tolerances take 10x that estimate.
-ROUNDING_MARGIN = 10.0
-
-
-def forward_reductions(num_blocks: int) -> int:
-    return num_blocks * REDUCTIONS_PER_BLOCK + HEAD_REDUCTIONS
-
-
-def float32_atol(reductions: int, terms: int, scale: float) -> float:
-    """Bound on |a - b| for two float32 evaluations, in different summation orders, of a chain of
-    `reductions` sums of at most `terms` terms on values of size <= `scale`."""
-    return ROUNDING_MARGIN * math.sqrt(reductions * terms) * U32 * scale
 
 
 # On the way to a logit a block rounds ~10 values to the compute dtype (normed input, q, k, v,

@@ -35,6 +35,9 @@ MODULES = {"run": "run", "preprocess": "input.scripts.pile.preprocess",
 # TensorFlow's and absl's own log lines (`I0000 00:00:...`, `E0000 ...`, and absl's preamble) are
 # not the CLI's output. They still appear today; issue 11 item 8 (another branch) silences them.
 # Until then they are filtered here, and only here.
+TRUNCATED_DATA = "ckpt-2.data-00000-of-00001"
+NO_WHOLE_CHECKPOINT = f"but no whole checkpoint (ckpt-2: its data file {TRUNCATED_DATA} is cut short"
+
 TF_LOG_LINE = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog\(\))")
 
 
@@ -113,6 +116,8 @@ def world(tmp_path_factory) -> World:
     assert os.path.exists(w("runs", "good", "ckpt-2.index"))
     os.makedirs(w("runs", "empty"))
     shutil.copytree(w("runs", "good"), w("runs", "bare"), ignore=shutil.ignore_patterns("params.yaml"))
+    shutil.copytree(w("runs", "good"), w("runs", "truncated"))        # its only checkpoint's copy cut short
+    os.truncate(w("runs", "truncated", TRUNCATED_DATA), os.path.getsize(w("runs", "truncated", TRUNCATED_DATA)) // 2)
 
     # prompts, tokenizer, preprocessing inputs
     make_tiny_tokenizer(w("tokenizer"), vocab_size=TOKENIZER_VOCAB)
@@ -281,6 +286,18 @@ CASES = {
         "export_hf", lambda w: ["--params", w("params.yaml"), "--checkpoint", w("runs", "empty"),
                                 "--output-dir", w("out", "export"), "--no-progress"], "holds no TF checkpoint",
         subprocess=True),
+    "checkpoint/truncated_train": Case("run", lambda w: train(w, "--max_steps", "4", model_dir="runs/truncated"),
+                                       NO_WHOLE_CHECKPOINT),
+    "checkpoint/truncated_eval": Case("run", lambda w: mode("eval", w, model_dir="runs/truncated"),
+                                      NO_WHOLE_CHECKPOINT, subprocess=True),
+    "checkpoint/truncated_predict": Case("run", lambda w: predict(w, "--prompt", "the", model_dir="runs/truncated"),
+                                         NO_WHOLE_CHECKPOINT),
+    "checkpoint/truncated_warm_start": Case(
+        "run", lambda w: train(w, "--checkpoint_path", w("runs", "truncated", "ckpt-2"), model_dir="out/warm"),
+        f"ckpt-2 is unusable: its data file {TRUNCATED_DATA} is cut short"),
+    "checkpoint/truncated_export": Case(
+        "export_hf", lambda w: ["--params", w("params.yaml"), "--checkpoint", w("runs", "truncated"),
+                                "--output-dir", w("out", "export"), "--no-progress"], NO_WHOLE_CHECKPOINT),
     # prompts
     "prompts/missing_file": Case("run", lambda w: predict(w, "--prompts_file", w("no_prompts.jsonl")),
                                  "no_prompts.jsonl does not exist"),

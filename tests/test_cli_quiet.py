@@ -17,12 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI_MODULES = ["run", "demo", "checkpoint_utils.convert_hf", "checkpoint_utils.export_hf", "checkpoint_utils.verify",
                "input.scripts.pile.preprocess", "input.scripts.pile.download", "input.scripts.train_tokenizer",
                "input.scripts.make_local_corpus", "bench.convert", "bench.data", "bench.generate", "bench.train",
-               "bench.weight_streaming", "bench.mlperf.run", "bench.mlperf.accuracy"]
-# These import TensorFlow (or tensorflow-text) at module level: their --help is quiet but not light.
-CLI_MODULES_LOADING_TENSORFLOW = [
-    "fine_tuning.abstractive_summarization.prepare", "fine_tuning.abstractive_summarization.evaluate",
-    "fine_tuning.abstractive_summarization.demo", "serving.server", "serving.export", "bench.serve",
-    "bench.summarize"]
+               "bench.weight_streaming", "bench.mlperf.run", "bench.mlperf.accuracy", "bench.summarize",
+               "fine_tuning.abstractive_summarization.prepare", "fine_tuning.abstractive_summarization.evaluate",
+               "fine_tuning.abstractive_summarization.demo", "serving.server", "serving.export"]
+# These import TensorFlow at module level: their --help is quiet but not light.
+CLI_MODULES_LOADING_TENSORFLOW = ["bench.serve"]
 # Lines this TensorFlow printed on this machine (2 cores, no GPU, no CUDA driver).
 NOISE = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
@@ -64,8 +63,9 @@ def test_the_filter_passes_other_lines_through_in_order(capfd):
 _HELP_DRIVER = """
 import contextlib, io, json, runpy, sys
 report = {}
-for module in sys.argv[1:]:
-    sys.argv = [module, "--help"]
+argument, modules = sys.argv[1], sys.argv[2:]
+for module in modules:
+    sys.argv = [module, argument]
     out, code = io.StringIO(), "returned without exiting"
     with contextlib.redirect_stdout(out):
         try:
@@ -80,15 +80,25 @@ print(json.dumps(report))
 
 def test_help_loads_no_tensorflow_and_prints_nothing_on_stderr():
     """All CLIs in one interpreter, in order: a module that loaded TensorFlow would show in its own entry."""
-    result = subprocess.run([sys.executable, "-c", _HELP_DRIVER, *CLI_MODULES], capture_output=True, text=True,
-                            cwd=ROOT, env=USER_ENV, timeout=300)
+    result = subprocess.run([sys.executable, "-c", _HELP_DRIVER, "--help", *CLI_MODULES], capture_output=True,
+                            text=True, cwd=ROOT, env=USER_ENV, timeout=300)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     report = json.loads(result.stdout)
     assert report == {m: {"exit": 0, "verbose_flag": True, "tensorflow": False} for m in CLI_MODULES}
 
 
+def test_an_argument_error_loads_no_tensorflow():
+    """argparse's usage error (exit 2) comes before any TensorFlow import, as --help does."""
+    result = subprocess.run([sys.executable, "-c", _HELP_DRIVER, "--no-such-flag", *CLI_MODULES],
+                            capture_output=True, text=True, cwd=ROOT, env=USER_ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {m: (r["exit"], r["tensorflow"]) for m, r in report.items()} == {m: (2, False) for m in CLI_MODULES}
+    assert result.stderr.count("error: ") == len(CLI_MODULES)      # argparse's line (a missing or unknown flag)
+
+
 def test_help_of_the_clis_that_load_tensorflow_prints_nothing_on_stderr():
-    result = subprocess.run([sys.executable, "-c", _HELP_DRIVER, *CLI_MODULES_LOADING_TENSORFLOW],
+    result = subprocess.run([sys.executable, "-c", _HELP_DRIVER, "--help", *CLI_MODULES_LOADING_TENSORFLOW],
                             capture_output=True, text=True, cwd=ROOT, env=USER_ENV, timeout=300)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     report = json.loads(result.stdout)

@@ -220,3 +220,28 @@ def test_eval_builds_no_optimizer_and_train_and_evaluate_restores_once(data_root
     assert len(evaluator.model.variables) == model_variables
     with pytest.raises(RuntimeError, match="built for evaluation"):
         evaluator.train()
+
+
+def test_the_update_island_is_traced_once_over_several_traces_of_the_step(data_root, tmp_path, monkeypatch):
+    """Graph mode (islands on): three batch shapes trace the step three times; the update's XLA
+    island, built once by the backend, is traced (and compiled) once, its inputs being the same
+    gradients and sums each time. Counted by the Python calls a trace makes: step_logs once per
+    trace of the step, gradient_factor once per trace of the island."""
+    from config import modes
+    from runtime import steps
+    counts = {"step": 0, "island": 0}
+
+    def counting(name, function):
+        def call(*args):
+            counts[name] += 1
+            return function(*args)
+        return call
+
+    monkeypatch.setattr(steps, "step_logs", counting("step", steps.step_logs))
+    monkeypatch.setattr(steps, "gradient_factor", counting("island", steps.gradient_factor))
+    execution = Estimator(tiny_params(data_root, runconfig={"jit_compile": False}), str(tmp_path / "m")).execution
+    features, labels = next(iter(execution.dataset(modes.TRAIN, 0)))
+    for length in (SEQ, SEQ - 4, SEQ - 8):
+        logs = execution.train_step({k: v[:, :length] for k, v in features.items()}, labels[:, :length])
+        assert np.isfinite(logs["loss"].numpy())
+    assert counts == {"step": 3, "island": 1}

@@ -105,23 +105,46 @@ def run_measured(command: list[str]) -> tuple[float, int]:
     return seconds, peak
 
 
+def status_bytes(pid: int | str, field: str) -> int | None:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM, ...) in bytes; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_with_peak(command: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """(seconds, peak RSS bytes, output) of a subprocess. The peak is the kernel's own high-water
-    mark of that child (wait4's ru_maxrss), exact and separate for every child, where sampling
-    could miss a short spike."""
+    """(seconds, peak RSS bytes, output) of a subprocess, separate for every child.
+
+    wait4's ru_maxrss is the kernel's exact high-water mark, but Linux starts a child's at the
+    parent's own (exec keeps the larger of the two), so it is the child's peak only when above the
+    parent's. Otherwise the peak is the child's VmHWM (its own address space's high-water mark),
+    read every 10 ms: exact except for growth in its last 10 ms."""
+    parent_peak = status_bytes("self", "VmHWM") or 0
     start = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.append(process.stdout.read()))
     reader.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    sampled = 0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        sampled = max(sampled, status_bytes(process.pid, "VmHWM") or 0)
+        time.sleep(0.01)
     seconds = time.time() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
     process.stdout.close()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {process.returncode}):\n{''.join(output)}")
-    return seconds, usage.ru_maxrss * 1024, "".join(output)          # ru_maxrss is in KiB on Linux
+    exact = usage.ru_maxrss * 1024                                  # KiB on Linux
+    return seconds, exact if exact > parent_peak else sampled, "".join(output)
 
 
 NAIVE_LOAD = """

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from bench.convert import status_bytes
 from config.cli import ArgumentParser
 from config.files import atomic_write_text
 from config.quiet import add_verbose_flag, quiet_tensorflow
@@ -35,15 +36,6 @@ def prompt_ids(vocab: int, length: int) -> list[int]:
 def quality_ids(vocab: int, count: int, length: int) -> np.ndarray:
     """[count, length] random token ids whose logits every side saves."""
     return np.random.default_rng(QUALITY_SEED).integers(1, vocab, size=(count, length))
-
-
-def resident_bytes(field: str = "VmRSS") -> int:
-    """This process' resident memory now (VmRSS) or at its peak so far (VmHWM)."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def enough_memory(needed: int) -> tuple[bool, str]:
@@ -158,7 +150,7 @@ def step_ours(args) -> dict:
     from generation.generator import Generator
     with Stopwatch() as load:
         model = load_ours(args.source, args.format)
-    result = {"load_s": load.wall, "rss_after_load": resident_bytes(), "format": args.format,
+    result = {"load_s": load.wall, "rss_after_load": status_bytes("self", "VmRSS"), "format": args.format,
               "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
     vocab = model.config.vocab_size
     np.save(args.logits, model(tf.constant(quality_ids(vocab, args.quality_prompts, args.quality_length),
@@ -216,7 +208,7 @@ def step_transformers(args) -> dict:
     with Stopwatch() as load:
         model = transformers.GPTJForCausalLM.from_pretrained(args.source, dtype=torch.bfloat16).eval()
     model.generation_config.eos_token_id = None
-    result = {"load_s": load.wall, "rss_after_load": resident_bytes(), "torch_threads": torch.get_num_threads()}
+    result = {"load_s": load.wall, "rss_after_load": status_bytes("self", "VmRSS"), "torch_threads": torch.get_num_threads()}
     config = model.config
     with torch.no_grad():
         ids = torch.tensor(quality_ids(config.vocab_size, args.quality_prompts, args.quality_length))
@@ -259,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run = {"bandwidth": step_bandwidth, "ours": step_ours, "transformers": step_transformers}[args.step]
     result = run(args)
-    result["peak_rss_self"] = resident_bytes("VmHWM")
+    result["peak_rss_self"] = status_bytes("self", "VmHWM")
     atomic_write_text(args.result, json.dumps(result))
     return 0
 

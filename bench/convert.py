@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -100,9 +101,11 @@ def make_checkpoint(directory: str, hidden: int, layers: int, vocab: int, shard_
 
 
 def run_measured(command: list[str]) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of a subprocess."""
-    seconds, peak, _ = run_with_peak(command)
-    return seconds, peak
+    """(seconds, peak RSS bytes) of a subprocess that must succeed."""
+    run = run_with_peak(command)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {run.returncode}):\n{run.output}")
+    return run.seconds, run.peak
 
 
 def status_bytes(pid: int | str, field: str) -> int | None:
@@ -117,8 +120,15 @@ def status_bytes(pid: int | str, field: str) -> int | None:
     return None
 
 
-def run_with_peak(command: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """(seconds, peak RSS bytes, output) of a subprocess, separate for every child.
+class MeasuredRun(NamedTuple):
+    seconds: float
+    peak: int                  # bytes
+    output: str                # stdout and stderr
+    returncode: int
+
+
+def run_with_peak(command: list[str], env: dict | None = None) -> MeasuredRun:
+    """Time, peak RSS and output of a subprocess, the peak separate for every child.
 
     wait4's ru_maxrss is the kernel's exact high-water mark, but Linux starts a child's at the
     parent's own (exec keeps the larger of the two), so it is the child's peak only when above the
@@ -138,13 +148,11 @@ def run_with_peak(command: list[str], env: dict | None = None) -> tuple[float, i
         sampled = max(sampled, status_bytes(process.pid, "VmHWM") or 0)
         time.sleep(0.01)
     seconds = time.time() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
     process.stdout.close()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {process.returncode}):\n{''.join(output)}")
     exact = usage.ru_maxrss * 1024                                  # KiB on Linux
-    return seconds, exact if exact > parent_peak else sampled, "".join(output)
+    return MeasuredRun(seconds, exact if exact > parent_peak else sampled, "".join(output),
+                       os.waitstatus_to_exitcode(status))
 
 
 NAIVE_LOAD = """

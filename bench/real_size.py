@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -99,13 +98,6 @@ def ensure_checkpoint(directory: str, args) -> tuple[dict, bool]:
 
 # ---- steps ---------------------------------------------------------------------------------
 
-def converter_dtype_flag() -> list[str]:
-    """`--dtype bfloat16` when this checkout's converter has that flag (else it writes float32)."""
-    help_text = subprocess.run([sys.executable, "-m", "checkpoint_utils.convert_hf", "--help"],
-                               capture_output=True, text=True).stdout
-    return ["--dtype", "bfloat16"] if "--dtype" in help_text else []
-
-
 def run_step(name: str, command: list[str], result_file: str | None = None) -> dict:
     """Run one step in its own process -> {"seconds", "peak_rss", **the JSON it wrote to result_file}
     or {"error"}."""
@@ -113,17 +105,17 @@ def run_step(name: str, command: list[str], result_file: str | None = None) -> d
     if result_file and os.path.exists(result_file):
         os.unlink(result_file)
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-    try:
-        seconds, peak, _ = run_with_peak(command)
-    except RuntimeError as err:
-        text = str(err)
-        print(f"  {name} failed: {text.splitlines()[0]}\n  " + "\n  ".join(text.splitlines()[-5:]), flush=True)
-        return {"error": text.splitlines()[0]}
-    out = {"seconds": seconds, "peak_rss": peak}
-    if result_file:
+    run = run_with_peak(command)
+    out = {"seconds": run.seconds, "peak_rss": run.peak}
+    if result_file and os.path.exists(result_file):
         with open(result_file, encoding="utf-8") as f:
-            out.update(json.load(f))
-    print(f"  {name}: {seconds:.1f}s, peak RSS {peak / GIB:.2f} GiB", flush=True)
+            out.update(json.load(f))          # a step that stopped early wrote what it had
+    if run.returncode != 0:
+        out["error"] = out.get("stopped") or f"exit {run.returncode}: {run.output.strip().splitlines()[-1:]}"
+        print(f"  {name} failed ({out['error']}); its output ends:\n    " +
+              "\n    ".join(run.output.strip().splitlines()[-6:]), flush=True)
+    else:
+        print(f"  {name}: {run.seconds:.1f}s, peak RSS {run.peak / GIB:.2f} GiB", flush=True)
     return out
 
 
@@ -207,6 +199,47 @@ def ratio_line(name: str, ours: float | None, theirs: float | None, target: floa
     return f"  {name}: {ratio:.2f}x{verdict}"
 
 
+def cell(value, spec: str) -> str:
+    width = "".join(c for c in spec if c.isdigit() or c == ".").split(".")[0]
+    return format(value, spec) if value is not None else format("-", f">{width}")
+
+
+def print_steps(steps: dict) -> None:
+    print(f"{'step':<26} {'time s':>8} {'peak RSS GiB':>13}")
+    for name, step in steps.items():
+        if name == "bandwidth":
+            continue
+        load = f"  (load {step['load_s']:.1f}s)" if "load_s" in step else ""
+        failed = f"  FAILED: {step['error']}" if "error" in step else ""
+        print(f"{name:<26} {step['seconds']:>8.1f} {step['peak_rss'] / GIB:>13.2f}{load}{failed}")
+
+
+def print_sides(args, sides: dict, bandwidth: float | None) -> dict:
+    """The speed table; returns {side: {"prefill", "greedy", "beam"} tokens/s} for the ratios."""
+    print(f"\n{'side':<24} {'load s':>7} {'prefill t/s':>12} {'greedy t/s':>11} {'beam t/s':>9} "
+          f"{'cores':>6} {'GB/step':>8} {'GB/s':>6} {'of bw':>6}")
+    figures = {}
+    for name, side in sides.items():
+        greedy, beam = decode_figures(side, "greedy", bandwidth), decode_figures(side, "beam", bandwidth)
+        prefill = args.prompt / side["greedy"]["prefill_s"] if "greedy" in side else None
+        figures[name] = {"prefill": prefill, "greedy": greedy.get("tokens_per_s"), "beam": beam.get("tokens_per_s")}
+        step_bytes = greedy.get("bytes_per_step")
+        print(f"{name:<24} {cell(side.get('load_s'), '>7.1f')} {cell(prefill, '>12.1f')} "
+              f"{cell(greedy.get('tokens_per_s'), '>11.2f')} {cell(beam.get('tokens_per_s'), '>9.2f')} "
+              f"{cell(greedy.get('cores'), '>6.2f')} {cell(step_bytes and step_bytes / GB, '>8.2f')} "
+              f"{cell(greedy.get('rate') and greedy['rate'] / GB, '>6.1f')} {cell(greedy.get('of_bandwidth'), '>6.0%')}")
+        if "skipped" in beam and "error" not in side:
+            print(f"{'':<24} beam search skipped: {beam['skipped']}")
+        memory = side.get("memory", {})
+        if memory:
+            print(f"{'':<24} memory GiB (RSS / peak) after " + ", ".join(
+                f"{phase} {m['rss'] / GIB:.1f}/{m['peak'] / GIB:.1f}" for phase, m in memory.items()))
+    print("  (GB/step: bytes a decode step reads, every weight but the embedding table plus the key/value "
+          "cache; GB/s: that times steps/s; of bw: share of the all-core read bandwidth; cores: process CPU "
+          "time / wall time while decoding)")
+    return figures
+
+
 def print_report(args, info: dict, reused: bool, steps: dict) -> None:
     band = steps.get("bandwidth", {})
     bandwidth = band.get("read_all_cores")
@@ -217,36 +250,11 @@ def print_report(args, info: dict, reused: bool, steps: dict) -> None:
     if bandwidth:
         print(f"memory bandwidth (NumPy over {band['bytes'] / GIB:.1f} GiB): read {band['read_1_thread'] / GB:.1f} GB/s "
               f"on 1 thread, {bandwidth / GB:.1f} GB/s on {band['cores']}; copy {band['copy_1_thread'] / GB:.1f} GB/s")
-    print(f"prompt {args.prompt} tokens (beam search: {args.beam_prompt}), {args.new} timed decode steps, batch 1\n")
-    print(f"{'step':<26} {'time s':>8} {'peak RSS GiB':>13}")
-    for name, step in steps.items():
-        if name == "bandwidth":
-            continue
-        figure = f"{step['seconds']:>8.1f} {step['peak_rss'] / GIB:>13.2f}" if "seconds" in step else \
-            f"  failed: {step['error'][:70]}"
-        load = f"  (load {step['load_s']:.1f}s)" if "load_s" in step else ""
-        print(f"{name:<26} {figure}{load}")
+    print(f"prompt {args.prompt} tokens (beam search: {args.beam_prompt}), {args.new} timed decode steps, batch 1; "
+          f"ours load from the {args.load_from} checkpoint\n")
+    print_steps(steps)
     sides = {name: step for name, step in steps.items() if name.startswith(("ours", "transformers"))}
-    print(f"\n{'side':<24} {'load s':>7} {'RSS GiB':>8} {'prefill t/s':>12} {'greedy t/s':>11} "
-          f"{'beam t/s':>9} {'cores':>6} {'GB/step':>8} {'GB/s':>6} {'of bw':>6}")
-    figures = {}
-    for name, side in sides.items():
-        greedy, beam = decode_figures(side, "greedy", bandwidth), decode_figures(side, "beam", bandwidth)
-        prefill = args.prompt / side["greedy"]["prefill_s"] if "greedy" in side else None
-        figures[name] = {"prefill": prefill, "greedy": greedy.get("tokens_per_s"), "beam": beam.get("tokens_per_s")}
-        if "error" in side:
-            print(f"{name:<24} failed: {side['error'][:80]}")
-            continue
-        cell = (lambda v, f: format(v, f) if v is not None else "-")
-        print(f"{name:<24} {side['load_s']:>7.1f} {side['peak_rss'] / GIB:>8.2f} {cell(prefill, '>12.1f')} "
-              f"{cell(greedy.get('tokens_per_s'), '>11.2f')} {cell(beam.get('tokens_per_s'), '>9.2f')} "
-              f"{cell(greedy.get('cores'), '>6.2f')} {cell(greedy.get('bytes_per_step', 0) / GB, '>8.2f')} "
-              f"{cell(greedy.get('rate', 0) / GB, '>6.1f')} {cell(greedy.get('of_bandwidth'), '>6.0%')}")
-        if "skipped" in beam:
-            print(f"{'':<24} beam search skipped: {beam['skipped']}")
-    print("  (RSS: peak of the step's process; GB/step: weights but the embedding table + key/value cache "
-          "read per decode step; cores: process CPU time / wall time while decoding; of bw: GB/s over the "
-          "all-core read bandwidth)")
+    figures = print_sides(args, sides, bandwidth)
     theirs = figures.get("transformers bfloat16", {})
     print("\nagainst transformers bfloat16 (same checkpoint, same run):")
     for weight_format in args.formats:
@@ -259,8 +267,8 @@ def print_report(args, info: dict, reused: bool, steps: dict) -> None:
 
 
 def print_quality(args, sides: dict) -> None:
-    logits = {name: np.load(side["logits"]) for name, side in sides.items()
-              if "error" not in side and os.path.exists(side.get("logits", ""))}
+    logits = {name: np.load(side["logits"]) for name, side in sides.items()      # saved by this run
+              if "quality" in side.get("memory", {})}
     pairs = [("ours bfloat16", "transformers bfloat16", rounding_estimate(args.layers),
               "sqrt(2 R) u, R = 10 L + 3 bf16 roundings, u = 2^-9"),
              ("ours int8", "ours bfloat16", int8_estimate(args.layers, args.hidden, 4 * args.hidden),
@@ -298,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beam-prompt", type=int, default=None, help="prompt tokens for beam search (default --prompt)")
     parser.add_argument("--quality-prompts", type=int, default=4, help="random prompts whose logits are compared")
     parser.add_argument("--quality-length", type=int, default=64, help="tokens per quality prompt")
+    parser.add_argument("--load-from", choices=("converted", "hf"), default="converted",
+                        help="our side loads the converted TF checkpoint or the safetensors directly")
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="array size of the bandwidth step")
     parser.add_argument("--verbose", action="store_true", help="TensorFlow's start-up log in the steps")
     args = parser.parse_args(argv)
@@ -329,15 +339,15 @@ def main(argv: list[str] | None = None) -> int:
               "--beams", str(args.beams), "--quality-prompts", str(args.quality_prompts),
               "--quality-length", str(args.quality_length)] + (["--verbose"] if args.verbose else [])
     steps = {"bandwidth": run_measured_step("bandwidth", results, "bandwidth", "--gib", str(args.bandwidth_gib))}
-    dtype = converter_dtype_flag()
     shutil.rmtree(converted, ignore_errors=True)
-    steps[f"convert_hf ({dtype[1] if dtype else 'float32'})"] = run_step(
+    steps["convert_hf (bfloat16)"] = run_step(
         "convert", [sys.executable, "-m", "checkpoint_utils.convert_hf", "--source", hf, "--output-dir", converted,
-                    "--no-progress", *dtype])
+                    "--dtype", "bfloat16", "--no-progress"])
+    source = converted if args.load_from == "converted" else hf
     for weight_format in args.formats:
         logits = os.path.join(results, f"logits-ours-{weight_format}.npy")
         steps[f"ours {weight_format}"] = {**run_measured_step(
-            f"ours-{weight_format}", results, "ours", "--source", converted, "--format", weight_format,
+            f"ours-{weight_format}", results, "ours", "--source", source, "--format", weight_format,
             "--logits", logits, *shared), "logits": logits}
     logits = os.path.join(results, "logits-transformers.npy")
     steps["transformers bfloat16"] = {**run_measured_step(

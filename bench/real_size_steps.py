@@ -45,6 +45,34 @@ def enough_memory(needed: int) -> tuple[bool, str]:
     return needed < 0.9 * available, f"needs ~{needed / 2**30:.1f} GiB more, {available / 2**30:.1f} GiB available"
 
 
+class MemoryGuard:
+    """Ends this process (exit 3), writing its figures so far and the phase it was in, when the
+    machine's available memory falls below `floor` bytes: a clear failure of this step, where the
+    kernel's OOM killer could pick any process (another job on a shared machine)."""
+
+    def __init__(self, result: dict, result_file: str, floor: int = 1 << 30):
+        self.result, self.result_file, self.floor = result, result_file, floor
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        import psutil
+        while True:
+            available = psutil.virtual_memory().available
+            if available < self.floor:
+                self.result["stopped"] = (f"out of memory during {self.result.get('phase', 'start-up')}: "
+                                          f"{available / 2**30:.1f} GiB left on the machine, this process "
+                                          f"held {status_bytes('self', 'VmRSS') / 2**30:.1f} GiB")
+                atomic_write_text(self.result_file, json.dumps(self.result))
+                os._exit(3)
+            time.sleep(0.05)
+
+
+def memory_now() -> dict:
+    """{"rss", "peak"}: this process' resident bytes now and at its peak so far (GB-sized steps
+    record it after each phase, so a high peak can be traced to the phase that made it)."""
+    return {"rss": status_bytes("self", "VmRSS"), "peak": status_bytes("self", "VmHWM")}
+
+
 class Stopwatch:
     """Wall and process CPU seconds of a block: CPU / wall is how many cores it kept busy."""
 
@@ -58,7 +86,7 @@ class Stopwatch:
 
 # ---- machine -----------------------------------------------------------------------------
 
-def step_bandwidth(args) -> dict:
+def step_bandwidth(args, result: dict) -> None:
     """Memory read bandwidth: NumPy sums over an array far larger than the caches, by one thread
     and by one thread per core (ufunc loops release the GIL), and a copy; best of 3 each."""
     n = int(args.gib * 2**30) // 4
@@ -82,23 +110,24 @@ def step_bandwidth(args) -> dict:
         for thread in threads:
             thread.join()
 
-    return {"bytes": data.nbytes, "cores": cores,
-            "read_1_thread": data.nbytes / best(lambda: np.sum(data)),
-            "read_all_cores": data.nbytes / best(threaded_sum),
-            "copy_1_thread": 2 * data.nbytes / best(lambda: np.copyto(target, data))}   # read + write
+    result.update({"bytes": data.nbytes, "cores": cores,
+                   "read_1_thread": data.nbytes / best(lambda: np.sum(data)),
+                   "read_all_cores": data.nbytes / best(threaded_sum),
+                   "copy_1_thread": 2 * data.nbytes / best(lambda: np.copyto(target, data))})   # read + write
 
 
 # ---- ours --------------------------------------------------------------------------------
 
 def load_ours(source: str, weight_format: str):
-    """The model in `weight_format` from a converted checkpoint directory.
-
-    Stand-in until generation.loading.load_generation_model lands (branch leanload): this builds
-    the float32 model and packs it, so its peak holds a float32 copy; switching is this one call."""
+    """The model in `weight_format`, loaded tensor by tensor (generation.loading) from a converted
+    checkpoint directory or a Hugging Face directory."""
     from checkpoint_utils.convert_hf import load_converted_params
-    from checkpoint_utils.load import load_model
-    from generation.weights import generation_model
-    return generation_model(load_model(load_converted_params(source), source), weight_format)
+    from checkpoint_utils.hf_config import params_from_hf_config
+    from checkpoint_utils.hf_source import read_config
+    from generation.loading import load_generation_model
+    converted = os.path.exists(os.path.join(source, "params.yaml"))
+    params = load_converted_params(source) if converted else params_from_hf_config(read_config(source))
+    return load_generation_model(params, source, weight_format)
 
 
 def weights_of(model) -> dict:
@@ -141,35 +170,41 @@ def time_decoder(decoder, state, new_tokens: int, time_prefill: bool = True) -> 
             "tokens": decoder.row_tokens(done)[0]}
 
 
-def step_ours(args) -> dict:
+def step_ours(args, result: dict) -> None:
     quiet_tensorflow(args.verbose)
     import tensorflow as tf
 
     from bench.generate import prepared_decoder
     from generation.config import GenerationConfig
     from generation.generator import Generator
+    result.update(phase="load", format=args.format, memory={},
+                  intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads())
     with Stopwatch() as load:
         model = load_ours(args.source, args.format)
-    result = {"load_s": load.wall, "rss_after_load": status_bytes("self", "VmRSS"), "format": args.format,
-              "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+    result.update(load_s=load.wall, phase="quality logits")
+    result["memory"]["load"] = memory_now()
     vocab = model.config.vocab_size
     np.save(args.logits, model(tf.constant(quality_ids(vocab, args.quality_prompts, args.quality_length),
                                            tf.int32)).logits.numpy())
+    result["memory"]["quality"] = memory_now()
+    result["phase"] = "greedy (prefill, then decode)"
     generator = Generator(model, args.compile)
     prompt = [prompt_ids(vocab, args.prompt)]
     config = GenerationConfig(max_new_tokens=args.new + 2, pad_token_id=0)
     decoder, state = prepared_decoder(generator, prompt, config)
     result["greedy"] = time_decoder(decoder, state, args.new)
     result["weight_bytes"], result["cache_bytes"] = decode_step_bytes(model, 1, decoder.cache_length)
+    result["memory"]["greedy"] = memory_now()
     decoder = state = None
     if args.beams > 1:
+        result["phase"] = "beam search"
         prompt = [prompt_ids(vocab, args.beam_prompt)]
         config = GenerationConfig(max_new_tokens=args.new + 2, num_beams=args.beams, pad_token_id=0)
         decoder, state = prepared_decoder(generator, prompt, config)
         _, cache = decode_step_bytes(model, args.beams, decoder.cache_length)
         fits, why = enough_memory(3 * cache)       # a step's input, output and gathered caches
         result["beam"] = time_decoder(decoder, state, args.new, time_prefill=False) if fits else {"skipped": why}
-    return result
+        result["memory"]["beam"] = memory_now()
 
 
 # ---- transformers ------------------------------------------------------------------------
@@ -200,19 +235,23 @@ def time_generate(model, ids: list[int], new_tokens: int, beams: int) -> dict:
             "decode_steps": len(stamps) - 2, "tokens": out[0, ids.shape[1]:].tolist()}
 
 
-def step_transformers(args) -> dict:
+def step_transformers(args, result: dict) -> None:
     import torch
     import transformers
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(TORCH_THREADS)
+    result.update(phase="load", memory={}, torch_threads=torch.get_num_threads())
     with Stopwatch() as load:
         model = transformers.GPTJForCausalLM.from_pretrained(args.source, dtype=torch.bfloat16).eval()
     model.generation_config.eos_token_id = None
-    result = {"load_s": load.wall, "rss_after_load": status_bytes("self", "VmRSS"), "torch_threads": torch.get_num_threads()}
+    result.update(load_s=load.wall, phase="quality logits")
+    result["memory"]["load"] = memory_now()
     config = model.config
     with torch.no_grad():
         ids = torch.tensor(quality_ids(config.vocab_size, args.quality_prompts, args.quality_length))
         np.save(args.logits, model(ids).logits.float().numpy())
+    result["memory"]["quality"] = memory_now()
+    result["phase"] = "greedy (prefill, then decode)"
     time_generate(model, prompt_ids(config.vocab_size, 8), 1, 1)                        # warm up
     result["greedy"] = time_generate(model, prompt_ids(config.vocab_size, args.prompt), args.new, 1)
     head_dim = config.n_embd // config.n_head
@@ -220,12 +259,14 @@ def step_transformers(args) -> dict:
     # weights read per step: all but the embedding table; the cache grows, so take its mean length
     result["weight_bytes"] = 2 * (sum(p.numel() for p in model.parameters()) - model.transformer.wte.weight.numel())
     result["cache_bytes"] = kv_per_token * (args.prompt + 2 + args.new // 2)
+    result["memory"]["greedy"] = memory_now()
     if args.beams > 1:
+        result["phase"] = "beam search"
         # transformers expands the prompt to every beam before the prefill, and its cache grows by copying
         fits, why = enough_memory(3 * args.beams * kv_per_token * (args.beam_prompt + args.new + 2))
         result["beam"] = (time_generate(model, prompt_ids(config.vocab_size, args.beam_prompt), args.new, args.beams)
                           if fits else {"skipped": why})
-    return result
+        result["memory"]["beam"] = memory_now()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         step.add_argument("--result", required=True, help="JSON file for the figures")
     args = parser.parse_args(argv)
     run = {"bandwidth": step_bandwidth, "ours": step_ours, "transformers": step_transformers}[args.step]
-    result = run(args)
+    result: dict = {}
+    MemoryGuard(result, args.result)
+    run(args, result)
+    result.pop("phase", None)
     result["peak_rss_self"] = status_bytes("self", "VmHWM")
     atomic_write_text(args.result, json.dumps(result))
     return 0

@@ -235,21 +235,22 @@ def print_sides(args, sides: dict, bandwidth: float | None) -> dict:
             print(f"{'':<24} memory GiB (RSS / peak) after " + ", ".join(
                 f"{phase} {m['rss'] / GIB:.1f}/{m['peak'] / GIB:.1f}" for phase, m in memory.items()))
     print("  (GB/step: bytes a decode step reads, every weight but the embedding table plus the key/value "
-          "cache; GB/s: that times steps/s; of bw: share of the all-core read bandwidth; cores: process CPU "
+          "cache; GB/s: that times steps/s; of bw: share of the best read bandwidth above; cores: process CPU "
           "time / wall time while decoding)")
     return figures
 
 
 def print_report(args, info: dict, reused: bool, steps: dict) -> None:
     band = steps.get("bandwidth", {})
-    bandwidth = band.get("read_all_cores")
+    bandwidth = max(band.get("read_1_thread", 0), band.get("read_all_cores", 0)) or None
     print(f"\nmodel: GPT-J shape hidden {args.hidden}, {args.layers} layers, {args.heads} heads, rotary_dim "
           f"{args.rotary_dim}, n_inner {4 * args.hidden}, vocab {args.vocab}: {info['parameters']:,} parameters, "
           f"{info['bytes'] / GB:.2f} GB bfloat16 in {info['shards']} shards "
           f"({'reused' if reused else 'built in %.0fs' % info['build_seconds']})")
     if bandwidth:
         print(f"memory bandwidth (NumPy over {band['bytes'] / GIB:.1f} GiB): read {band['read_1_thread'] / GB:.1f} GB/s "
-              f"on 1 thread, {bandwidth / GB:.1f} GB/s on {band['cores']}; copy {band['copy_1_thread'] / GB:.1f} GB/s")
+              f"on 1 thread, {band['read_all_cores'] / GB:.1f} GB/s on {band['cores']}; copy "
+              f"{band['copy_1_thread'] / GB:.1f} GB/s (read + write)")
     print(f"prompt {args.prompt} tokens (beam search: {args.beam_prompt}), {args.new} timed decode steps, batch 1; "
           f"ours load from the {args.load_from} checkpoint\n")
     print_steps(steps)

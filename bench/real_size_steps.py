@@ -145,10 +145,21 @@ def decode_step_bytes(model, batch: int, cache_length: int) -> tuple[int, int]:
     return tree_bytes(weights) - tree_bytes({"embedding": weights["embedding"]}), cache
 
 
-def time_decoder(decoder, state, new_tokens: int, time_prefill: bool = True) -> dict:
+def cache_length(generator, prompt_length: int, config) -> int:
+    """The key/value cache slots the generator's decoder gets for this prompt length and config."""
+    from generation.batch import round_up
+    multiple = generator.length_multiple
+    return round_up(round_up(prompt_length, multiple) + config.max_new_tokens, multiple)
+
+
+def time_decoding(generator, prompt: list[int], config, new_tokens: int, time_prefill: bool = True) -> dict:
     """The prefill (its first call compiles it, so with time_prefill it runs once more, timed), one
-    advance step (compiles advance), then `new_tokens` timed steps, with the process' CPU time."""
+    advance step (compiles advance), then `new_tokens` timed steps, with the process' CPU time.
+    Only this function holds the decoder states, so each is freed as soon as the next exists."""
     import tensorflow as tf
+
+    from bench.generate import prepared_decoder
+    decoder, state = prepared_decoder(generator, [prompt], config)
     with Stopwatch() as first:
         prefilled = decoder.prefill(state)
         int(prefilled.step)
@@ -174,7 +185,6 @@ def step_ours(args, result: dict) -> None:
     quiet_tensorflow(args.verbose)
     import tensorflow as tf
 
-    from bench.generate import prepared_decoder
     from generation.config import GenerationConfig
     from generation.generator import Generator
     result.update(phase="load", format=args.format, memory={},
@@ -189,21 +199,18 @@ def step_ours(args, result: dict) -> None:
     result["memory"]["quality"] = memory_now()
     result["phase"] = "greedy (prefill, then decode)"
     generator = Generator(model, args.compile)
-    prompt = [prompt_ids(vocab, args.prompt)]
     config = GenerationConfig(max_new_tokens=args.new + 2, pad_token_id=0)
-    decoder, state = prepared_decoder(generator, prompt, config)
-    result["greedy"] = time_decoder(decoder, state, args.new)
-    result["weight_bytes"], result["cache_bytes"] = decode_step_bytes(model, 1, decoder.cache_length)
+    result["greedy"] = time_decoding(generator, prompt_ids(vocab, args.prompt), config, args.new)
+    result["weight_bytes"], result["cache_bytes"] = decode_step_bytes(
+        model, 1, cache_length(generator, args.prompt, config))
     result["memory"]["greedy"] = memory_now()
-    decoder = state = None
     if args.beams > 1:
         result["phase"] = "beam search"
-        prompt = [prompt_ids(vocab, args.beam_prompt)]
         config = GenerationConfig(max_new_tokens=args.new + 2, num_beams=args.beams, pad_token_id=0)
-        decoder, state = prepared_decoder(generator, prompt, config)
-        _, cache = decode_step_bytes(model, args.beams, decoder.cache_length)
+        _, cache = decode_step_bytes(model, args.beams, cache_length(generator, args.beam_prompt, config))
         fits, why = enough_memory(3 * cache)       # a step's input, output and gathered caches
-        result["beam"] = time_decoder(decoder, state, args.new, time_prefill=False) if fits else {"skipped": why}
+        result["beam"] = (time_decoding(generator, prompt_ids(vocab, args.beam_prompt), config, args.new,
+                                        time_prefill=False) if fits else {"skipped": why})
         result["memory"]["beam"] = memory_now()
 
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from layers import initializers
 from layers.attention import KVCache
-from layers.base import Layer
+from layers.base import Layer, weight_variable
 from layers.decoder_block import DecoderBlock
 from layers.dense import Dense
 from layers.dropout import dropout
@@ -63,7 +63,7 @@ class GPTJModel(Layer):
             self.lm_head = Dense(config.hidden_size, config.vocab_size, config.use_bias_in_output,
                                  kernel_init, name="lm_head")
         elif config.use_bias_in_output:
-            self.lm_head_bias = tf.Variable(initializers.zeros([config.vocab_size]), name="lm_head_bias")
+            self.lm_head_bias = weight_variable(initializers.zeros, [config.vocab_size], "lm_head_bias")
 
     @property
     def compute_dtype(self) -> tf.DType:
@@ -235,6 +235,27 @@ def loss_weights(features: dict) -> tf.Tensor:
 
 def build_model(params: Params) -> GPTJModel:
     return GPTJModel(params.model, seed=params.runconfig.seed)
+
+
+def build_model_with(config: ModelParams, variable_for: Callable[[WeightSpec], "tf.Variable | None"]) -> GPTJModel:
+    """GPTJModel(config) whose variables are variable_for(spec), asked in creation order, instead
+    of initialised ones; no initialiser runs. A loader passes variables it made from checkpoint
+    tensors. None leaves that weight out (the layer's attribute holds its WeightSpec, which
+    weights_tree() skips): None for every weight gives the model's code without weights, for a
+    generation format that keeps its weights in a tree of its own (generation/loading.py)."""
+    specs = iter(weight_specs(config))
+
+    def creator(next_creator, **kwargs):
+        spec = next(specs, None)
+        if (spec is None or spec.path.rsplit("/", 1)[-1] != kwargs.get("name")
+                or tuple(kwargs.get("shape") or ()) != spec.shape):
+            raise AssertionError(f"variable {kwargs.get('name')} {kwargs.get('shape')} is not the next of "
+                                 f"weight_specs ({spec}): layers create their weights with layers.base.weight_variable")
+        variable = variable_for(spec)
+        return spec if variable is None else variable     # a creator may not return None
+
+    with tf.variable_creator_scope(creator):
+        return GPTJModel(config)
 
 
 @island

@@ -3,7 +3,7 @@
     python -m bench.convert [--work-dir DIR] [--layers 20] [--hidden 2048] [--keep]
 
 Builds a random GPT-J checkpoint (sharded safetensors, float32) itself, then runs
-`checkpoint_utils.convert_hf` in a subprocess and samples its resident memory. As a peer it
+`checkpoint_utils.convert_hf` in a subprocess and reads its peak resident memory. As a peer it
 measures, in the same run, the naive path (every tensor loaded at once with
 `safetensors.numpy.load_file`, as a whole-model loader does). Target: converter peak RSS
 below 40% of the checkpoint size.
@@ -16,16 +16,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
-import psutil
-from safetensors.numpy import save_file
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
 from config.cli import ArgumentParser
 
 GB = 1 << 30
+
+
+def gptj_hf_config(hidden: int, layers: int, vocab: int, heads: int, rotary_dim: int = 64, inner: int | None = None,
+                   dtype: str = "float32") -> dict:
+    """A transformers GPT-J config.json (untied head with bias, as GPT-J-6B)."""
+    return dict(model_type="gptj", architectures=["GPTJForCausalLM"], vocab_size=vocab, n_embd=hidden,
+                n_layer=layers, n_head=heads, rotary_dim=rotary_dim, n_inner=inner or 4 * hidden, n_positions=2048,
+                activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+                initializer_range=0.02, bos_token_id=50256, eos_token_id=50256, torch_dtype=dtype)
 
 
 def gptj_tensor_shapes(hidden: int, layers: int, vocab: int, inner: int) -> dict[str, tuple[int, ...]]:
@@ -42,56 +51,108 @@ def gptj_tensor_shapes(hidden: int, layers: int, vocab: int, inner: int) -> dict
     return shapes
 
 
-def make_checkpoint(directory: str, hidden: int, layers: int, vocab: int, shard_bytes: int) -> int:
-    """Write a random GPT-J checkpoint; returns its size in bytes."""
+CHUNK_ELEMENTS = 1 << 24       # 64 MB of float32 drawn at a time
+
+
+def random_tensor_chunks(name: str, shape: tuple[int, ...], dtype: np.dtype, seed: int, index: int):
+    """A tensor's seeded random values in blocks of rows: HF's GPT-J initialisation (normal, std
+    0.02), except LayerNorm weights 1 + N(0, 0.02) (activations keep their scale through the
+    layers, and logits are random but not degenerate). Reproducible for (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    rows = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape[1:]))))
+    layer_norm_weight = ".ln_" in name and name.endswith(".weight")
+    for start in range(0, shape[0], rows):
+        block = rng.standard_normal((min(rows, shape[0] - start),) + tuple(shape[1:]), dtype=np.float32)
+        block *= np.float32(0.02)
+        if layer_norm_weight:
+            block += np.float32(1.0)
+        yield block.astype(dtype)
+
+
+def make_checkpoint(directory: str, hidden: int, layers: int, vocab: int, shard_bytes: int, heads: int | None = None,
+                    rotary_dim: int = 64, dtype: str = "float32", seed: int = 0) -> int:
+    """Write a random GPT-J checkpoint (sharded safetensors in `dtype`, HF's file names and index)
+    tensor by tensor, holding one chunk of one tensor at a time; returns its size in bytes."""
+    from checkpoint_utils.safetensors_reader import DTYPES
+    from checkpoint_utils.safetensors_writer import SafetensorsWriter, tensor_nbytes
+    stored = DTYPES["BF16" if dtype == "bfloat16" else "F32"]
     inner = 4 * hidden
-    config = dict(model_type="gptj", architectures=["GPTJForCausalLM"], vocab_size=vocab, n_embd=hidden,
-                  n_layer=layers, n_head=hidden // 128, rotary_dim=64, n_inner=inner, n_positions=2048,
-                  activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=False)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f)
-    rng = np.random.default_rng(0)
-    shard: dict[str, np.ndarray] = {}
-    weight_map, files, size = {}, [], 0
-
-    def flush():
-        nonlocal shard
-        if shard:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
-            files.append(name)
-            weight_map.update({k: name for k in shard})
-        shard = {}
-
+        json.dump(gptj_hf_config(hidden, layers, vocab, heads or hidden // 128, rotary_dim, inner, dtype), f, indent=2)
+    shards: list[dict[str, tuple]] = [{}]
     for name, shape in gptj_tensor_shapes(hidden, layers, vocab, inner).items():
-        array = rng.standard_normal(shape, dtype=np.float32) * 0.02
-        if sum(a.nbytes for a in shard.values()) + array.nbytes > shard_bytes:
-            flush()
-        shard[name] = array
-        size += array.nbytes
-    flush()
+        if shards[-1] and sum(tensor_nbytes(s, stored) for s, _ in shards[-1].values()) \
+                + tensor_nbytes(shape, stored) > shard_bytes:
+            shards.append({})
+        shards[-1][name] = (shape, stored)
+    weight_map, index = {}, 0
+    for number, tensors in enumerate(shards, 1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        with SafetensorsWriter(os.path.join(directory, file), tensors, {"format": "pt"}) as writer:
+            for name, (shape, _) in tensors.items():
+                writer.write(name, random_tensor_chunks(name, shape, stored, seed, index))
+                weight_map[name] = file
+                index += 1
+    size = sum(tensor_nbytes(shape, stored) for tensors in shards for shape, _ in tensors.values())
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f)
     return size
 
 
 def run_measured(command: list[str]) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of a subprocess, sampled every 20 ms."""
+    """(seconds, peak RSS bytes) of a subprocess that must succeed."""
+    run = run_with_peak(command)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {run.returncode}):\n{run.output}")
+    return run.seconds, run.peak
+
+
+def status_bytes(pid: int | str, field: str) -> int | None:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM, ...) in bytes; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class MeasuredRun(NamedTuple):
+    seconds: float
+    peak: int                  # bytes
+    output: str                # stdout and stderr
+    returncode: int
+
+
+def run_with_peak(command: list[str], env: dict | None = None) -> MeasuredRun:
+    """Time, peak RSS and output of a subprocess, the peak separate for every child.
+
+    wait4's ru_maxrss is the kernel's exact high-water mark, but Linux starts a child's at the
+    parent's own (exec keeps the larger of the two), so it is the child's peak only when above the
+    parent's. Otherwise the peak is the child's VmHWM (its own address space's high-water mark),
+    read every 10 ms: exact except for growth in its last 10 ms."""
+    parent_peak = status_bytes("self", "VmHWM") or 0
     start = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watched = psutil.Process(process.pid)
-    peak = 0
-    while process.poll() is None:
-        try:
-            peak = max(peak, watched.memory_info().rss)
-        except psutil.NoSuchProcess:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.append(process.stdout.read()))
+    reader.start()
+    sampled = 0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
             break
-        time.sleep(0.02)
-    output = process.stdout.read()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{output}")
-    return time.time() - start, peak
+        sampled = max(sampled, status_bytes(process.pid, "VmHWM") or 0)
+        time.sleep(0.01)
+    seconds = time.time() - start
+    reader.join()
+    process.stdout.close()
+    exact = usage.ru_maxrss * 1024                                  # KiB on Linux
+    return MeasuredRun(seconds, exact if exact > parent_peak else sampled, "".join(output),
+                       os.waitstatus_to_exitcode(status))
 
 
 NAIVE_LOAD = """

@@ -55,16 +55,24 @@ def build_models(args, work: str):
     return hf_model, load_model(params, os.path.join(work, "tf"))
 
 
-def time_ours(generator, prompts, config) -> tuple[float, float, list[list[int]]]:
-    """(ttft, total seconds, tokens) for one greedy generation, timed around the decoder calls."""
+def prepared_decoder(generator, prompts, config):
+    """(the generator's compiled decoder for these prompts and config, its initial state), as
+    Generator.generate builds them, so a bench can time prefill and advance on their own. Seeds
+    are zero: greedy and beam search do not use them."""
     import numpy as np
-    import tensorflow as tf
 
     from generation.batch import left_pad, round_up
     batch = left_pad(prompts, config.pad_token_id, generator.length_multiple)
     cache_length = round_up(batch.prompt_slots + config.max_new_tokens, generator.length_multiple)
     decoder = generator.decoder(config, len(prompts), batch.prompt_slots, cache_length)
-    state = decoder.initial_state(batch, np.zeros([len(prompts)], np.int64))  # greedy: the seed is unused
+    return decoder, decoder.initial_state(batch, np.zeros([len(prompts)], np.int64))
+
+
+def time_ours(generator, prompts, config) -> tuple[float, float, list[list[int]]]:
+    """(ttft, total seconds, tokens) for one greedy generation, timed around the decoder calls."""
+    import tensorflow as tf
+
+    decoder, state = prepared_decoder(generator, prompts, config)
     start = time.perf_counter()
     state = decoder.prefill(state)
     state.tokens.numpy()

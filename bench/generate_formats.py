@@ -41,18 +41,14 @@ def random_model(args):
 
 def decode_seconds(model, prompts, new_tokens: int) -> tuple[float, float]:
     """(ttft, total) of one greedy generation through the compiled decoder."""
-    import numpy as np
     import tensorflow as tf
 
-    from generation.batch import left_pad, round_up
+    from bench.generate import prepared_decoder
     from generation.config import GenerationConfig
     from generation.generator import Generator
     config = GenerationConfig(max_new_tokens=new_tokens, pad_token_id=0)
     generator = decode_seconds.generators.setdefault(id(model), Generator(model, "xla"))
-    batch = left_pad(prompts, 0, generator.length_multiple)
-    decoder = generator.decoder(config, len(prompts), batch.prompt_slots,
-                                round_up(batch.prompt_slots + new_tokens, generator.length_multiple))
-    state = decoder.initial_state(batch, np.zeros([len(prompts)], np.int64))
+    decoder, state = prepared_decoder(generator, prompts, config)
     start = time.perf_counter()
     state = decoder.prefill(state)
     state.tokens.numpy()

@@ -90,6 +90,25 @@ def params_from_hf_config(config: dict, vocab_size: int | None = None) -> ModelP
     return from_dict(ModelParams, raw, "model")
 
 
+# model: keys that say how a model is trained or run, not which model it is: params given with a
+# Hugging Face checkpoint may set them (the rest comes from its config.json).
+RUN_CHOICES = ("fused_qkv", "embedding_dropout_rate", "attention_dropout_rate", "residual_dropout_rate",
+               "initializer", "embedding_initializer", "output_layer_initializer", "mixed_precision",
+               "mixed_precision_dtype")
+
+
+def architecture_differences(hf_model: ModelParams, model: ModelParams) -> list[str]:
+    """Where `model` describes another model than `hf_model` (derived from a config.json), as
+    "model.key=value (config.json: value)"; RUN_CHOICES may differ and vocab_size may pad."""
+    differences = []
+    for field in dataclasses.fields(ModelParams):
+        ours, theirs = getattr(model, field.name), getattr(hf_model, field.name)
+        if field.name in RUN_CHOICES or ours == theirs or (field.name == "vocab_size" and ours > theirs):
+            continue
+        differences.append(f"model.{field.name}={ours!r} (config.json: {theirs!r})")
+    return differences
+
+
 def model_type_of(model: ModelParams) -> str:
     return "gptj" if model.rotary_style == "gptj" else "gpt_neox"
 

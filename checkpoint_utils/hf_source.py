@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 
 from checkpoint_utils.hf_tokenizer import TOKENIZER_FILES
@@ -152,11 +153,26 @@ class HFWeights:
             return self._safetensors(filename).shape(stored)
         return tuple(self._bin(filename)[stored].shape)
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as float32 (our variables are float32; fp16/bf16 widen exactly)."""
+    def read(self, name: str, keep_dtype: bool = False) -> np.ndarray:
+        """The tensor as float32 (our variables are float32; fp16/bf16 widen exactly), or with
+        keep_dtype in its stored 16- or 32-bit float type (a bfloat16 loader or converter then
+        never holds a float32 copy)."""
         filename, stored = self.file_of[name], self._stored_name.get(name, name)
         if self.kind == "safetensors":
             array = self._safetensors(filename).read(stored)
         else:
-            array = self._bin(filename)[stored].float().numpy()
-        return array if array.dtype == np.float32 else aligned_copy(array, np.float32)
+            array = _torch_to_numpy(self._bin(filename)[stored])
+        keep = keep_dtype and array.dtype in _KEPT_DTYPES
+        return array if keep or array.dtype == np.float32 else aligned_copy(array, np.float32)
+
+
+_KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    """A torch CPU tensor's values in an aligned NumPy array of its own (bfloat16 as ml_dtypes'
+    bfloat16, which torch's .numpy() refuses), not a view of the memory-mapped file."""
+    import torch
+    if tensor.dtype == torch.bfloat16:
+        return aligned_copy(tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+    return aligned_copy(tensor.numpy())

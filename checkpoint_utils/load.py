@@ -1,37 +1,40 @@
-"""Load our model's weights from a TF checkpoint, after checking it holds that model."""
+"""Load our model's float32 weights from a TF checkpoint or a Hugging Face directory, tensor by
+tensor, after checking the source holds that model.
+
+Each variable is made from its checkpoint tensor (widened to float32 when stored in 16 bits):
+no initial values are drawn and no second model is built, so memory is the model plus one
+tensor in flight.
+"""
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
-from checkpoint_utils.tf_checkpoint import resolve_checkpoint, variable_shapes
-from model import GPTJModel, weight_shapes
+from checkpoint_utils.host_arrays import aligned_copy, as_tensor
+from checkpoint_utils.weight_source import (CheckpointMismatchError, WeightSource, check_checkpoint,  # noqa: F401
+                                            open_weights)
 from config.params import ModelParams
+from model import GPTJModel, build_model_with
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not hold the model the params describe."""
+def float32_variable(array: np.ndarray, name: str, trainable: bool = True) -> tf.Variable:
+    """A float32 variable holding `array` (float32, or bfloat16/float16 widened exactly)."""
+    if array.dtype != np.float32:
+        array = aligned_copy(array, np.float32)
+    return tf.Variable(as_tensor(array), trainable=trainable, name=name)
 
 
-def check_checkpoint(prefix: str, model: ModelParams) -> None:
-    """Every variable the params imply is in the checkpoint with the right shape."""
-    found = variable_shapes(prefix)
-    expected = weight_shapes(model)
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise CheckpointMismatchError(
-            f"checkpoint {prefix} lacks {len(missing)} variable(s) the params imply, e.g. "
-            f"{', '.join(missing[:3])}; pass the params file the checkpoint was written with")
-    for path, shape in expected.items():
-        if tuple(found[path]) != tuple(shape):
-            raise CheckpointMismatchError(
-                f"checkpoint {prefix}: variable {path} has shape {list(found[path])} but the params "
-                f"imply {list(shape)}; pass the params file the checkpoint was written with")
+def build_float32_model(config: ModelParams, weights: WeightSource) -> GPTJModel:
+    """A GPTJModel whose variables are made from `weights`' tensors, one at a time (checked first)."""
+    weights.check(config)
+    variables = {}
+    for path, array in weights.arrays(config):
+        variables[path] = float32_variable(array, path.rsplit("/", 1)[-1])
+        array = None                  # before the next read: one tensor at a time
+    return build_model_with(config, lambda spec: variables.pop(spec.path))
 
 
 def load_model(config: ModelParams, checkpoint: str) -> GPTJModel:
-    """A GPTJModel with every weight restored from `checkpoint` (prefix or directory)."""
-    prefix = resolve_checkpoint(checkpoint)
-    check_checkpoint(prefix, config)
-    model = GPTJModel(config)
-    tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
-    return model
+    """A GPTJModel with every weight read from `checkpoint`: a TF checkpoint prefix, a directory
+    with a `checkpoint` file (its latest), or a Hugging Face directory."""
+    return build_float32_model(config, open_weights(checkpoint))

@@ -360,8 +360,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_params(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read, override and validate a params YAML file."""
+def load_params(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                model_defaults: dict | None = None) -> Params:
+    """Read, override and validate a params YAML file. model_defaults: values of the model: keys
+    the file does not set (a Hugging Face checkpoint's config.json), in place of the schema's."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ParamsError(f"params file {path!r} does not exist; pass --params with a YAML file "
@@ -378,6 +380,8 @@ def load_params(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ParamsError(f"{path} is empty; it needs at least a `model:` section")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    if model_defaults is not None:
+        raw = dict(raw, model={**model_defaults, **(raw.get("model") or {})})
     overrides = list(overrides)
     try:
         return from_dict(Params, apply_overrides(raw, overrides), "")

@@ -40,14 +40,40 @@ def dequantize_int8(rows: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     return tf.transpose(tf.cast(rows, tf.float32) * scale[:, None])
 
 
-def pack_kernel(kernel: tf.Variable, weight_format: str) -> dict:
-    """One dense kernel [in, out] in `weight_format` (see the module docstring)."""
+# Float32 bytes of output channels converted at a time: the transient of packing one kernel.
+PACK_BLOCK_BYTES = 32 << 20
+
+
+def pack_kernel(kernel, weight_format: str, block_bytes: int = PACK_BLOCK_BYTES) -> dict:
+    """One dense kernel [in, out] (a variable, tensor or host array; float32, bfloat16 or float16)
+    in `weight_format` (see the module docstring), converted `block_bytes` of float32 output
+    channels at a time into the packed variables. Each output channel is packed on its own (one
+    row, one scale), so blocks give the bits the whole kernel would, while the transient is one
+    block rather than a float32 copy of the kernel (the LM head's is 826 MB for GPT-J 6B)."""
+    in_dim, out_dim = (int(n) for n in kernel.shape)
+    step = max(1, block_bytes // (4 * in_dim))
+    dtype = tf.bfloat16 if weight_format == "bfloat16" else tf.int8
+    rows = tf.Variable(tf.zeros([out_dim, in_dim], dtype), trainable=False, name="kernel_t")   # [out, in]
+    scales = []
+    for start in range(0, out_dim, step):
+        part = tf.convert_to_tensor(kernel[:, start:start + step])                    # [in, n]
+        if weight_format == "bfloat16":
+            packed = tf.cast(tf.transpose(part), tf.bfloat16)                          # [n, in]
+        else:
+            packed, scale = quantize_int8(tf.cast(part, tf.float32))                   # [n, in], [n]
+            scales.append(scale)
+        rows[start:start + step].assign(packed)
+        part = packed = None                              # this block's memory, before the next one
     if weight_format == "bfloat16":
-        return {"kernel_t": tf.Variable(tf.cast(tf.transpose(kernel), tf.bfloat16), trainable=False,
-                                        name="kernel_t")}
-    rows, scale = quantize_int8(kernel)
-    return {"kernel_t": tf.Variable(rows, trainable=False, name="kernel_t"),
-            "kernel_scale": tf.Variable(scale, trainable=False, name="kernel_scale")}
+        return {"kernel_t": rows}
+    return {"kernel_t": rows, "kernel_scale": tf.Variable(tf.concat(scales, 0), trainable=False,
+                                                          name="kernel_scale")}
+
+
+def is_packed(path: str, rank: int) -> bool:
+    """Whether the weight at `path` (a weights_tree path) is a dense kernel, which the 16- and
+    8-bit formats pack; embedding tables, LayerNorms and biases stay float32."""
+    return path.rsplit("/", 1)[-1] == "kernel" and rank == 2
 
 
 def pack_weights(tree, weight_format: str):
@@ -58,7 +84,7 @@ def pack_weights(tree, weight_format: str):
         return tree
     out = {}
     for name, value in tree.items():
-        if name == "kernel" and isinstance(value, tf.Variable) and value.shape.rank == 2:
+        if isinstance(value, tf.Variable) and is_packed(name, value.shape.rank):
             out.update(pack_kernel(value, weight_format))
         else:
             out[name] = pack_weights(value, weight_format)
@@ -74,13 +100,17 @@ class GenerationModel:
     """A GPTJModel's code over weights in one format: `.config`, `.empty_cache` and calls like
     the model's own, which is all the decoders use."""
 
-    def __init__(self, model: GPTJModel, weight_format: str = "float32"):
+    def __init__(self, model: GPTJModel, weight_format: str = "float32", weights: dict | None = None):
+        """weights: the tree already in `weight_format` (generation/loading.py builds it from a
+        checkpoint, over a model without variables); default: the model's own, packed here."""
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight format {weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
         self.weight_format = weight_format
         self.model = model.with_compute_dtype("bfloat16") if weight_format == "bfloat16" else model
-        tree = model.weights_tree()
-        self.weights = tree if weight_format == "float32" else pack_weights(tree, weight_format)
+        if weights is None:
+            tree = model.weights_tree()
+            weights = tree if weight_format == "float32" else pack_weights(tree, weight_format)
+        self.weights = weights
 
     @property
     def config(self):

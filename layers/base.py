@@ -8,6 +8,7 @@ piece of layer code serves both execution modes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Callable
 
 import tensorflow as tf
 
@@ -32,3 +33,10 @@ class Layer(tf.Module):
 
     def __call__(self, *args, **kwargs):
         return self.forward(self.weights_tree(), *args, **kwargs)
+
+
+def weight_variable(init: Callable[[list[int]], tf.Tensor], shape: list[int], name: str) -> tf.Variable:
+    """A float32 weight drawn from init(shape). The draw is a callable initial value, and shape,
+    dtype and name are given up front: a variable creator scope (model.build_model_with) then sees
+    which weight is created and may supply the variable itself, so a loader runs no initialiser."""
+    return tf.Variable(lambda: init(shape), name=name, shape=shape, dtype=tf.float32)

@@ -6,16 +6,16 @@ from typing import Callable
 import tensorflow as tf
 
 from layers import initializers
-from layers.base import Layer
+from layers.base import Layer, weight_variable
 
 
 class Dense(Layer):
     def __init__(self, in_dim: int, out_dim: int, use_bias: bool,
                  kernel_init: Callable, name: str | None = None):
         super().__init__(name=name)
-        self.kernel = tf.Variable(kernel_init([in_dim, out_dim]), name="kernel")  # [in, out]
+        self.kernel = weight_variable(kernel_init, [in_dim, out_dim], "kernel")  # [in, out]
         if use_bias:
-            self.bias = tf.Variable(initializers.zeros([out_dim]), name="bias")  # [out]
+            self.bias = weight_variable(initializers.zeros, [out_dim], "bias")  # [out]
 
     def forward(self, weights: dict, x: tf.Tensor) -> tf.Tensor:
         # x: [..., in] in the compute dtype; weights are cast to it (mixed precision).

@@ -5,14 +5,14 @@ from typing import Callable
 
 import tensorflow as tf
 
-from layers.base import Layer
+from layers.base import Layer, weight_variable
 from layers.dense import matmul_rows
 
 
 class TokenEmbedding(Layer):
     def __init__(self, vocab_size: int, hidden_size: int, init: Callable, name: str | None = None):
         super().__init__(name=name)
-        self.embeddings = tf.Variable(init([vocab_size, hidden_size]), name="embeddings")  # [V, D]
+        self.embeddings = weight_variable(init, [vocab_size, hidden_size], "embeddings")  # [V, D]
 
     def forward(self, weights: dict, token_ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
         # token_ids: [b, s] -> [b, s, D]. Gathered from the table's value, not the variable: DTensor

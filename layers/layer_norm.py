@@ -4,7 +4,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from layers import initializers
-from layers.base import Layer
+from layers.base import Layer, weight_variable
 
 
 class LayerNorm(Layer):
@@ -13,8 +13,8 @@ class LayerNorm(Layer):
     def __init__(self, dim: int, epsilon: float, name: str | None = None):
         super().__init__(name=name)
         self.epsilon = epsilon
-        self.gamma = tf.Variable(initializers.ones([dim]), name="gamma")  # [D]
-        self.beta = tf.Variable(initializers.zeros([dim]), name="beta")   # [D]
+        self.gamma = weight_variable(initializers.ones, [dim], "gamma")  # [D]
+        self.beta = weight_variable(initializers.zeros, [dim], "beta")   # [D]
 
     def forward(self, weights: dict, x: tf.Tensor) -> tf.Tensor:
         x32 = tf.cast(x, tf.float32)  # [..., D]

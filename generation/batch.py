@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from generation.config import COMPILE_MODES
+from generation.config import COMPILE_MODES, round_up  # noqa: F401 (round_up: its callers' import path)
 from model import GPTJModel
 
 
@@ -30,10 +30,6 @@ class PromptBatch:
     @property
     def prompt_slots(self) -> int:
         return self.tokens.shape[1]
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> PromptBatch:

@@ -18,6 +18,11 @@ WEIGHT_FORMATS = ("float32", "bfloat16", "int8")   # dense kernels while generat
 BATCHING_MODES = ("continuous", "static")   # how the server admits requests (serving/scheduler.py)
 
 
+def round_up(value: int, multiple: int) -> int:
+    """`value` rounded up to a multiple of `multiple` (prompt buckets, cache lengths)."""
+    return -(-value // multiple) * multiple
+
+
 class GenerationConfigError(ValueError):
     """A decoding setting or a prompt that cannot be generated from."""
 

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from config.cli import ArgumentParser
-from generation.config import COMPILE_MODES
+from generation.config import COMPILE_MODES, round_up
 from generation.flags import add_weight_format_flag
 from generation.config import BATCHING_MODES as MODES, GenerationConfig, GenerationConfigError
 from input.tokenizer import GptTokenizer
@@ -336,7 +336,6 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
                  warm_up: bool = False) -> Server:
     """A Server whose cache fits the longest prompt and output the limits allow; with warm_up,
     every prompt bucket is compiled before it listens."""
-    from generation.batch import round_up
     from serving.scheduler import Scheduler
     max_positions = model.config.max_position_embeddings
     cache_length = slot_cache_length(limits, max_positions)

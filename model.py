@@ -19,7 +19,7 @@ from layers.attention import KVCache
 from layers.base import Layer, weight_variable
 from layers.decoder_block import DecoderBlock
 from layers.dense import Dense
-from layers.dropout import dropout
+from layers.dropout import EMBEDDING, dropout, fold_seed
 from layers.embedding import TokenEmbedding
 from layers.fusion import island
 from layers.layer_norm import LayerNorm
@@ -83,7 +83,7 @@ class GPTJModel(Layer):
     def embed(self, weights: dict, input_ids: tf.Tensor, dropout_seed: tf.Tensor | None = None) -> tf.Tensor:
         """input_ids [b, s] -> hidden [b, s, D] in the compute dtype. weights: {"embedding": ...}."""
         hidden = self.embedding.forward(weights["embedding"], input_ids, self.compute_dtype)
-        return dropout(hidden, self.config.embedding_dropout_rate, dropout_seed, salt=0)
+        return dropout(hidden, self.config.embedding_dropout_rate, self.layer_seed(dropout_seed, 0), EMBEDDING)
 
     def weight_compute_dtype(self, path: str) -> tf.DType:
         """The dtype the layer code computes with the weight at `path` (a weights_tree path) in:
@@ -116,10 +116,14 @@ class GPTJModel(Layer):
         return rotary_sin_cos(position_ids, c.rotary_dim, c.rotary_base, c.rotary_style)
 
     @staticmethod
-    def block_seed(dropout_seed: tf.Tensor | None, index: int) -> tf.Tensor | None:
-        if dropout_seed is None:
-            return None
-        return tf.random.experimental.stateless_fold_in(dropout_seed, index + 1)
+    def layer_seed(dropout_seed: tf.Tensor | None, layer: int) -> tf.Tensor | None:
+        """The dropout seed of layer 0 (the embedding) or layer i + 1 (block i), from the micro-batch's
+        (see layers/dropout.py); None when dropout is off."""
+        return None if dropout_seed is None else fold_seed(dropout_seed, layer)
+
+    @classmethod
+    def block_seed(cls, dropout_seed: tf.Tensor | None, index: int) -> tf.Tensor | None:
+        return cls.layer_seed(dropout_seed, index + 1)
 
     def forward(self, weights: dict, input_ids: tf.Tensor, position_ids: tf.Tensor | None = None,
                 attention_mask: tf.Tensor | None = None, cache: tuple[KVCache, ...] | None = None,

@@ -10,7 +10,7 @@ from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
 from layers.base import Layer
 from layers.dense import Dense
-from layers.dropout import dropout
+from layers.dropout import ATTENTION_PROBS, dropout
 from layers.rotary import apply_rotary
 from config.params import ModelParams
 
@@ -108,7 +108,7 @@ class SelfAttention(Layer):
         scores = tf.einsum(f"bqhd,{key_layout}->bhqk", tf.cast(q, tf.float32), tf.cast(k, tf.float32))
         scores = scores / math.sqrt(self.head_dim) + bias                   # [b, h, s, s_k]
         probs = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
-        probs = dropout(probs, self.dropout_rate, dropout_seed, salt=1)
+        probs = dropout(probs, self.dropout_rate, dropout_seed, ATTENTION_PROBS)
         context = tf.einsum(f"bhqk,{key_layout}->bqhd", probs, v)           # [b, s, h, hd]
         context = tf.reshape(context, [batch, length, self.num_heads * self.head_dim])
         return self.out_proj.forward(weights["out_proj"], context), new_cache

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from layers.attention import KVCache, SelfAttention
 from layers.base import Layer
-from layers.dropout import dropout
+from layers.dropout import ATTENTION_OUTPUT, MLP_OUTPUT, dropout
 from layers.layer_norm import LayerNorm
 from layers.mlp import MLP
 from config.params import ModelParams
@@ -37,14 +37,14 @@ class DecoderBlock(Layer):
         attn_in = self.ln_1.forward(weights["ln_1"], x)
         attn_out, new_cache = self.attn.forward(weights["attn"], attn_in, sin, cos, bias,
                                                 cache, cache_index, dropout_seed)
-        attn_out = dropout(attn_out, self.residual_dropout_rate, dropout_seed, salt=2)
+        attn_out = dropout(attn_out, self.residual_dropout_rate, dropout_seed, ATTENTION_OUTPUT)
         if self.parallel_residual:
             # GPT-J: the one LayerNorm output feeds both attention and MLP.
             mlp_in = self.ln_2.forward(weights["ln_2"], x) if self.untied_layer_norm else attn_in
             mlp_out = self.mlp.forward(weights["mlp"], mlp_in)
-            mlp_out = dropout(mlp_out, self.residual_dropout_rate, dropout_seed, salt=3)
+            mlp_out = dropout(mlp_out, self.residual_dropout_rate, dropout_seed, MLP_OUTPUT)
             return x + attn_out + mlp_out, new_cache
         hidden = x + attn_out
         mlp_out = self.mlp.forward(weights["mlp"], self.ln_2.forward(weights["ln_2"], hidden))
-        mlp_out = dropout(mlp_out, self.residual_dropout_rate, dropout_seed, salt=3)
+        mlp_out = dropout(mlp_out, self.residual_dropout_rate, dropout_seed, MLP_OUTPUT)
         return hidden + mlp_out, new_cache

@@ -45,9 +45,10 @@ class StandardExecution(CheckpointedExecution):
         sums = zero_sums()
         parts = micro_batches(features, labels, self.params.optimizer.grad_accum_steps)
         for micro, (micro_features, micro_labels) in enumerate(parts):
+            seed = dropout_seed(self.params.runconfig.seed, self.step, replica, micro, len(parts))
             with tf.GradientTape() as tape:
                 spec = self.model_fn(micro_features, micro_labels, modes.TRAIN, self.params, self.model,
-                                     dropout_seed=dropout_seed(self.params.runconfig.seed, self.step, replica, micro))
+                                     dropout_seed=seed)
                 loss = scaled_loss(spec.sums, self.loss_scale.scale, self.label_positions)
             # dense (the embedding's gradient is IndexedSlices); the first micro-batch's as they are
             micro_grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from layers.dropout import fold_seed
 from layers.fusion import island
 
 from runtime.loss_scale import LossScale, all_finite
@@ -37,12 +38,16 @@ def micro_batches(features: dict, labels: tf.Tensor, count: int) -> list[tuple[d
     return [({name: parts[i] for name, parts in split_features.items()}, split_labels[i]) for i in range(count)]
 
 
-def dropout_seed(run_seed: int, step: tf.Tensor, replica: tf.Tensor | int, micro: int) -> tf.Tensor:
-    """[2] int64 dropout seed of one micro-batch: a function of (runconfig.seed, global step,
-    replica, micro-batch) only, so a resumed run draws the masks an uninterrupted one would."""
-    seed = tf.stack([tf.constant(run_seed, tf.int64), tf.cast(step, tf.int64)])
-    seed = tf.random.experimental.stateless_fold_in(seed, replica)
-    return tf.random.experimental.stateless_fold_in(seed, micro)
+def dropout_seed(run_seed: int, step: tf.Tensor, replica: tf.Tensor | int, micro: int, micro_count: int) -> tf.Tensor:
+    """[2] int64 dropout seed of one micro-batch (layers/dropout.py folds in the layer and site).
+
+    A function of (runconfig.seed, global step, slice of the global batch) only, so a resumed run
+    draws the masks an uninterrupted one would, on any backend. The slice is replica *
+    micro_count + micro: replica r holds rows r of R equal parts of the global batch and splits
+    them into micro_count micro-batches, so R replicas accumulating A micro-batches draw the
+    masks one device accumulating R * A draws for the same rows."""
+    batch_slice = tf.cast(replica, tf.int64) * micro_count + micro
+    return fold_seed(tf.stack([tf.constant(run_seed, tf.int64), tf.cast(step, tf.int64)]), batch_slice)
 
 
 def scaled_loss(sums: dict, scale: tf.Tensor, label_positions: float) -> tf.Tensor:

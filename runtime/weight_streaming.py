@@ -211,7 +211,8 @@ class WeightStreamingStep:
         model, n, compiled, timeline = self.model, self.n_blocks, self.compiled, self.timeline
         stream = self.new_stream()
         backward_order = [n + 1] + list(range(n, -1, -1))
-        seed = dropout_seed(self.params.runconfig.seed, self.step.read_value(), 0, micro)   # the one replica
+        seed = dropout_seed(self.params.runconfig.seed, self.step.read_value(), 0, micro,   # the one replica
+                            self.params.optimizer.grad_accum_steps)
         fused_last = self.prefetch >= 1 and n >= 1
         with tf.device(self.device):
             ids = features["input_ids"]

@@ -24,6 +24,15 @@ LOSS_RTOL = 1e-5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Dropout on every site of a GPT-NeoX-style model (fused qkv, untied LayerNorms): the streamed
+# pieces (the forward, block 0's recomputation in the backward pass, the last block run with the
+# head; with prefetch_blocks 0 every block recomputed) must draw standard execution's masks, so the
+# runs still differ by summation order only: a mask keeps or zeroes a value and scales it by one
+# constant, adding no reduction, so LOSS_RTOL's argument holds. One other mask moves the loss by
+# ~1e-3 relative.
+DROPOUT_MODEL = {"rotary_style": "neox", "use_untied_layer_norm": True, "fused_qkv": True,
+                 "embedding_dropout_rate": 0.1, "attention_dropout_rate": 0.1, "residual_dropout_rate": 0.1}
+
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
@@ -62,7 +71,10 @@ def assert_same_model_weights(a, b, params):
     # relative); AdamW can turn such a difference on a near-zero gradient into an lr-sized step.
     {"model": {"share_embedding_weights": True, "use_untied_layer_norm": True, "rotary_style": "neox"},
      "optimizer": {"optimizer_type": "sgd", "momentum": 0.9, "learning_rate": 0.1, "weight_decay_rate": 0.0}},
-])
+    {"model": DROPOUT_MODEL, "optimizer": {"grad_accum_steps": 2}, "runconfig": {"seed": 9}},
+    # every block recomputed in the backward pass, the last one too
+    {"model": DROPOUT_MODEL, "runconfig": {"seed": 9, "weight_streaming": {"prefetch_blocks": 0}}},
+], ids=["adamw", "accumulated", "tied_sgd", "dropout_accumulated", "dropout_prefetch_0"])
 def test_same_losses_and_weights_as_standard(data_root, tmp_path, sections):
     def params(execution):
         merged = {k: dict(v) for k, v in sections.items()}
@@ -103,11 +115,15 @@ def disk_params(data_root, max_steps, **sections):
     # = 1.8e-5 at |w| = 0.02, twice the Adam bound (9e-6); with the default 0.01 it would hide in it
     {"optimizer": {"weight_decay_rate": 0.1}},
     {"optimizer": {"optimizer_type": "adam", "weight_decay_rate": 0.0, "grad_accum_steps": 2}},
-    {"optimizer": {"optimizer_type": "sgd", "momentum": 0.9, "learning_rate": 0.1, "weight_decay_rate": 0.0}}],
-    ids=["adamw", "adam_accumulated", "sgd_momentum"])
+    {"optimizer": {"optimizer_type": "sgd", "momentum": 0.9, "learning_rate": 0.1, "weight_decay_rate": 0.0}},
+    {"model": DROPOUT_MODEL, "optimizer": {"grad_accum_steps": 2}, "runconfig": {"seed": 9}}],
+    ids=["adamw", "adam_accumulated", "sgd_momentum", "dropout_accumulated"])
 def test_disk_store_matches_standard(data_root, tmp_path, sections):
-    standard, expected = train(tiny_params(data_root, runconfig={"max_steps": 3}, **sections), str(tmp_path / "a"))
-    disk, losses = train(disk_params(data_root, 3, **sections), str(tmp_path / "b"))
+    sections = dict(sections)
+    runconfig = sections.pop("runconfig", {})
+    standard, expected = train(tiny_params(data_root, runconfig={"max_steps": 3, **runconfig}, **sections),
+                               str(tmp_path / "a"))
+    disk, losses = train(disk_params(data_root, 3, runconfig=runconfig, **sections), str(tmp_path / "b"))
     for step in expected:
         assert losses[step] == pytest.approx(expected[step], rel=LOSS_RTOL)
     from checkpoint_utils.load import load_model

@@ -53,8 +53,8 @@ SCRIPT = textwrap.dedent("""
     MESH = {"data": 2, "model": 2}
 
     def train(directory, steps, mesh, model=None):
-        run = {"max_steps": steps, "jit_compile": False, **({"mesh": MESH} if mesh else {})}
-        estimator = Estimator(tiny_params(root, runconfig=run, model=model or {}), directory)
+        runconfig = {"max_steps": steps, "jit_compile": False, **({"mesh": MESH} if mesh else {})}
+        estimator = Estimator(tiny_params(root, runconfig=runconfig, model=model or {}), directory)
         losses = {}
         estimator.train(on_step=lambda step, logs: losses.__setitem__(step, logs["loss"]))
         return estimator, losses
@@ -79,7 +79,7 @@ SCRIPT = textwrap.dedent("""
         with open(f"{root}/run_py/train_metrics.jsonl") as f:
             fresh = {json.loads(line)["step"]: json.loads(line)["loss"] for line in f}
         devices = len(tf.config.list_logical_devices("CPU"))
-        one, reference = train(f"{root}/one", 4, mesh=False)             # uninterrupted, steps 1-4
+        _, reference = train(f"{root}/one", 4, mesh=False)               # uninterrupted, steps 1-4
         shutil.copytree(f"{root}/run_py", f"{root}/back")
         _, back = train(f"{root}/back", 4, mesh=False)                   # one device resumes the mesh's step 2
         save_checkpoint_arrays("one", f"{root}/one")

@@ -38,7 +38,7 @@ class NotEnoughMemoryError(ValueError):
 @dataclass(frozen=True)
 class Available:
     bytes: float
-    source: str          # how it was found, for the message: "MemAvailable", "cgroup /x limit - usage", ...
+    source: str          # where it was read, for the message: "MemAvailable", "memory cgroup /x: limit - usage"
 
 
 def add_skip_flag(parser: argparse.ArgumentParser) -> None:

@@ -85,9 +85,10 @@ class StreamPacker:
         if len(offsets) != tokens.size + 1:
             raise ValueError(f"{len(offsets)} varint offsets for {tokens.size} tokens; expected one more")
         ends = np.cumsum(lengths)                                                   # [docs]
-        if len(ends) != len(tags) or int(ends[-1]) != tokens.size:
-            raise ValueError(f"{len(tags)} tags and lengths summing to {int(ends[-1])} for {len(ends)} "
-                             f"documents of {tokens.size} tokens; give one tag and length per document")
+        total = int(ends[-1]) if len(ends) else 0
+        if len(ends) != len(tags) or total != tokens.size:
+            raise ValueError(f"{len(ends)} lengths summing to {total} and {len(tags)} tags for {tokens.size} "
+                             "tokens; give one length and one tag per document, the lengths summing to the tokens")
         starts = ends - np.asarray(lengths) + len(self._tokens)                     # [docs] buffer positions
         for start, length, tag in zip(starts.tolist(), lengths, tags):
             if length:                                  # an empty document holds no window start

@@ -328,7 +328,7 @@ def test_stream_packer_windows_overlap_by_one_and_report_where_the_next_starts(s
     rng = np.random.default_rng(seq_len)
     docs = [rng.integers(1, 50, size=rng.integers(1, 20)) for _ in range(30)]
     packer, windows = StreamPacker(seq_len, pad_id=0), []
-    if batched:      # documents fed in groups of 0..6, as preprocessing feeds a tokenized batch
+    if batched:      # documents fed in random groups, as preprocessing feeds a tokenized batch
         cuts = np.unique(np.r_[0, rng.integers(0, len(docs), size=8), len(docs)])
         for a, b in zip(cuts[:-1], cuts[1:]):
             tokens = np.concatenate(docs[a:b])

@@ -273,8 +273,8 @@ def _run_split(job: SplitJob, paths: list[str], tokenizer: GptTokenizer, *, seq_
                 if token_offset and (first.file_index, first.record_index) == cursor:
                     skip, token_offset = token_offset, 0   # resuming inside it: earlier shards hold `skip` tokens
                 tags = []
-                for (doc, reader_before), length in zip(metas, lengths.tolist()):
-                    tags.append(DocTag(doc.file_index, doc.record_index, 0 if tags else skip,
+                for index, ((doc, reader_before), length) in enumerate(zip(metas, lengths.tolist())):
+                    tags.append(DocTag(doc.file_index, doc.record_index, skip if index == 0 else 0,
                                        {"input": tally.snapshot(), "reader": reader_before}))
                     tally.add(doc.subset, length, len(doc.text), doc.repaired)
                 if skip:

@@ -182,16 +182,17 @@ def checkpoint_files(directory: str) -> list[str]:
 def checkpoints_newest_first(directory: str) -> list[str]:
     """The checkpoint prefixes of `directory` in the order a resume tries them: the one the
     `checkpoint` state file names as latest (its files may be gone), then every older one the
-    state file lists or the directory holds, newest first. Ones newer than the state file's latest
-    are left out (a state file pointed back at an older checkpoint is obeyed). Without a readable
-    state file: every checkpoint in the directory, newest first."""
+    state file lists or the directory holds, newest first (a state file of an older TF may name
+    absolute paths of the directory's former place: the files here come after them). Ones newer
+    than the state file's latest are left out (a state file pointed back at an older checkpoint is
+    obeyed). Without a readable state file: every checkpoint in the directory, newest first."""
     on_disk = {os.path.join(directory, p) for p in map(_prefix_of, _listdir(directory)) if p is not None}
     state = tf.train.get_checkpoint_state(directory) if os.path.isfile(os.path.join(directory, STATE_FILE)) else None
     if state is None or not state.model_checkpoint_path:
         return sorted(on_disk, key=_step, reverse=True)
     latest = state.model_checkpoint_path
     older = (on_disk | set(state.all_model_checkpoint_paths)) - {latest}
-    return [latest] + sorted((p for p in older if _step(p) < _step(latest)), key=_step, reverse=True)
+    return [latest] + sorted((p for p in older if _step(p) <= _step(latest)), key=_step, reverse=True)
 
 
 def newest_whole_checkpoint(directory: str, fix: str, load: Callable[[str], None] | None = None

@@ -67,6 +67,10 @@ def test_newest_first_follows_the_state_file(tmp_path):
     assert checkpoints_newest_first(directory) == named
     write_checkpoint_state(directory, "ckpt-4", ["ckpt-2", "ckpt-4", "ckpt-6"])    # pointed back by hand: obeyed
     assert checkpoints_newest_first(directory) == named[1:]
+    moved = str(tmp_path / "former_place")                # an old state file's absolute paths, from before a move
+    write_checkpoint_state(directory, os.path.join(moved, "ckpt-6"), [os.path.join(moved, "ckpt-6")])
+    assert newest_whole_checkpoint(directory, "") == (named[0], [(os.path.join(moved, "ckpt-6"),
+                                                                   "none of its files exist")])
     os.unlink(os.path.join(directory, "checkpoint"))                               # no state file: the files
     assert checkpoints_newest_first(directory) == named
     assert checkpoints_newest_first(str(tmp_path / "nothing")) == []

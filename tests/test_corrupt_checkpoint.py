@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 import run
-from checkpoint_utils.integrity import newest_whole_checkpoint
 from tests.disk_state import disk_changes, snapshot
 from tests.runtime_helpers import make_data, raw_params
 
@@ -103,6 +102,7 @@ def test_a_resume_falls_back_to_the_previous_checkpoint_and_logs_the_same_losses
     # the broken checkpoint's files are untouched, and out of the list: a later resume takes ckpt-3 quietly
     assert {name: value for name, value in snapshot(model_dir).items() if name.startswith("ckpt-4")} == broken
     assert checkpoint_state(model_dir) == ("ckpt-3", ["ckpt-2", "ckpt-3"])
+    from checkpoint_utils.integrity import newest_whole_checkpoint
     assert newest_whole_checkpoint(model_dir, "") == (os.path.join(model_dir, "ckpt-3"), [])
 
 

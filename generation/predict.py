@@ -18,7 +18,7 @@ from generation.config import GenerationConfig
 from generation.flags import config_from_flags
 from generation.generator import Generator
 from generation.text import Completion, complete
-from generation.weights import GenerationModel, generation_model
+from generation.weights import GenerationModel
 from input.tokenizer import GptTokenizer, load_tokenizer
 from model import GPTJModel
 from config.params import ModelParams
@@ -95,9 +95,9 @@ def prepare(args: argparse.Namespace, model_config: ModelParams) -> PredictJob:
     return PredictJob(tokenizer, requests, config, args.batch_size, args.generation_compile, args.weight_format)
 
 
-def run_job(model: GPTJModel, job: PredictJob, output_path: str) -> list[Completion]:
-    done = predict(generation_model(model, job.weight_format), job.tokenizer, job.requests, job.config,
-                   output_path, job.batch_size, job.compile_mode)
+def run_job(model: GPTJModel | GenerationModel, job: PredictJob, output_path: str) -> list[Completion]:
+    """Complete the job's prompts with `model`, loaded in job.weight_format (generation/loading.py)."""
+    done = predict(model, job.tokenizer, job.requests, job.config, output_path, job.batch_size, job.compile_mode)
     # stderr: stdout carries the completions themselves and may be piped
     print(f"{len(done)} completion(s) appended to {output_path}", file=sys.stderr)
     return done

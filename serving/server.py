@@ -1,7 +1,8 @@
 """HTTP server: OpenAI-style completions over the slot scheduler.
 
     python -m serving.server --params P --model-dir M --tokenizer TOK [--host 127.0.0.1 --port 8000
-        --max-batch 8 --batching continuous|static ...]
+        --max-batch 8 --batching continuous|static --weight-format int8 ...]
+    python -m serving.server --hf-checkpoint HF_DIR --tokenizer HF_DIR --weight-format int8
 
     POST /v1/completions   {"prompt": "def add(", "max_tokens": 32, "temperature": 0, "stream": false, ...}
     GET  /health           {"status": "ok" | "draining", "queue_depth": ..., "busy_slots": ...}
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from config.cli import ArgumentParser
 from generation.config import COMPILE_MODES
-from generation.flags import add_weight_format_flag
+from generation.flags import add_hf_checkpoint_flag, add_weight_format_flag
 from generation.batch import round_up
 from generation.config import GenerationConfig, GenerationConfigError
 from generation.text import TextStream, find_stop_string, stop_string_checker, strip_stop_token
@@ -325,9 +326,11 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", required=True, help="params YAML the weights were trained with")
+    parser.add_argument("--params", default=None, help="params YAML the weights were trained with "
+                                                       "(optional with --hf-checkpoint)")
     parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint is served")
     parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
+    add_hf_checkpoint_flag(parser)
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory/file or hub id")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -372,11 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     from config.params import ParamsError
     from input.tokenizer import load_tokenizer
     from runtime.logging_utils import log
-    from generation.weights import generation_model
     from serving.loading import load_serving_model
     try:
-        params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype)
-        model = generation_model(model, args.weight_format)
+        params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype,
+                                           args.weight_format, args.hf_checkpoint)
         tokenizer = load_tokenizer(args.tokenizer)
         tokenizer.check_fits_model(params.model.vocab_size)
         limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams,

@@ -8,6 +8,8 @@ Examples:
   python run.py --mode train_and_eval --params configs/params_gptj_tiny.yaml --model-dir runs/tiny
   python run.py --mode predict --params runs/tiny/params.yaml --model-dir runs/tiny \\
       --tokenizer demo_work/tokenizer --prompt "def main(" --max-new-tokens 32
+  python run.py --mode predict --hf-checkpoint ~/gpt-j-6b --weight-format int8 \\
+      --tokenizer ~/gpt-j-6b --prompt "The meaning of life is" --output out.jsonl
 
 Re-running the same command after a crash or kill resumes from the last checkpoint in
 --model-dir. Flags override the params file; --set overrides any key (repeatable).
@@ -32,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train: train to max_steps; eval: evaluate the latest checkpoint; train_and_eval: "
                              "train, evaluating every runconfig.eval_every_steps; predict: continue --prompt "
                              "or --prompts-file (greedy, sampling or beam search)")
-    parser.add_argument("--params", required=True, help="params YAML (train_input, eval_input, model, "
-                                                        "optimizer, runconfig)")
+    parser.add_argument("--params", default=None, help="params YAML (train_input, eval_input, model, "
+                                                       "optimizer, runconfig); optional with --hf-checkpoint")
     parser.add_argument("--model-dir", default=None,
                         help="where checkpoints, TensorBoard events, params.yaml and eval results go "
                              "(runconfig.model_dir)")
@@ -63,35 +65,33 @@ def effective_overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
 
-def memory_estimate(args: argparse.Namespace, params, job):
-    """The peak memory this command will need (runtime/peak_memory.py), checked before anything is built."""
+def memory_estimate(args: argparse.Namespace, params):
+    """The peak memory of training or evaluating (runtime/peak_memory.py), checked before anything is built."""
     from runtime import peak_memory
-    if args.mode == "predict":
-        from generation import predict
-        return predict.memory_estimate(job, params.model)
     resuming = os.path.exists(os.path.join(params.runconfig.model_dir, "checkpoint"))
     return peak_memory.run_estimate(params, args.mode, args.params, resuming)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.params is None and args.hf_checkpoint is None:
+        parser.error("the following arguments are required: --params (or, for --mode predict, --hf-checkpoint)")
     quiet_tensorflow(args.verbose)
     from config.params import ParamsError, load_params
     from runtime import preflight
     estimator = None
     try:
+        if args.mode == "predict":
+            return predict_mode(args)
+        if args.hf_checkpoint:
+            raise ParamsError("--hf-checkpoint is for --mode predict; to train from it, convert it "
+                              "(python -m checkpoint_utils.convert_hf) and pass --checkpoint-path")
         params = load_params(args.params, effective_overrides(args))
         model_dir = params.runconfig.model_dir
         if not model_dir:
             raise ParamsError("no model directory: pass --model-dir or set runconfig.model_dir")
-        if args.mode == "predict" and params.runconfig.mesh is not None:
-            raise ParamsError("predict does not run on runconfig.mesh (generation.mesh.MeshGenerator does, from "
-                              "Python); a mesh run's checkpoint is a one-device one: add --set runconfig.mesh=null")
-        job = None
-        if args.mode == "predict":
-            from generation import predict
-            job = predict.prepare(args, params.model)      # prompts and flags checked before the model is built
-        preflight.check(memory_estimate(args, params, job), args.skip_memory_check)
+        preflight.check(memory_estimate(args, params), args.skip_memory_check)
         from runtime.devices import configure_devices
         configure_devices(params.runconfig)            # before anything starts TensorFlow's devices
     except (ParamsError, FileNotFoundError, ValueError) as err:
@@ -108,12 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             estimator.train()
         elif args.mode == "eval":
             estimator.evaluate()
-        elif args.mode == "train_and_eval":
-            estimator.train_and_evaluate()
         else:
-            from generation import predict
-            estimator.restore(require=True)
-            predict.run_job(estimator.model, job, args.output or os.path.join(model_dir, "predictions.jsonl"))
+            estimator.train_and_evaluate()
     except (ParamsError, FileNotFoundError, ValueError, InputExhaustedError, RunDirLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -128,6 +124,32 @@ def main(argv: list[str] | None = None) -> int:
         status = 130
     estimator.finish(status)          # a multi-worker process exits here, with the other workers
     return status
+
+
+def predict_mode(args: argparse.Namespace) -> int:
+    """Generate from the weights the estimator would restore (model_dir's latest checkpoint, else
+    --checkpoint-path), or from --hf-checkpoint, loaded straight into --weight-format
+    (generation/loading.py): no training state and no float32 model beside a packed one. It runs
+    on one device whatever runconfig.mesh says (checkpoints have the standard layout)."""
+    from checkpoint_utils.hf_checkpoint import hf_checkpoint_params
+    from config.params import ParamsError, load_params
+    from generation import predict
+    from runtime import preflight
+    if args.hf_checkpoint and args.checkpoint_path:
+        raise ParamsError("give one of --checkpoint-path and --hf-checkpoint (the weights to generate with)")
+    overrides = effective_overrides(args)
+    params = (hf_checkpoint_params(args.hf_checkpoint, args.params, overrides) if args.hf_checkpoint
+              else load_params(args.params, overrides))
+    model_dir = params.runconfig.model_dir
+    if not (args.output or model_dir):
+        raise ParamsError("predict needs --output (or --model-dir, whose predictions.jsonl is the default)")
+    job = predict.prepare(args, params.model)      # prompts and flags checked before the model is built
+    preflight.check(predict.memory_estimate(job, params.model), args.skip_memory_check)
+    from generation.loading import load_generation_model, predict_source     # TensorFlow loads here
+    source = args.hf_checkpoint or predict_source(model_dir, params.runconfig.checkpoint_path)
+    model = load_generation_model(params.model, source, job.weight_format)
+    predict.run_job(model, job, args.output or os.path.join(model_dir, "predictions.jsonl"))
+    return 0
 
 
 if __name__ == "__main__":

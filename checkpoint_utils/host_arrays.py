@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import ml_dtypes
 import numpy as np
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ def as_tensor(array: np.ndarray) -> tf.Tensor:
 
     if (array.flags.c_contiguous and array.flags.writeable and array.size
             and array.ctypes.data % ALIGNMENT == 0):
+        if array.dtype == ml_dtypes.bfloat16:   # NumPy's DLPack knows no bfloat16: share the bits as uint16
+            return tf.bitcast(tf.experimental.dlpack.from_dlpack(array.view(np.uint16).__dlpack__()), tf.bfloat16)
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     return tf.convert_to_tensor(array)
 

@@ -60,6 +60,7 @@ def add_predict_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--generation-compile", choices=COMPILE_MODES, default="xla",
                        help="how the decode step runs: XLA (fastest), graph, or eager")
     add_weight_format_flag(group)
+    add_hf_checkpoint_flag(group)
 
 
 def add_weight_format_flag(group) -> None:
@@ -67,6 +68,14 @@ def add_weight_format_flag(group) -> None:
     group.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="float32",
                        help="dense kernels while generating: float32 as trained, bfloat16, or int8 "
                             "(weight-only, one scale per output channel); 16 and 8 bits decode faster")
+
+
+def add_hf_checkpoint_flag(group) -> None:
+    """--hf-checkpoint: generate from a Hugging Face directory without converting it (generation/loading.py)."""
+    group.add_argument("--hf-checkpoint", default=None, metavar="DIR",
+                       help="a Hugging Face GPT-J / GPT-NeoX directory (config.json and safetensors) to load "
+                            "directly, without conversion; the model: params come from its config.json, so "
+                            "--params is optional (it may set the compute dtype and its other sections)")
 
 
 def config_from_flags(args: argparse.Namespace, tokenizer: GptTokenizer) -> GenerationConfig:

@@ -118,13 +118,13 @@ def memory_estimate(job: PredictJob, model_config: ModelParams) -> Estimate:
     def decoding(count: int) -> Decoding:          # beams expand after the prefill; samples are rows from the start
         return Decoding(count * per_prompt, cache_length, prompt_slots, count * (1 if beams else per_prompt))
     return generation_estimate("run.py --mode predict", model_config, job.weight_format, decoding, prompts,
-                               job.compile_mode, compile_flag="--generation-compile", slots_flag="--batch-size")
+                               job.compile_mode, loader="direct", compile_flag="--generation-compile",
+                               slots_flag="--batch-size")
 
 
-def run_job(model: GPTJModel, job: PredictJob, output_path: str) -> list[Completion]:
-    from generation.weights import generation_model
-    done = predict(generation_model(model, job.weight_format), job.tokenizer, job.requests, job.config,
-                   output_path, job.batch_size, job.compile_mode)
+def run_job(model: GPTJModel | GenerationModel, job: PredictJob, output_path: str) -> list[Completion]:
+    """Complete the job's prompts with `model`, loaded in job.weight_format (generation/loading.py)."""
+    done = predict(model, job.tokenizer, job.requests, job.config, output_path, job.batch_size, job.compile_mode)
     # stderr: stdout carries the completions themselves and may be piped
     print(f"{len(done)} completion(s) appended to {output_path}", file=sys.stderr)
     return done

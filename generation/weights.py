@@ -18,8 +18,6 @@ a few vectors). `GenerationModel` is what the decoders call in place of a GPTJMo
 from __future__ import annotations
 
 import tensorflow as tf
-# Public since TF 2.9 under this path; XLA's OptimizationBarrier (a no-op outside XLA).
-from tensorflow.compiler.tf2xla.python.xla import optimization_barrier
 
 from generation.config import WEIGHT_FORMATS
 from layers.tree import flatten_weights
@@ -41,23 +39,25 @@ def dequantize_int8(rows: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
 
 
 # Float32 bytes of output channels converted at a time: the transient of packing one kernel.
-PACK_BLOCK_BYTES = 32 << 20
+PACK_BLOCK_BYTES = 4 << 20
 
 
-def pack_kernel(kernel, weight_format: str, block_bytes: int = PACK_BLOCK_BYTES) -> dict:
+def pack_kernel(kernel, weight_format: str, block_bytes: int | None = None) -> dict:
     """One dense kernel [in, out] (a variable, tensor or host array; float32, bfloat16 or float16)
     in `weight_format` (see the module docstring), converted `block_bytes` of float32 output
     channels at a time into the packed variables. Each output channel is packed on its own (one
     row, one scale), so blocks give the bits the whole kernel would, while the transient is one
     block rather than a float32 copy of the kernel (the LM head's is 826 MB for GPT-J 6B)."""
     in_dim, out_dim = (int(n) for n in kernel.shape)
-    step = max(1, block_bytes // (4 * in_dim))
+    step = max(1, (block_bytes or PACK_BLOCK_BYTES) // (4 * in_dim))
     dtype = tf.bfloat16 if weight_format == "bfloat16" else tf.int8
     rows = tf.Variable(tf.zeros([out_dim, in_dim], dtype), trainable=False, name="kernel_t")   # [out, in]
     scales = []
     for start in range(0, out_dim, step):
         part = tf.convert_to_tensor(kernel[:, start:start + step])                    # [in, n]
         if weight_format == "bfloat16":
+            if part.dtype != tf.bfloat16:         # float16 via float32, as a float32 model would cast it
+                part = tf.cast(part, tf.float32)
             packed = tf.cast(tf.transpose(part), tf.bfloat16)                          # [n, in]
         else:
             packed, scale = quantize_int8(tf.cast(part, tf.float32))                   # [n, in], [n]
@@ -124,21 +124,9 @@ class GenerationModel:
         return self.model.empty_cache(batch_size, cache_length)
 
     def __call__(self, *args, **kwargs):
-        weights = self.weights
-        if "cache_index" in kwargs and not tf.executing_eagerly():
-            weights = tied_to_step(weights, kwargs["cache_index"])
-        return self.model.forward(weights, *args, **kwargs)
-
-
-def tied_to_step(weights, step: tf.Tensor):
-    """The weight tree read through an optimization barrier together with the decode step's
-    cache index. Inside a decode loop the packed kernels are loop invariant, and XLA would hoist
-    their conversion out of the loop: every step would then read a float32 copy (4 bytes per
-    weight) instead of the packed 1 or 2 bytes. The barrier makes them depend on the step, so
-    the conversion stays fused into each step's matrix-vector products."""
-    leaves = tf.nest.flatten(weights)
-    *tied, _ = optimization_barrier(*leaves, step)
-    return tf.nest.pack_sequence_as(weights, tied)
+        # layers/dense.py reads each packed kernel through an optimization barrier with its input:
+        # converted one at a time, in the step that uses it.
+        return self.model.forward(self.weights, *args, **kwargs)
 
 
 def generation_model(model: GPTJModel, weight_format: str = "float32") -> GPTJModel | GenerationModel:

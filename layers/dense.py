@@ -26,7 +26,10 @@ class Dense(Layer):
         else:
             # [out, in] rows: XLA fuses the cast into a matrix-vector product, so a decode step
             # reads the kernel's 1 or 2 bytes per weight instead of a float32 copy's 4.
-            y = matmul_rows(x, tf.cast(weights["kernel_t"], x.dtype), transpose_kernel=True)
+            rows = weights["kernel_t"]
+            if not tf.executing_eagerly():
+                rows = read_after(rows, x)
+            y = matmul_rows(x, tf.cast(rows, x.dtype), transpose_kernel=True)
             if "kernel_scale" in weights:
                 y = y * tf.cast(weights["kernel_scale"], x.dtype)                          # per output channel
         if "bias" in weights:
@@ -48,3 +51,18 @@ def matmul_rows(x: tf.Tensor, kernel: tf.Tensor, transpose_kernel: bool = False)
     if x.shape.rank is not None and x.shape[:-1].is_fully_defined():
         return tf.reshape(y, x.shape[:-1].as_list() + [out_dim])
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_dim]], 0))
+
+
+def read_after(rows: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """`rows` unchanged, as a value computed from x: its conversion then waits for the input.
+
+    Compiled, the conversion of a packed kernel depends on its variable alone, so schedulers
+    run it as early as they can: XLA:CPU's (which favours concurrency) and TF's executor both
+    convert every kernel at the start of a call, which holds a float32 copy of the whole model
+    at once (24 GB for GPT-J 6B in int8), and a decode loop would hoist the conversions out of
+    itself. A data dependency is what every scheduler respects (XLA removes optimization
+    barriers before it schedules): a select whose predicate comes from x, always true but not
+    provably so (no value is both NaN and finite), fused into the conversion."""
+    first = tf.reshape(x, [-1])[0]
+    always = tf.logical_not(tf.logical_and(tf.math.is_nan(first), tf.math.is_finite(first)))
+    return tf.where(always, rows, tf.zeros([], rows.dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layers.tree import flatten_weights
+from checkpoint_utils.host_arrays import aligned_copy
 from checkpoint_utils.load import CheckpointMismatchError
 from checkpoint_utils.tf_checkpoint import checkpoint_key, resolve_checkpoint, variable_shapes
 from model import GPTJModel
@@ -27,7 +28,8 @@ class WarmStartReport:
 
 
 def warm_start(model: GPTJModel, checkpoint: str, assign=None) -> WarmStartReport:
-    """Assign every model variable found in `checkpoint` (one tensor at a time); a variable
+    """Assign every model variable found in `checkpoint` (one tensor at a time, widened to the
+    variable's float32 when the checkpoint stores bfloat16); a variable
     present with another shape is an error, since the params do not describe that checkpoint.
     assign(variable, host array): how a value enters a variable (the mesh backend lays it out)."""
     import tensorflow as tf
@@ -46,6 +48,8 @@ def warm_start(model: GPTJModel, checkpoint: str, assign=None) -> WarmStartRepor
                 f"{list(variable.shape)}; use the model: section the checkpoint was converted with "
                 "(its params.yaml)")
         value = reader.get_tensor(checkpoint_key("model", path))
+        if value.dtype != variable.dtype.as_numpy_dtype:     # a bfloat16 checkpoint (convert_hf --dtype): widen exactly
+            value = aligned_copy(value, variable.dtype.as_numpy_dtype)
         variable.assign(value) if assign is None else assign(variable, value)
         report.loaded.append(path)
     report.skipped = sorted(p for p in found if p not in variables)

@@ -1,7 +1,8 @@
 """HTTP server: OpenAI-style completions over the slot scheduler.
 
     python -m serving.server --params P --model-dir M --tokenizer TOK [--host 127.0.0.1 --port 8000
-        --max-batch 8 --batching continuous|static ...]
+        --max-batch 8 --batching continuous|static --weight-format int8 ...]
+    python -m serving.server --hf-checkpoint HF_DIR --tokenizer HF_DIR --weight-format int8
 
     POST /v1/completions   {"prompt": "def add(", "max_tokens": 32, "temperature": 0, "stream": false, ...}
     GET  /health           {"status": "ok" | "draining", "queue_depth": ..., "busy_slots": ...}
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from config.cli import ArgumentParser
 from generation.config import COMPILE_MODES, round_up
-from generation.flags import add_weight_format_flag
+from generation.flags import add_hf_checkpoint_flag, add_weight_format_flag
 from generation.config import BATCHING_MODES as MODES, GenerationConfig, GenerationConfigError
 from input.tokenizer import GptTokenizer
 from runtime.peak_memory import Decoding, Estimate, generation_estimate
@@ -327,7 +328,7 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
         return Decoding(rows=max(limits.max_beams, limits.max_n), cache_length=length,
                         prompt_slots=round_up(limits.max_prompt_tokens, 32), prefill_rows=1, slot_rows=count)
     return generation_estimate("serving.server", model_config, weight_format, decoding, slots, compile_mode,
-                               compile_flag="--compile", slots_flag="--max-batch")
+                               loader="direct", compile_flag="--compile", slots_flag="--max-batch")
 
 
 def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str = "continuous",
@@ -350,9 +351,11 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", required=True, help="params YAML the weights were trained with")
+    parser.add_argument("--params", default=None, help="params YAML the weights were trained with "
+                                                       "(optional with --hf-checkpoint)")
     parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint is served")
     parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
+    add_hf_checkpoint_flag(parser)
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory/file or hub id")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -398,7 +401,6 @@ def main(argv: list[str] | None = None) -> int:
     from config.params import ParamsError
     from input.tokenizer import load_tokenizer
     from runtime.logging_utils import log
-    from generation.weights import generation_model
     from serving.loading import load_serving_model
     limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams, args.request_timeout)
 
@@ -407,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight.check(estimate, args.skip_memory_check)
     try:
         params, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype,
-                                           check=check_memory)
-        model = generation_model(model, args.weight_format)
+                                           args.weight_format, args.hf_checkpoint, check=check_memory)
         tokenizer = load_tokenizer(args.tokenizer)
         tokenizer.check_fits_model(params.model.vocab_size)
         server = build_server(model, tokenizer, args.max_batch, args.batching, limits, args.max_queue,

@@ -3,9 +3,9 @@ generator in this process or over the HTTP server.
 
     python -m bench.mlperf.run --scenario Offline|Server --mode performance|accuracy --sut generator|http \
         (--tokenizer TOK --dataset cnn_eval.json (--params P (--model-dir M | --checkpoint-path C)
-         | --sut http --url http://127.0.0.1:8000) | --tiny)
+         | --hf-checkpoint HF | --sut http --url http://127.0.0.1:8000) | --tiny)
         [--count N] [--user-conf bench/mlperf/user.conf] [--output-dir mlperf_logs] [--batch-size 1]
-        [--http-concurrency 8] [--compile xla]
+        [--http-concurrency 8] [--compile xla] [--weight-format int8]
 
 Prompts: the Alpaca template over each article, GPT-J tokens cut to 1,919; decoding: 4 beams,
 early stopping, 30 to 128 new tokens (bench/mlperf/dataset.py). LoadGen's settings come from
@@ -27,6 +27,7 @@ if __name__ == "__main__":      # before the imports below load TensorFlow (--ve
     quiet_tensorflow("--verbose" in sys.argv[1:])
 
 from config.cli import ArgumentParser
+from generation.flags import add_hf_checkpoint_flag, add_weight_format_flag
 from runtime.preflight import add_skip_flag
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,9 +45,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sut", choices=("generator", "http"), default="generator",
                         help="generator: generation.Generator in this process; http: POST /v1/completions")
     parser.add_argument("--params", default=None,
-                        help="params YAML of the model to load here (not with --tiny or --sut http --url)")
+                        help="params YAML of the model to load here (not with --tiny or --sut http --url; "
+                             "optional with --hf-checkpoint)")
     parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint")
     parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
+    add_hf_checkpoint_flag(parser)
+    add_weight_format_flag(parser)
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16")
     parser.add_argument("--tokenizer", default=None, help="GPT-J's tokenizer: directory/file or hub id")
     parser.add_argument("--dataset", default=None, help="MLPerf's cnn_eval.json (13,368 samples)")
@@ -82,8 +86,8 @@ def memory_estimate(model_config, args):
     def decoding(count: int) -> Decoding:
         return Decoding(count * config.num_beams, length, prompt_slots, prefill_rows=count,
                         slot_rows=0 if generator else 1)
-    return generation_estimate("bench.mlperf.run", model_config, "float32", decoding,
-                               args.batch_size if generator else 1, args.compile, format_flag=None,
+    return generation_estimate("bench.mlperf.run", model_config, args.weight_format, decoding,
+                               args.batch_size if generator else 1, args.compile, loader="direct",
                                slots_flag="--batch-size" if generator else None)
 
 
@@ -126,13 +130,15 @@ def summary_p99_seconds(summary: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     remote = args.sut == "http" and args.url is not None        # the server holds the model
-    if args.tiny and (args.params or remote):
-        print("error: --tiny builds its own model and server; drop --params and --url", file=sys.stderr)
-        return 2
-    if not args.tiny and (args.tokenizer is None or args.dataset is None or (args.params is None) != remote):
-        print("error: give --tiny, or --tokenizer and --dataset with either --params and --model-dir/"
-              "--checkpoint-path (the model in this process) or --sut http --url (a running server)",
+    local = args.params is not None or args.hf_checkpoint is not None
+    if args.tiny and (local or remote):
+        print("error: --tiny builds its own model and server; drop --params, --hf-checkpoint and --url",
               file=sys.stderr)
+        return 2
+    if not args.tiny and (args.tokenizer is None or args.dataset is None or local == remote):
+        print("error: give --tiny, or --tokenizer and --dataset with either --params and --model-dir/"
+              "--checkpoint-path or --hf-checkpoint (the model in this process) or --sut http --url "
+              "(a running server)", file=sys.stderr)
         return 2
     import mlperf_loadgen as lg
 
@@ -144,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     try:
         if args.tiny:
+            from generation.weights import generation_model
             model, tokenizer, dataset = tiny_setup(args.output_dir, args.count or TINY_SAMPLES)
+            model = generation_model(model, args.weight_format)
         else:
             from input.tokenizer import load_tokenizer
             tokenizer, dataset, model = load_tokenizer(args.tokenizer), args.dataset, None
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 def check_memory(params):
                     preflight.check(memory_estimate(params.model, args), args.skip_memory_check)
                 _, model = load_serving_model(args.params, args.model_dir, args.checkpoint_path, args.dtype,
-                                              check=check_memory)
+                                              args.weight_format, args.hf_checkpoint, check=check_memory)
                 tokenizer.check_fits_model(model.config.vocab_size)
         samples = load_samples(dataset, args.count)
         settings = test_settings(args, lg)

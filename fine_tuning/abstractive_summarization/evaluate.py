@@ -30,6 +30,7 @@ from typing import Sequence
 
 from config.cli import ArgumentParser
 from generation.config import COMPILE_MODES
+from generation.flags import add_hf_checkpoint_flag, add_weight_format_flag
 from config.quiet import add_verbose_flag, quiet_tensorflow
 
 if __name__ == "__main__":      # before the imports below load TensorFlow (--verbose shows its start-up lines)
@@ -204,11 +205,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m fine_tuning.abstractive_summarization.evaluate",
         description="Summarize articles with a (fine-tuned) GPT-J and score ROUGE-1/2/L/Lsum as MLPerf does.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--params", required=True,
-                        help="params YAML (its model: section describes the checkpoint)")
+    parser.add_argument("--params", default=None,
+                        help="params YAML (its model: section describes the checkpoint); optional with --hf-checkpoint")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", help="a training run's directory: its latest checkpoint")
     source.add_argument("--checkpoint-path", help="a checkpoint prefix or directory (e.g. a converted model)")
+    add_hf_checkpoint_flag(source)
+    add_weight_format_flag(parser)
     parser.add_argument("--input", nargs="+", required=True,
                         help="articles with references: jsonl/csv/parquet/.story/MLPerf cnn_eval.json")
     parser.add_argument("--format", default="auto", choices=FORMATS,
@@ -256,14 +259,16 @@ def memory_estimate(model_config, config, args) -> Estimate:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from checkpoint_utils.load import CheckpointMismatchError, load_model
+    from checkpoint_utils.load import CheckpointMismatchError
     from checkpoint_utils.tf_checkpoint import resolve_checkpoint
-    from config.params import ParamsError, load_params
+    from config.params import ParamsError
+    from generation.loading import load_generation_model
+    from serving.loading import serving_params
     from generation.config import GenerationConfigError
     from input.tokenizer import load_tokenizer
     from runtime.logging_utils import log
     try:
-        params = load_params(args.params)
+        params = serving_params(args.params, args.hf_checkpoint)
         model_config = params.model
         tokenizer = load_tokenizer(args.tokenizer)
         tokenizer.check_fits_model(model_config.vocab_size)
@@ -282,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sep_id = default_sep_id(tokenizer) if args.sep_id is None else args.sep_id
             check_sep_id(sep_id, tokenizer, model_config.vocab_size)
         paths = expand_article_inputs(args.input)
-        checkpoint = resolve_checkpoint(args.model_dir or args.checkpoint_path)
+        checkpoint = args.hf_checkpoint or resolve_checkpoint(args.model_dir or args.checkpoint_path)
         articles = load_eval_articles(paths, tokenizer, file_format=args.format, prompt=args.prompt, sep_id=sep_id,
                                       max_input_tokens=args.max_input_tokens, limit=args.limit)
         settings = {"inputs": [[p, os.path.getsize(p)] for p in paths], "checkpoint": os.path.abspath(checkpoint),
@@ -290,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "max_input_tokens": args.max_input_tokens, "num_beams": config.num_beams,
                     "min_new_tokens": config.min_new_tokens, "max_new_tokens": config.max_new_tokens,
                     "early_stopping": config.early_stopping}
-        model = load_model(model_config, checkpoint)
+        if args.weight_format != "float32":      # (absent for float32: earlier runs' settings stay valid)
+            settings["weight_format"] = args.weight_format
+        model = load_generation_model(model_config, checkpoint, args.weight_format)
         log(f"{len(articles)} articles from {', '.join(paths)}; checkpoint {checkpoint}")
         result = evaluate(model, tokenizer, articles, config, args.output_dir, batch_size=args.batch_size,
                           settings=settings, overwrite=args.overwrite, progress=not args.no_progress,

@@ -6,8 +6,9 @@ formats store each dense kernel as rows [out, in] in that format, which XLA read
 in its matrix-vector products (layers/dense.py):
 
     float32   the model's own variables (4 bytes per weight)
-    bfloat16  kernels in bfloat16, math in bfloat16 with float32 LayerNorm, softmax and logits
-              (model.mixed_precision's numerics; 2 bytes per weight)
+    bfloat16  kernels in bfloat16 (held as their int16 bits: layers.dense.read_after), math in
+              bfloat16 with float32 LayerNorm, softmax and logits (model.mixed_precision's
+              numerics; 2 bytes per weight)
     int8      kernels as int8 with one float32 scale per output channel, symmetric:
               scale = max |w[:, o]| / 127, q = round(w / scale), so |w - q * scale| <= scale / 2;
               math in float32 on the dequantized weights (1 byte per weight)
@@ -17,6 +18,8 @@ a few vectors). `GenerationModel` is what the decoders call in place of a GPTJMo
 """
 from __future__ import annotations
 
+import ml_dtypes
+import numpy as np
 import tensorflow as tf
 
 from generation.config import WEIGHT_FORMATS
@@ -33,13 +36,38 @@ def quantize_int8(kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return rows, scale
 
 
+def quantize_int8_host(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_int8 in NumPy on a host array [in, out] (float32, bfloat16 or float16): the
+    same bits (the same float32 max, division by 127 and by the scale, round half to even and
+    clip, each exactly rounded in both), without TensorFlow ops over the float32 copy."""
+    kernel = kernel.astype(np.float32)                                                     # [in, out]
+    scale = np.abs(kernel).max(axis=0) / np.float32(127.0)                                 # [out]
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.rint(np.divide(kernel, safe, out=kernel))                                       # [in, out]
+    return transpose_host(np.clip(q, -127, 127, out=q).astype(np.int8)), scale
+
+
+def bfloat16_rows_host(kernel: np.ndarray) -> np.ndarray:
+    """A host kernel [in, out] as bfloat16 rows [out, in] held as their int16 bits; float32 and
+    float16 round to nearest even, as TensorFlow's cast does."""
+    if kernel.dtype != ml_dtypes.bfloat16:
+        kernel = kernel.astype(np.float32).astype(ml_dtypes.bfloat16)
+    return transpose_host(kernel.view(np.int16))
+
+
+def transpose_host(array: np.ndarray) -> np.ndarray:
+    """A 2-D integer array transposed into memory of its own: TensorFlow's transpose, 3-4x
+    NumPy's strided copy for 1- and 2-byte elements."""
+    return tf.transpose(array).numpy()
+
+
 def dequantize_int8(rows: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     """(rows [out, in] int8, scale [out]) -> kernel [in, out] float32 (what the int8 format computes with)."""
     return tf.transpose(tf.cast(rows, tf.float32) * scale[:, None])
 
 
 # Float32 bytes of output channels converted at a time: the transient of packing one kernel.
-PACK_BLOCK_BYTES = 4 << 20
+PACK_BLOCK_BYTES = 16 << 20
 
 
 def pack_kernel(kernel, weight_format: str, block_bytes: int | None = None) -> dict:
@@ -47,27 +75,38 @@ def pack_kernel(kernel, weight_format: str, block_bytes: int | None = None) -> d
     in `weight_format` (see the module docstring), converted `block_bytes` of float32 output
     channels at a time into the packed variables. Each output channel is packed on its own (one
     row, one scale), so blocks give the bits the whole kernel would, while the transient is one
-    block rather than a float32 copy of the kernel (the LM head's is 826 MB for GPT-J 6B)."""
+    block rather than a float32 copy of the kernel (the LM head's is 826 MB for GPT-J 6B). A
+    host array (the loaders' case: generation/loading.py) is converted in NumPy."""
     in_dim, out_dim = (int(n) for n in kernel.shape)
     step = max(1, (block_bytes or PACK_BLOCK_BYTES) // (4 * in_dim))
-    dtype = tf.bfloat16 if weight_format == "bfloat16" else tf.int8
-    rows = tf.Variable(tf.zeros([out_dim, in_dim], dtype), trainable=False, name="kernel_t")   # [out, in]
+    # bfloat16 as its bits (layers.dense.read_after). The rows gather on the host and become a
+    # variable once: a slice assignment per block copies the whole variable every time.
+    rows = np.empty([out_dim, in_dim], np.int16 if weight_format == "bfloat16" else np.int8)  # [out, in]
+    host = isinstance(kernel, np.ndarray)
     scales = []
     for start in range(0, out_dim, step):
-        part = tf.convert_to_tensor(kernel[:, start:start + step])                    # [in, n]
-        if weight_format == "bfloat16":
+        part = kernel[:, start:start + step]                                                # [in, n]
+        if host and weight_format == "bfloat16":
+            packed = bfloat16_rows_host(part)                                               # [n, in]
+        elif host:
+            packed, scale = quantize_int8_host(part)                                        # [n, in], [n]
+            scales.append(scale)
+        elif weight_format == "bfloat16":
+            part = tf.convert_to_tensor(part)
             if part.dtype != tf.bfloat16:         # float16 via float32, as a float32 model would cast it
                 part = tf.cast(part, tf.float32)
-            packed = tf.cast(tf.transpose(part), tf.bfloat16)                          # [n, in]
+            packed = tf.bitcast(tf.cast(tf.transpose(part), tf.bfloat16), tf.int16).numpy()
         else:
-            packed, scale = quantize_int8(tf.cast(part, tf.float32))                   # [n, in], [n]
+            packed, scale = quantize_int8(tf.cast(part, tf.float32))
+            packed, scale = packed.numpy(), scale.numpy()
             scales.append(scale)
-        rows[start:start + step].assign(packed)
+        rows[start:start + step] = packed
         part = packed = None                              # this block's memory, before the next one
-    if weight_format == "bfloat16":
-        return {"kernel_t": rows}
-    return {"kernel_t": rows, "kernel_scale": tf.Variable(tf.concat(scales, 0), trainable=False,
-                                                          name="kernel_scale")}
+    packed = {"kernel_t": tf.Variable(rows, trainable=False, name="kernel_t")}
+    rows = None
+    if weight_format == "int8":
+        packed["kernel_scale"] = tf.Variable(np.concatenate(scales), trainable=False, name="kernel_scale")
+    return packed
 
 
 def is_packed(path: str, rank: int) -> bool:

@@ -5,7 +5,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from layers import initializers
+from layers import initializers, packing
 from layers.base import Layer, weight_variable
 
 
@@ -20,21 +20,43 @@ class Dense(Layer):
     def forward(self, weights: dict, x: tf.Tensor) -> tf.Tensor:
         # x: [..., in] in the compute dtype; weights are cast to it (mixed precision).
         # weights: {"kernel" [in, out]} as trained, or a generation format (generation/weights.py):
-        # {"kernel_t" [out, in] bfloat16 or int8, "kernel_scale" [out] with int8}.
+        # {"kernel_t" [out, in] int8, "kernel_scale" [out]}, or {"kernel_t" [out, in] bfloat16
+        # values held as their int16 bits (see read_after)}.
         if "kernel" in weights:
             y = matmul_rows(x, tf.cast(weights["kernel"], x.dtype))                       # [..., out]
         else:
-            # [out, in] rows: XLA fuses the cast into a matrix-vector product, so a decode step
-            # reads the kernel's 1 or 2 bytes per weight instead of a float32 copy's 4.
-            rows = weights["kernel_t"]
-            if not tf.executing_eagerly():
-                rows = read_after(rows, x)
-            y = matmul_rows(x, tf.cast(rows, x.dtype), transpose_kernel=True)
-            if "kernel_scale" in weights:
-                y = y * tf.cast(weights["kernel_scale"], x.dtype)                          # per output channel
+            y = packed_product(x, weights["kernel_t"], weights.get("kernel_scale"))         # [..., out]
         if "bias" in weights:
             y = y + tf.cast(weights["bias"], x.dtype)
         return y
+
+
+def packed_product(x: tf.Tensor, rows: tf.Tensor, scale: tf.Tensor | None) -> tf.Tensor:
+    """x [..., in] @ a packed kernel (generation/weights.py): rows [out, in] int8 (with scale
+    [out]) or bfloat16 held as int16 bits -> [..., out] in x's dtype.
+
+    The rows are converted to x's dtype a block of output rows at a time (layers/packing.py:
+    64 MiB of float32), each block read after the previous block's product (read_after), so a
+    compiled step holds one converted block: the LM head of GPT-J 6B would otherwise be an
+    826 MB float32 copy at every step. Each output channel is its own dot product, so blocks
+    regroup outputs, not terms. [out, in] rows: XLA fuses the cast into a matrix-vector
+    product, so a decode step reads the kernel's 1 or 2 bytes per weight, not a float32 copy's 4."""
+    out_dim, in_dim = (int(n) for n in rows.shape)
+    step = packing.block_rows(in_dim)
+    compiled = not tf.executing_eagerly()
+    parts, after = [], x
+    for start in range(0, out_dim, step):
+        block = rows if step >= out_dim else rows[start:start + step]                       # [n, in]
+        if compiled:
+            block = read_after(block, after)
+        if block.dtype == tf.int16:
+            block = tf.bitcast(block, tf.bfloat16)
+        after = matmul_rows(x, tf.cast(block, x.dtype), transpose_kernel=True)               # [..., n]
+        parts.append(after)
+    y = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)                          # [..., out]
+    if scale is not None:
+        y = y * tf.cast(scale, x.dtype)                                                      # per output channel
+    return y
 
 
 def matmul_rows(x: tf.Tensor, kernel: tf.Tensor, transpose_kernel: bool = False) -> tf.Tensor:
@@ -54,7 +76,7 @@ def matmul_rows(x: tf.Tensor, kernel: tf.Tensor, transpose_kernel: bool = False)
 
 
 def read_after(rows: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    """`rows` unchanged, as a value computed from x: its conversion then waits for the input.
+    """`rows` unchanged, as a value computed from x: its conversion then waits for x.
 
     Compiled, the conversion of a packed kernel depends on its variable alone, so schedulers
     run it as early as they can: XLA:CPU's (which favours concurrency) and TF's executor both
@@ -62,7 +84,10 @@ def read_after(rows: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
     at once (24 GB for GPT-J 6B in int8), and a decode loop would hoist the conversions out of
     itself. A data dependency is what every scheduler respects (XLA removes optimization
     barriers before it schedules): a select whose predicate comes from x, always true but not
-    provably so (no value is both NaN and finite), fused into the conversion."""
+    provably so (no value is both NaN and finite), fused into the conversion. The select must
+    be an integer one: XLA:CPU computes a bfloat16 select in float32 by converting its operands,
+    and that conversion of the variable alone would again be hoisted and run first. That is why
+    the bfloat16 format keeps its kernels as int16 bits."""
     first = tf.reshape(x, [-1])[0]
     always = tf.logical_not(tf.logical_and(tf.math.is_nan(first), tf.math.is_finite(first)))
     return tf.where(always, rows, tf.zeros([], rows.dtype))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from config.params import ModelParams, Params
+from layers.packing import largest_block_bytes
 from layers.weight_specs import weight_specs
 from runtime.memory_model import (FLOAT32, activation_bytes, cache_dtype_bytes, elements_per_device,
                                   format_weight_bytes, host_state, is_packed_kernel, kv_cache_bytes,
@@ -124,10 +125,12 @@ def generation_peak(model: ModelParams, weight_format: str, decoding: Decoding, 
       float32 predict decoded 200 MiB above the restore's peak rather than within the 352 MiB
       the restore had freed;
     - the key/value caches (`Decoding`) and the prefill's largest live set (`prefill_bytes`);
-    - XLA:CPU decoding bfloat16 or int8 kernels converts them to float32 buffers inside the
-      compiled loop (its dots run in float32): measured 0.76-0.96 x the kernels' float32
-      bytes over three model shapes, so counted as all of them; graph mode (`compile_mode`
-      graph) converts one kernel at a time;
+    - a compiled step converts a packed kernel a block of rows at a time (layers/packing.py),
+      so the largest float32 block is live beside the weights (XLA, measured on GPT-J 6B
+      in int8: the decode's peak 1.3 GiB above the loaded weights with the LM head whole,
+      0.6 GiB with blocks); TensorFlow's graph executor (`compile_mode` graph) holds more:
+      measured 0.64-0.90 x the packed kernels' bytes above XLA's peak (two shapes), so
+      counted as all of them;
     - the compiled prefill and decode programs (`INFERENCE_WORKSPACE`).
     """
     if loader not in LOADERS:
@@ -149,8 +152,12 @@ def generation_peak(model: ModelParams, weight_format: str, decoding: Decoding, 
     terms["KV cache"] = (2 * kv_cache_bytes(model, d.rows, d.cache_length, compute)
                          + kv_cache_bytes(model, d.slot_rows, d.cache_length, compute))
     terms["prefill activations"] = prefill_bytes(model, d.prefill_rows, d.prompt_slots, d.cache_length, compute)
-    if packs and compile_mode == "xla":
-        terms["kernels converted to float32 by XLA"] = FLOAT32 * packed_kernel_parameters(model)
+    if packs:
+        terms["a kernel block converted to float32"] = largest_block_bytes(
+            (s.shape for s in weight_specs(model) if is_packed_kernel(s)))
+        if compile_mode == "graph":
+            terms["graph executor's kernel copies"] = ({"int8": 1, "bfloat16": 2}[weight_format]
+                                                      * packed_kernel_parameters(model))
     terms["compiled decode"] = workspace(INFERENCE_WORKSPACE, model)
     return terms
 

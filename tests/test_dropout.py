@@ -103,6 +103,7 @@ MIRRORED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.same_kernels
 @pytest.mark.numerics
 @pytest.mark.processes
 def test_each_replica_draws_the_masks_one_device_draws_for_its_slice(tmp_path):

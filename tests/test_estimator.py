@@ -66,6 +66,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(data_root, tmp_path)
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.same_kernels
 @pytest.mark.numerics
 def test_gradient_accumulation_equals_the_larger_batch(data_root, tmp_path):
     whole = Estimator(tiny_params(data_root, runconfig={"max_steps": 3}), str(tmp_path / "a"))

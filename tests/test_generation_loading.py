@@ -387,3 +387,105 @@ def test_tf_checkpoint_of_another_model(sources):
         load_generation_model(deeper, source["tf"], "int8")
     with pytest.raises(ValueError, match="weight format 'int4' is not one of float32, bfloat16, int8"):
         load_generation_model(source["params"], source["tf"], "int4")
+
+
+# ---- the commands ----------------------------------------------------------------------------
+
+VOCAB = 320     # fits the tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_for_cli(tmp_path_factory):
+    """A tiny HF GPT-J over the tiny tokenizer's vocabulary, and the same model converted."""
+    from tests.data_helpers import make_tiny_tokenizer
+    root = tmp_path_factory.mktemp("cli")
+    hf = save_hf_model(make_hf_model("gptj_basic", seed=6, vocab_size=VOCAB), str(root / "hf"))
+    params = convert(hf, str(root / "tf"), progress=False)
+    tokenizer = make_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
+    return {"hf": hf, "tf": str(root / "tf"), "params": params, "tok": str(root / "tok"), "tokenizer": tokenizer}
+
+
+def test_predict_from_a_hf_directory_without_params(hf_for_cli, tmp_path):
+    """run.py --mode predict --hf-checkpoint (no --params, no --model-dir) writes the tokens of the
+    same-format model loaded from the conversion (greedy, eager: one function on equal weights)."""
+    import run
+    out = tmp_path / "out.jsonl"
+    argv = ["--mode", "predict", "--hf-checkpoint", hf_for_cli["hf"], "--tokenizer", hf_for_cli["tok"],
+            "--prompt", "the cat", "--max-new-tokens", "5", "--weight-format", "int8", "--ignore-eos",
+            "--generation-compile", "eager", "--output", str(out)]
+    assert run.main(argv) == 0
+    with open(out) as f:
+        (record,) = [json.loads(line) for line in f]
+    model = load_generation_model(hf_for_cli["params"], hf_for_cli["tf"], "int8")
+    prompt = hf_for_cli["tokenizer"].encode("the cat")
+    config = GenerationConfig(max_new_tokens=5, pad_token_id=hf_for_cli["tokenizer"].eos_id)
+    assert record["token_ids"] == Generator(model, "eager").generate([prompt], config)[0].token_ids
+
+
+@pytest.mark.parametrize("case", ["missing shard", "contradicting params", "train", "two sources"])
+def test_predict_bad_hf_input_exits_2_with_one_error_line(hf_for_cli, tmp_path, capsys, case):
+    import shutil
+
+    import run
+    import yaml
+    hf = hf_for_cli["hf"]
+    argv = ["--mode", "predict", "--tokenizer", hf_for_cli["tok"], "--prompt", "the", "--output",
+            str(tmp_path / "out.jsonl"), "--generation-compile", "eager"]
+    if case == "missing shard":
+        hf = str(tmp_path / "hf")
+        shutil.copytree(hf_for_cli["hf"], hf)
+        with open(os.path.join(hf, "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": {"transformer.wte.weight": "model-00002-of-00002.safetensors"}}, f)
+        message = "shard(s) listed in model.safetensors.index.json are missing: model-00002-of-00002.safetensors"
+    elif case == "contradicting params":
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump({"model": {"hidden_size": 64, "num_heads": 4, "mixed_precision": True}}))
+        argv += ["--params", str(params)]
+        message = "--params/--set model.hidden_size=64 (config.json: 32) contradicts"
+    elif case == "train":
+        argv[1] = "train"
+        message = "--hf-checkpoint is for --mode predict"
+    else:
+        argv += ["--checkpoint-path", hf_for_cli["tf"]]
+        message = "give one of --checkpoint-path and --hf-checkpoint"
+    assert run.main(argv + ["--hf-checkpoint", hf]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_params_for_a_hf_directory_keep_the_run_choices(hf_for_cli, tmp_path):
+    """--params may set the compute dtype and other sections; the architecture is config.json's."""
+    import yaml
+
+    from checkpoint_utils.hf_checkpoint import hf_checkpoint_params
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"model": {"mixed_precision": True, "hidden_size": 32},
+                                           "runconfig": {"model_dir": str(tmp_path / "run")}}))
+    params = hf_checkpoint_params(hf_for_cli["hf"], str(params_file), ["model.residual_dropout_rate=0.1"])
+    assert params.model.compute_dtype == "bfloat16" and params.model.residual_dropout_rate == 0.1
+    assert params.runconfig.model_dir == str(tmp_path / "run")
+    expected = dict(vars(hf_for_cli["params"]), mixed_precision=True, residual_dropout_rate=0.1)
+    assert vars(params.model) == expected
+    assert hf_checkpoint_params(hf_for_cli["hf"]).model == hf_for_cli["params"]
+
+
+@pytest.mark.processes
+def test_export_int8_from_a_hf_directory(hf_for_cli, tmp_path):
+    """serving.export --hf-checkpoint --weight-format int8: the SavedModel holds the packed kernels
+    (no float32 kernel variable) and, in a fresh process, gives the int8 model's greedy tokens."""
+    from serving import export
+    from tests.test_serving_export import run_fresh, signature_inputs
+    out = str(tmp_path / "saved")
+    assert export.main(["--hf-checkpoint", hf_for_cli["hf"], "--weight-format", "int8", "--output-dir", out]) == 0
+    saved = tf.train.load_checkpoint(os.path.join(out, "variables", "variables"))
+    dtypes = saved.get_variable_to_dtype_map()
+    assert sum(d == tf.int8 for d in dtypes.values()) == 6 * hf_for_cli["params"].num_hidden_layers + 1
+    assert not any(d == tf.float32 and len(saved.get_variable_to_shape_map()[k]) == 2
+                   and tuple(saved.get_variable_to_shape_map()[k]) != (VOCAB, 32) for k, d in dtypes.items())
+    prompts = [[5, 9, 11], [7, 3, 8, 200, 14]]
+    config = GenerationConfig(max_new_tokens=4, pad_token_id=0)
+    (result,) = run_fresh(out, [["serving_default", signature_inputs(prompts, config, [0, 0])]])
+    model = load_generation_model(hf_for_cli["params"], hf_for_cli["tf"], "int8")
+    expected = [g.token_ids for g in Generator(model, "eager").generate(prompts, config)]
+    assert [ids[:n] for ids, n in zip(result["output_ids"], result["lengths"])] == expected

@@ -68,8 +68,9 @@ def test_bfloat16_logits_as_close_to_float32_as_mixed_precision():
     packed = GenerationModel(model, "bfloat16")
     logits = packed(tokens).logits
     assert logits.dtype == tf.float32
-    assert all(v.dtype == tf.bfloat16 for v in flatten_weights(packed.weights).values() if v.shape.rank == 2
-               and v.dtype != tf.float32)
+    kernels = [v for name, v in flatten_weights(packed.weights).items() if name.endswith("/kernel_t")]
+    assert len(kernels) == 6 * TINY.num_hidden_layers + 1
+    assert all(v.dtype == tf.int16 for v in kernels)          # bfloat16 values held as their bits
     error = np.abs(logits.numpy() - reference).max()
     assert 0 < error <= LOW_PRECISION_ROUNDINGS * U_BF16 * np.abs(reference).max()   # the bound standard bf16 meets
 
@@ -91,3 +92,30 @@ def test_greedy_decoding_picks_the_format_s_own_best_token(weight_format):
         for step, token in enumerate(result.token_ids):
             row = logits[len(prompt) - 1 + step]
             assert row[token] >= row.max() - tolerance, (step, token, row.argmax())
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "bfloat16"])
+def test_kernels_converted_in_blocks_give_the_whole_kernels_logits(monkeypatch, weight_format):
+    """layers.dense.packed_product converts a packed kernel a block of rows at a time
+    (layers/packing.py); with blocks of 3-6 rows (TINY's kernels then split into several
+    blocks, the last one short) the logits equal the one-block ones up to the summation order of each output's dot
+    product (the blocks regroup outputs, not terms), eager and XLA alike."""
+    import layers.packing as packing
+    model = GenerationModel(randomized(TINY, seed=7), weight_format)
+    tokens = ids(2, 10, seed=8)
+
+    def logits(block_bytes):
+        monkeypatch.setattr(packing, "CONVERT_BLOCK_BYTES", block_bytes)
+        eager = model(tokens).logits.numpy()
+        compiled = tf.function(lambda t: model(t).logits, jit_compile=True)(tokens).numpy()
+        return eager, compiled
+
+    whole = logits(1 << 30)
+    blocks = logits(3 * 4 * TINY.filter_size)             # 3 rows of the widest input (fc_out's)
+    scale = np.abs(whole[0]).max()
+    # bfloat16: the products round to bfloat16 per block as per kernel, so a different order of
+    # one dot's terms moves an output by bfloat16 roundings, not float32 ones
+    atol = (logits_atol(scale) if weight_format == "int8"
+            else LOW_PRECISION_ROUNDINGS * U_BF16 * scale)
+    for one, split in zip(whole, blocks):
+        np.testing.assert_allclose(split, one, rtol=0, atol=atol)

@@ -29,6 +29,7 @@ def _weights(seed: int) -> list[tf.Variable]:
             tf.Variable(rng.standard_normal([3]).astype(np.float32), name="bias")]
 
 
+@pytest.mark.same_kernels
 @pytest.mark.numerics
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_keras(case):

@@ -222,7 +222,7 @@ def test_server_refuses_its_max_batch_and_skip_memory_check_goes_on_to_load(tmp_
 # A model of 53.5 M parameters (204 MiB in float32; most of them in the token table and the LM
 # head, vocabulary 49,152, so that one block compiles quickly) trained for one step (AdamW,
 # clipping, XLA), then predicting in float32 and int8, each command in a process of its own whose
-# peak resident set the kernel reports (wait4's ru_maxrss). What the estimate does not count, and
+# peak resident set the kernel reports (the child's own high-water mark). What the estimate does not count, and
 # so the margin it is allowed: an under-estimate of up to 15% of the peak covers the
 # initialisation's slack (drawing a model's weights left 130 MiB above its 352 MiB) and whether
 # glibc's per-thread arenas happen to reuse a freed buffer; an over-estimate of up to 25% covers
@@ -236,13 +236,13 @@ MEASURED_MODEL = {"vocab_size": 49152, "hidden_size": 512, "num_hidden_layers": 
 
 
 def peak_of(argv: list[str], work) -> tuple[int, str, float]:
-    """(exit code, stderr, peak RSS in bytes) of one command in a child process."""
-    with open(work / "out", "w") as out, open(work / "err", "w") as err:
-        child = subprocess.Popen([sys.executable] + argv, cwd=ROOT, stdout=out, stderr=err,
-                                 env={**os.environ, "PYTHONPATH": ROOT})
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)     # reaped here: Popen must not wait again
-    return child.returncode, (work / "err").read_text(), usage.ru_maxrss * 1024.0    # ru_maxrss: KiB on Linux
+    """(exit code, output, peak RSS in bytes) of one command in a child process. The peak is the
+    child's own (bench.convert.run_with_peak): wait4's ru_maxrss alone would start from this
+    process's RSS when it forks (a pytest-xdist worker holding TensorFlow and torch: 1.8 GiB)."""
+    from bench.convert import run_with_peak
+    run = run_with_peak([sys.executable, os.path.join(ROOT, argv[0])] + argv[1:],
+                        env={**os.environ, "PYTHONPATH": ROOT})
+    return run.returncode, run.output, float(run.peak)
 
 
 @pytest.fixture(scope="module")
@@ -301,5 +301,6 @@ def test_predict_counts_samples_as_rows_and_beams_after_the_prefill():
         length = 96 + 40 + 24                                                    # round_up(round_up(70) + 40)
         assert terms["KV cache"] == 2 * memory_model.kv_cache_bytes(TINY, rows, length, 4)
         assert terms["prefill activations"] == memory_model.prefill_bytes(TINY, prefill, 96, length, 4)
-        halved = peak_memory.generation_terms(TINY, "float32", Decoding(rows // 2, length, 96, prefill // 2), "graph")
+        halved = peak_memory.generation_terms(TINY, "float32", Decoding(rows // 2, length, 96, prefill // 2), "graph",
+                                                 loader="direct")
         assert ("--batch-size 2", peak_memory.total_of(halved)) in predict.memory_estimate(job, TINY).fixes

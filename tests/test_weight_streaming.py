@@ -63,6 +63,7 @@ def assert_same_model_weights(a, b, params):
     assert_weights_close(a.trainable_variables, b.trainable_variables, atol, steps)
 
 
+@pytest.mark.same_kernels
 @pytest.mark.numerics
 @pytest.mark.parametrize("sections", [
     {},
@@ -88,6 +89,7 @@ def test_same_losses_and_weights_as_standard(data_root, tmp_path, sections):
     assert_same_weights(standard, streamed, standard.params)
 
 
+@pytest.mark.same_kernels
 @pytest.mark.numerics
 def test_checkpoints_are_interchangeable(data_root, tmp_path):
     standard, expected = train(tiny_params(data_root, runconfig={"max_steps": 4}), str(tmp_path / "a"))
@@ -109,6 +111,7 @@ def disk_params(data_root, max_steps, **sections):
     return tiny_params(data_root, runconfig=runconfig, **sections)
 
 
+@pytest.mark.same_kernels
 @pytest.mark.numerics
 @pytest.mark.parametrize("sections", [
     # decay 0.1: a decay the disk store forgot or misplaced moves a weight by steps * lr * 0.1 * |w|
@@ -133,6 +136,7 @@ def test_disk_store_matches_standard(data_root, tmp_path, sections):
     assert sorted(store) == ["grad", "m", "param", "state.json", "v"]
 
 
+@pytest.mark.same_kernels
 @pytest.mark.numerics
 def test_disk_checkpoints_are_interchangeable_and_a_dirty_store_is_rebuilt(data_root, tmp_path):
     standard, expected = train(tiny_params(data_root, runconfig={"max_steps": 4}), str(tmp_path / "a"))
@@ -153,6 +157,7 @@ def test_disk_checkpoints_are_interchangeable_and_a_dirty_store_is_rebuilt(data_
     assert more[5] == pytest.approx(reference[5], rel=LOSS_RTOL)
 
 
+@pytest.mark.same_kernels
 @pytest.mark.numerics
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_disk_sgd_checkpoints_resume_in_standard_mode(data_root, tmp_path, momentum):

@@ -293,7 +293,7 @@ def print_quality(args, sides: dict) -> None:
         print(f"  greedy continuation: ours bfloat16 and transformers agree on the first {same} of {len(a)} tokens")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", required=True, help="cache for the checkpoints and results (~40 GB at 28 layers)")
     parser.add_argument("--clean", action="store_true", help="delete --work-dir and exit")
@@ -304,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=1919, help="prompt tokens (MLPerf GPT-J's input cap: 1919)")
     parser.add_argument("--new", type=int, default=32, help="timed decode steps (after 2 warm-up tokens)")
     parser.add_argument("--beams", type=int, default=4, help="beam search with this many beams (< 2: skip)")
-    parser.add_argument("--beam-prompt", type=int, default=None, help="prompt tokens for beam search (default --prompt)")
+    parser.add_argument("--beam-prompt", type=int, default=256,
+                        help="prompt tokens for beam search (the beams' caches: 4 x 1,919 tokens in float32 "
+                             "do not fit next to the int8 weights in 24 GB)")
     parser.add_argument("--quality-prompts", type=int, default=4, help="random prompts whose logits are compared")
     parser.add_argument("--quality-length", type=int, default=64, help="tokens per quality prompt")
     parser.add_argument("--load-from", choices=("converted", "hf"), default="converted",
@@ -313,10 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="TensorFlow's start-up log in the steps")
     args = parser.parse_args(argv)
     args.formats = [f for f in args.formats.split(",") if f]
-    args.beam_prompt = args.beam_prompt or args.prompt
     from generation.config import WEIGHT_FORMATS
     if set(args.formats) - set(WEIGHT_FORMATS):
         parser.error(f"--formats: use some of {', '.join(WEIGHT_FORMATS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     work = os.path.abspath(args.work_dir)
     try:
         if args.clean:

@@ -7,7 +7,8 @@ in float32 or bfloat16, or a Hugging Face directory) and made directly into what
 
     dense kernels   packed (generation.weights.pack_kernel: int8 rows + scales, or bfloat16 rows),
                     a block of output channels at a time; no float32 variable is ever made for them
-    the rest        float32 variables (embedding table, LayerNorms, biases), as GenerationModel keeps them
+    embedding table bfloat16 in that format (generation.weights.bfloat16_table), else float32
+    the rest        float32 variables (LayerNorms, biases), as GenerationModel keeps them
 
 The model's code runs over that tree from a GPTJModel built without variables
 (model.build_model_with). The largest transient is one checkpoint tensor (the 826 MB LM head
@@ -21,7 +22,7 @@ from checkpoint_utils.load import build_float32_model, float32_variable
 from checkpoint_utils.weight_source import WeightSource, open_weights
 from config.params import ModelParams
 from generation.config import WEIGHT_FORMATS
-from generation.weights import GenerationModel, is_packed, pack_kernel
+from generation.weights import GenerationModel, bfloat16_table, is_embedding_table, is_packed, pack_kernel
 from layers.tree import unflatten_weights
 from model import GPTJModel, build_model_with
 
@@ -48,6 +49,8 @@ def load_weights(model_params: ModelParams, weights: WeightSource, weight_format
         if is_packed(path, array.ndim):
             layer = path.rsplit("/", 1)[0]
             flat.update({f"{layer}/{name}": variable for name, variable in pack_kernel(array, weight_format).items()})
+        elif weight_format == "bfloat16" and is_embedding_table(path, array.ndim):
+            flat[path] = bfloat16_table(array)
         else:
             flat[path] = float32_variable(array, path.rsplit("/", 1)[-1], trainable=False)
         array = None                  # before the next read: one tensor at a time

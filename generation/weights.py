@@ -13,8 +13,11 @@ in its matrix-vector products (layers/dense.py):
               scale = max |w[:, o]| / 127, q = round(w / scale), so |w - q * scale| <= scale / 2;
               math in float32 on the dequantized weights (1 byte per weight)
 
-Embedding tables, LayerNorms and biases stay float32 (a step reads one embedding row and
-a few vectors). `GenerationModel` is what the decoders call in place of a GPTJModel.
+LayerNorms and biases stay float32 (a step reads a few vectors), and so does the embedding
+table (a step reads one row), except in the bfloat16 format: its math gathers rows and casts
+them to bfloat16, so a bfloat16 table gives the same values in half the bytes (413 MB less
+for GPT-J 6B; `bfloat16_table`). `GenerationModel` is what the decoders call in place of a
+GPTJModel.
 """
 from __future__ import annotations
 
@@ -109,9 +112,23 @@ def pack_kernel(kernel, weight_format: str, block_bytes: int | None = None) -> d
     return packed
 
 
+def is_embedding_table(path: str, rank: int) -> bool:
+    return path.rsplit("/", 1)[-1] == "embeddings" and rank == 2
+
+
+def bfloat16_table(table) -> tf.Variable:
+    """The bfloat16 format's token table [V, D] (from a variable, tensor or host array), rounded
+    to nearest even as the compute dtype's cast rounds each gathered row."""
+    if isinstance(table, np.ndarray):
+        if table.dtype != ml_dtypes.bfloat16:
+            table = table.astype(np.float32).astype(ml_dtypes.bfloat16)
+        return tf.Variable(table, trainable=False, name="embeddings")
+    return tf.Variable(tf.cast(table, tf.bfloat16), trainable=False, name="embeddings")
+
+
 def is_packed(path: str, rank: int) -> bool:
     """Whether the weight at `path` (a weights_tree path) is a dense kernel, which the 16- and
-    8-bit formats pack; embedding tables, LayerNorms and biases stay float32."""
+    8-bit formats pack (the bfloat16 format's embedding table: `bfloat16_table`)."""
     return path.rsplit("/", 1)[-1] == "kernel" and rank == 2
 
 
@@ -125,6 +142,8 @@ def pack_weights(tree, weight_format: str):
     for name, value in tree.items():
         if isinstance(value, tf.Variable) and is_packed(name, value.shape.rank):
             out.update(pack_kernel(value, weight_format))
+        elif isinstance(value, tf.Variable) and is_embedding_table(name, value.shape.rank) and weight_format == "bfloat16":
+            out[name] = bfloat16_table(value)
         else:
             out[name] = pack_weights(value, weight_format)
     return out

@@ -241,13 +241,16 @@ def is_packed_kernel(spec: WeightSpec) -> bool:
 
 def format_weight_bytes(model: ModelParams, weight_format: str) -> float:
     """Bytes of the weights in a generation format: float32 4 B each; bfloat16 kernels 2 B; int8
-    kernels 1 B plus a float32 scale per output channel; everything else float32."""
+    kernels 1 B plus a float32 scale per output channel; the bfloat16 format's embedding table
+    2 B (generation.weights.bfloat16_table); everything else float32."""
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
     total = 0
     for spec in weight_specs(model):
         count = math.prod(spec.shape)
-        if weight_format == "float32" or not is_packed_kernel(spec):
+        if weight_format == "bfloat16" and spec.path == "embedding/embeddings":
+            total += 2 * count
+        elif weight_format == "float32" or not is_packed_kernel(spec):
             total += FLOAT32 * count
         else:
             total += (2 * count) if weight_format == "bfloat16" else (count + FLOAT32 * spec.shape[1])

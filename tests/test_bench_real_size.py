@@ -66,3 +66,27 @@ def test_compare_logits_counts_flipped_positions_and_the_largest_error():
     assert result["max"] == pytest.approx(10.0) and not result["within"]
     assert result["rms"] == pytest.approx(10.0 / np.sqrt(reference.size))
     assert compare_logits(reference, reference, 0.01)["within"]
+
+
+@pytest.mark.processes
+def test_the_bench_runs_end_to_end_on_a_small_shape(tmp_path, capsys):
+    """Every step of bench.real_size (checkpoint, bandwidth, convert, ours in both formats,
+    transformers) on a 2-layer model: each prints its time and peak RSS, the report has every
+    ratio and quality line, a second run reuses the checkpoint and --clean deletes the work dir."""
+    from bench import real_size
+    work = tmp_path / "work"
+    argv = ["--work-dir", str(work), "--hidden", "64", "--layers", "2", "--heads", "4", "--rotary-dim", "8",
+            "--vocab", "512", "--prompt", "24", "--new", "3", "--beams", "2", "--beam-prompt", "8",
+            "--quality-prompts", "1", "--quality-length", "8", "--bandwidth-gib", "0.05"]
+    assert real_size.main(argv) == 0
+    out = capsys.readouterr().out
+    for line in ("CPU: ", "bandwidth: ", "convert: ", "ours-int8: ", "ours-bfloat16: ", "transformers: ",
+                 "int8 greedy decode: ", "int8 prefill: ", "int8 beam-2 decode: ", "bfloat16 greedy decode: ",
+                 "ours bfloat16 vs transformers bfloat16: max |d|", "ours int8 vs ours bfloat16: max |d|"):
+        assert line in out, line
+    assert "FAILED" not in out and "skipped" not in out and "(built in" in out
+    args = real_size.parse_args(argv)
+    (checkpoint,) = [p for p in work.iterdir() if p.is_dir()]
+    assert real_size.ensure_checkpoint(str(checkpoint / "hf"), args)[1]              # reused, not rebuilt
+    assert real_size.main(["--work-dir", str(work), "--clean"]) == 0
+    assert not work.exists()

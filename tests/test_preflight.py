@@ -123,7 +123,8 @@ def test_refusal_is_one_line_with_the_terms_the_availability_and_the_first_fitti
 def test_gptj_6b_cache_per_slot_and_weight_formats():
     """GPT-J-6B's key/value cache per slot of 2,048 tokens is 2 (keys, values) x 28 layers x
     2,048 x 4,096 x bytes; its int8 weights are the kernels' bytes, a float32 scale per output
-    column and everything else in float32, counted here from the published shapes."""
+    column and everything else in float32; its bfloat16 weights hold the token table in bfloat16
+    too; counted here from the published shapes."""
     model = load_params(GPTJ_6B).model
     for dtype_bytes in (2, 4):
         assert memory_model.kv_cache_bytes(model, 1, 2048, dtype_bytes) == 2 * 28 * 2048 * 4096 * dtype_bytes
@@ -132,7 +133,7 @@ def test_gptj_6b_cache_per_slot_and_weight_formats():
     columns = layers * (4 * d + f + d) + v                                  # one int8 scale per output column
     rest = 6_050_882_784 - kernels                                          # embedding, LayerNorms, biases
     assert memory_model.format_weight_bytes(model, "float32") == 4 * 6_050_882_784
-    assert memory_model.format_weight_bytes(model, "bfloat16") == 2 * kernels + 4 * rest
+    assert memory_model.format_weight_bytes(model, "bfloat16") == 2 * kernels + 2 * v * d + 4 * (rest - v * d)
     assert memory_model.format_weight_bytes(model, "int8") == kernels + 4 * columns + 4 * rest
 
 

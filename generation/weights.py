@@ -118,12 +118,13 @@ def is_embedding_table(path: str, rank: int) -> bool:
 
 def bfloat16_table(table) -> tf.Variable:
     """The bfloat16 format's token table [V, D] (from a variable, tensor or host array), rounded
-    to nearest even as the compute dtype's cast rounds each gathered row."""
+    to nearest even as the compute dtype's cast rounds each gathered row, held as its int16
+    bits (layers.embedding.as_float: XLA:CPU converts a bfloat16 gather's table to float32)."""
     if isinstance(table, np.ndarray):
         if table.dtype != ml_dtypes.bfloat16:
             table = table.astype(np.float32).astype(ml_dtypes.bfloat16)
-        return tf.Variable(table, trainable=False, name="embeddings")
-    return tf.Variable(tf.cast(table, tf.bfloat16), trainable=False, name="embeddings")
+        return tf.Variable(table.view(np.int16), trainable=False, name="embeddings")
+    return tf.Variable(tf.bitcast(tf.cast(table, tf.bfloat16), tf.int16), trainable=False, name="embeddings")
 
 
 def is_packed(path: str, rank: int) -> bool:

@@ -17,10 +17,17 @@ class TokenEmbedding(Layer):
     def forward(self, weights: dict, token_ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
         # token_ids: [b, s] -> [b, s, D]. Gathered from the table's value, not the variable: DTensor
         # cannot expand a variable's ResourceGather over a vocabulary-split table (runtime/mesh.py).
+        # A bfloat16 table is held as its int16 bits (generation.weights.bfloat16_table): XLA:CPU
+        # would convert a bfloat16 operand of the gather to float32, a copy of the whole table.
         table = tf.convert_to_tensor(weights["embeddings"])                # [V, D]
-        return tf.cast(tf.gather(table, token_ids), dtype)
+        return tf.cast(as_float(tf.gather(table, token_ids)), dtype)
 
     @staticmethod
     def attend(weights: dict, hidden: tf.Tensor) -> tf.Tensor:
         """Tied LM head: hidden [b, s, D] @ embeddings^T -> logits [b, s, V]."""
-        return matmul_rows(hidden, tf.cast(weights["embeddings"], hidden.dtype), transpose_kernel=True)
+        return matmul_rows(hidden, tf.cast(as_float(weights["embeddings"]), hidden.dtype), transpose_kernel=True)
+
+
+def as_float(values: tf.Tensor) -> tf.Tensor:
+    """Table values as floats: int16 holds bfloat16 bits."""
+    return tf.bitcast(values, tf.bfloat16) if values.dtype == tf.int16 else values

@@ -274,7 +274,8 @@ def test_hf_directory_loads_as_its_conversion(sources, kind, weight_format):
 @pytest.mark.mixed_precision
 def test_bfloat16_safetensors_load_as_bfloat16_without_float32(bf16_hf):
     """bfloat16 HF tensors become bfloat16 kernels as they are: every array read is bfloat16 (no
-    float32 copy of anything), kernel rows are the HF Linear weights' bits ([out, in] both)."""
+    float32 copy of anything), kernel rows are the HF Linear weights' bits ([out, in] both), and
+    so is the token table."""
     hf, params = bf16_hf
     watched = Watched(open_weights(hf))
     model = load_weights(params, watched, "bfloat16")
@@ -284,8 +285,7 @@ def test_bfloat16_safetensors_load_as_bfloat16_without_float32(bf16_hf):
     np.testing.assert_array_equal(_bits(leaves["blocks/1/mlp/fc_in/kernel_t"]),
                                   _bits(stored["transformer.h.1.mlp.fc_in.weight"]))
     np.testing.assert_array_equal(_bits(leaves["lm_head/kernel_t"]), _bits(stored["lm_head.weight"]))
-    np.testing.assert_array_equal(leaves["embedding/embeddings"].numpy(),
-                                  stored["transformer.wte.weight"].astype(np.float32))
+    np.testing.assert_array_equal(_bits(leaves["embedding/embeddings"]), _bits(stored["transformer.wte.weight"]))
 
 
 # ---- (d) bfloat16 TF checkpoints -----------------------------------------------------------

@@ -7,7 +7,9 @@ in float32 or bfloat16, or a Hugging Face directory) and made directly into what
 
     dense kernels   packed (generation.weights.pack_kernel: int8 rows + scales, or bfloat16 rows),
                     a block of output channels at a time; no float32 variable is ever made for them
-    embedding table bfloat16 in that format (generation.weights.bfloat16_table), else float32
+    embedding table bfloat16 in the bfloat16 format, and in int8 when the checkpoint stores it in
+                    bfloat16 (exact; not for a table tied to the head, which a step would widen
+                    whole): generation.weights.bfloat16_table; else float32
     the rest        float32 variables (LayerNorms, biases), as GenerationModel keeps them
 
 The model's code runs over that tree from a GPTJModel built without variables
@@ -17,6 +19,8 @@ GenerationModel's packing of the float32 model (tests/test_generation_loading.py
 format goes through the same reader into float32 variables (checkpoint_utils.load).
 """
 from __future__ import annotations
+
+import ml_dtypes
 
 from checkpoint_utils.load import build_float32_model, float32_variable
 from checkpoint_utils.weight_source import WeightSource, open_weights
@@ -49,7 +53,8 @@ def load_weights(model_params: ModelParams, weights: WeightSource, weight_format
         if is_packed(path, array.ndim):
             layer = path.rsplit("/", 1)[0]
             flat.update({f"{layer}/{name}": variable for name, variable in pack_kernel(array, weight_format).items()})
-        elif weight_format == "bfloat16" and is_embedding_table(path, array.ndim):
+        elif is_embedding_table(path, array.ndim) and (weight_format == "bfloat16" or (
+                array.dtype == ml_dtypes.bfloat16 and not model_params.share_embedding_weights)):
             flat[path] = bfloat16_table(array)
         else:
             flat[path] = float32_variable(array, path.rsplit("/", 1)[-1], trainable=False)

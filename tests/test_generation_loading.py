@@ -154,8 +154,8 @@ def test_loading_holds_one_tensor_at_a_time_and_no_float32_kernel(sources, sourc
     """Measured two ways. While loading: the kernel arrays read and alive at once never exceed the
     largest group of tensors read together (one kernel for a TF checkpoint; GPT-NeoX's fused qkv,
     split in three, for a HF directory), and none is alive after. After: the float32 variables the
-    load created are exactly the embedding (bfloat16 in that format), LayerNorms, biases and int8
-    scales (no float32 copy of a packed kernel survives)."""
+    load created are exactly the embedding (bfloat16 in that format or from a bfloat16 checkpoint),
+    LayerNorms, biases and int8 scales (no float32 copy of a packed kernel survives)."""
     source = sources["neox_basic"]
     params = source["params"]
     watched = Watched(open_weights(source[source_kind]))
@@ -174,7 +174,8 @@ def test_loading_holds_one_tensor_at_a_time_and_no_float32_kernel(sources, sourc
     assert not watched.live                                      # nothing read is kept
     float32_bytes = sum(v.shape.num_elements() * 4 for v in created if v.dtype == tf.float32)
     kept_float32 = sum(int(np.prod(s.shape)) * 4 for s in specs if not s.path.endswith("/kernel")
-                       and not (weight_format == "bfloat16" and s.path == "embedding/embeddings"))
+                       and not ((weight_format == "bfloat16" or source_kind == "tf_bf16")
+                                and s.path == "embedding/embeddings"))
     if weight_format == "int8":                                 # plus one float32 scale per output channel
         kept_float32 += sum(s.shape[1] * 4 for s in specs if s.path.endswith("/kernel"))
     assert float32_bytes == kept_float32
@@ -286,6 +287,9 @@ def test_bfloat16_safetensors_load_as_bfloat16_without_float32(bf16_hf):
                                   _bits(stored["transformer.h.1.mlp.fc_in.weight"]))
     np.testing.assert_array_equal(_bits(leaves["lm_head/kernel_t"]), _bits(stored["lm_head.weight"]))
     np.testing.assert_array_equal(_bits(leaves["embedding/embeddings"]), _bits(stored["transformer.wte.weight"]))
+    # int8 keeps the checkpoint's bfloat16 table too (exact: each gathered row widens to float32)
+    table = _leaves(load_weights(params, open_weights(hf), "int8"))["embedding/embeddings"]
+    np.testing.assert_array_equal(_bits(table), _bits(stored["transformer.wte.weight"]))
 
 
 # ---- (d) bfloat16 TF checkpoints -----------------------------------------------------------

@@ -51,6 +51,13 @@ cache and activations: measured 164-193 MiB with 3-6 blocks and 260 MiB with 12 
 decode of one 8-token prompt, XLA), i.e. the compiled prefill and decode programs and their
 small buffers (logits [b, V]); evaluation's compiled forward step likewise."""
 
+PREFILL_PROGRAM_PER_BLOCK = 11 * MiB
+"""Bytes each further compiled prefill program (one per prompt length: the server's prompt
+buckets) keeps per decoder block, XLA or graph mode: the compiled code of an unrolled model.
+Measured: 6.9 MiB per block per bucket for d=1024, 8 blocks (XLA; graph mode 3.5), and 11.1
+for GPT-J 6B in int8 (serving.server's warm-up of 16 buckets: 15.9 GB peak against 11.2 GB
+with one bucket compiled)."""
+
 # How a command's weights reach memory: `restore` builds the float32 model and restores it with
 # tf.train.Checkpoint, which reads every tensor of the checkpoint before it assigns any (a second
 # float32 copy of the model at the restore: measured +563 MiB for 640 MiB of weights), then packs
@@ -101,12 +108,14 @@ class Decoding:
     prefill_rows x prompt_slots: rows prefilled in one call (beams expand after the prefill).
     slot_rows: the serving scheduler's slots (serving/slots.py), whose cache lives in variables
     a compiled call updates in place: counted once (measured: 8 slots of a 384 MiB cache grew
-    the decoding process by 336 MiB more than one slot did)."""
+    the decoding process by 336 MiB more than one slot did).
+    prefill_programs: compiled prefills the process keeps (the server's prompt buckets)."""
     rows: int
     cache_length: int
     prompt_slots: int
     prefill_rows: int
     slot_rows: int = 0
+    prefill_programs: int = 1
 
 
 def generation_peak(model: ModelParams, weight_format: str, decoding: Decoding, compile_mode: str = "xla",
@@ -131,7 +140,8 @@ def generation_peak(model: ModelParams, weight_format: str, decoding: Decoding, 
       0.6 GiB with blocks); TensorFlow's graph executor (`compile_mode` graph) holds more:
       measured 0.64-0.90 x the packed kernels' bytes above XLA's peak (two shapes), so
       counted as all of them;
-    - the compiled prefill and decode programs (`INFERENCE_WORKSPACE`).
+    - the compiled prefill and decode programs (`INFERENCE_WORKSPACE`), and further prefill
+      programs (`PREFILL_PROGRAM_PER_BLOCK`).
     """
     if loader not in LOADERS:
         raise ValueError(f"loader {loader!r} is not one of {', '.join(LOADERS)}")
@@ -159,6 +169,9 @@ def generation_peak(model: ModelParams, weight_format: str, decoding: Decoding, 
             terms["graph executor's kernel copies"] = ({"int8": 1, "bfloat16": 2}[weight_format]
                                                       * packed_kernel_parameters(model))
     terms["compiled decode"] = workspace(INFERENCE_WORKSPACE, model)
+    if d.prefill_programs > 1:
+        terms[f"{d.prefill_programs - 1} more compiled prefills"] = (
+            (d.prefill_programs - 1) * PREFILL_PROGRAM_PER_BLOCK * model.num_hidden_layers)
     return terms
 
 

@@ -323,10 +323,14 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
     max_n) decoded beside them by the Generator; a `--max-batch` whose cache does not fit is
     refused, naming the largest that does."""
     length = slot_cache_length(limits, model_config.max_position_embeddings)
+    # one compiled prefill per prompt bucket (serving.scheduler.Scheduler.warm_up: multiples of
+    # 32 below the cache length), compiled at start or as prompts of each length arrive
+    buckets = len([p for p in range(32, round_up(limits.max_prompt_tokens, 32) + 1, 32) if p < length])
 
     def decoding(count: int) -> Decoding:
         return Decoding(rows=max(limits.max_beams, limits.max_n), cache_length=length,
-                        prompt_slots=round_up(limits.max_prompt_tokens, 32), prefill_rows=1, slot_rows=count)
+                        prompt_slots=round_up(limits.max_prompt_tokens, 32), prefill_rows=1, slot_rows=count,
+                        prefill_programs=buckets)
     return generation_estimate("serving.server", model_config, weight_format, decoding, slots, compile_mode,
                                loader="direct", compile_flag="--compile", slots_flag="--max-batch")
 

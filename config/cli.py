@@ -35,3 +35,14 @@ class ArgumentParser(argparse.ArgumentParser):
                     arg = spelled + equals + value
             out.append(arg)
         return out
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value

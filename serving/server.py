@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from config.cli import ArgumentParser
+from config.cli import ArgumentParser, positive_int
 from generation.config import COMPILE_MODES, round_up
 from generation.flags import add_hf_checkpoint_flag, add_weight_format_flag
 from generation.config import BATCHING_MODES as MODES, GenerationConfig, GenerationConfigError
@@ -80,6 +80,7 @@ class Limits:
     max_n: int = 4
     max_beams: int = 4
     request_timeout: float = 60.0
+    prompt_bucket: int = 32          # prompts are left-padded to a multiple: one compiled prefill each
 
 
 class RequestError(ValueError):
@@ -312,8 +313,9 @@ class Server:
 
 
 def slot_cache_length(limits: Limits, max_positions: int) -> int:
-    """The slots' cache length L: the longest prompt (rounded to 32) and output the limits allow."""
-    cache_length = min(round_up(limits.max_prompt_tokens, 32) + limits.max_tokens, round_up(max_positions, 32) + 32)
+    """The slots' cache length L: the longest prompt (rounded up to its bucket) and output the limits allow."""
+    longest = round_up(limits.max_prompt_tokens, limits.prompt_bucket)
+    cache_length = min(longest + limits.max_tokens, round_up(max_positions, 32) + limits.prompt_bucket)
     return round_up(cache_length, 32)
 
 
@@ -324,12 +326,13 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
     refused, naming the largest that does."""
     length = slot_cache_length(limits, model_config.max_position_embeddings)
     # one compiled prefill per prompt bucket (serving.scheduler.Scheduler.warm_up: multiples of
-    # 32 below the cache length), compiled at start or as prompts of each length arrive
-    buckets = len([p for p in range(32, round_up(limits.max_prompt_tokens, 32) + 1, 32) if p < length])
+    # --prompt-bucket below the cache length), compiled at start or as prompts of each length arrive
+    bucket = limits.prompt_bucket
+    buckets = len([p for p in range(bucket, round_up(limits.max_prompt_tokens, bucket) + 1, bucket) if p < length])
 
     def decoding(count: int) -> Decoding:
         return Decoding(rows=max(limits.max_beams, limits.max_n), cache_length=length,
-                        prompt_slots=round_up(limits.max_prompt_tokens, 32), prefill_rows=1, slot_rows=count,
+                        prompt_slots=round_up(limits.max_prompt_tokens, bucket), prefill_rows=1, slot_rows=count,
                         prefill_programs=buckets)
     return generation_estimate("serving.server", model_config, weight_format, decoding, slots, compile_mode,
                                loader="direct", compile_flag="--compile", slots_flag="--max-batch")
@@ -346,7 +349,7 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
     cache_length = slot_cache_length(limits, max_positions)
     metrics = Metrics()
     scheduler = Scheduler(model, slots, cache_length, batching, max_queue, max_wait, compile_mode,
-                          metrics=metrics, steps_per_call=steps_per_call)
+                          length_multiple=limits.prompt_bucket, metrics=metrics, steps_per_call=steps_per_call)
     if warm_up:
         scheduler.warm_up(limits.max_prompt_tokens)
     scheduler.start()
@@ -371,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=64, help="queued requests before 429")
     parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens,
                         help="longer prompts get a 400")
+    parser.add_argument("--prompt-bucket", type=positive_int, default=Limits.prompt_bucket,
+                        help="prompts are padded to a multiple of this; each multiple is one compiled prefill "
+                             "(GPT-J 6B: ~300 MB each), so long prompts want a coarser bucket, e.g. 256")
     parser.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens, help="largest max_tokens")
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="largest n (completions per request)")
     parser.add_argument("--max-beams", type=int, default=Limits.max_beams, help="largest num_beams")
@@ -406,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     from input.tokenizer import load_tokenizer
     from runtime.logging_utils import log
     from serving.loading import load_serving_model
-    limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams, args.request_timeout)
+    limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams, args.request_timeout,
+                    args.prompt_bucket)
 
     def check_memory(params):
         estimate = memory_estimate(params.model, limits, args.max_batch, args.weight_format, args.compile)

@@ -2,6 +2,7 @@
 client leaving mid-stream frees its slot, SIGTERM drains. Bounded: a few dozen requests, tiny model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -184,3 +185,35 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(setup):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_coarser_prompt_bucket_compiles_fewer_prefills_and_answers_the_same(setup):
+    """Prompts of 5 and 40 tokens compile prefills for buckets 32 and 64 with --prompt-bucket 32
+    (the default), one for bucket 64 with --prompt-bucket 64; the greedy answers are the
+    single-request tokens either way (left padding is masked), and the memory estimate counts
+    the programs each may compile (LIMITS: prompts up to 40 tokens)."""
+    from config.params import load_params
+    from serving.server import memory_estimate
+    prompts = [list(range(2, 7)), list(range(2, 42))]                    # 5 and 40 tokens
+    config = GenerationConfig(max_new_tokens=6, stop_token_ids=(setup["tokenizer"].eos_id,),
+                              pad_token_id=setup["tokenizer"].eos_id)
+    compiled = {}
+    for bucket in (32, 64):
+        limits = dataclasses.replace(LIMITS, prompt_bucket=bucket)
+        server = build_server(setup["model"], setup["tokenizer"], slots=2, limits=limits, compile_mode="graph")
+        uv, thread, url = start_in_thread(server)
+        try:
+            for prompt in prompts:
+                reply = requests.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 6,
+                                                                     "temperature": 0}, timeout=120)
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["choices"][0]["token_ids"] == expected_tokens(setup, prompt, config)
+            compiled[bucket] = sorted(server.scheduler.decoder._admit)
+        finally:
+            uv.should_exit = True
+            thread.join(30)
+    assert compiled == {32: [32, 64], 64: [64]}
+    model_config = load_params(setup["params"]).model
+    terms = {bucket: dict(memory_estimate(model_config, dataclasses.replace(LIMITS, prompt_bucket=bucket),
+                                          2, "float32", "graph").terms) for bucket in (32, 64)}
+    assert "1 more compiled prefills" in terms[32] and not any("more compiled" in t for t in terms[64])

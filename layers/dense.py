@@ -42,8 +42,10 @@ def packed_product(x: tf.Tensor, rows: tf.Tensor, scale: tf.Tensor | None) -> tf
     regroup outputs, not terms. [out, in] rows: XLA fuses the cast into a matrix-vector
     product, so a decode step reads the kernel's 1 or 2 bytes per weight, not a float32 copy's 4."""
     out_dim, in_dim = (int(n) for n in rows.shape)
-    step = packing.block_rows(in_dim)
     compiled = not tf.executing_eagerly()
+    # Eager, one conversion of the whole kernel: eager ops free each block anyway, and TensorFlow's
+    # own bfloat16 matmul (no oneDNN, an AVX2-only CPU's) crashed on a product with a row slice.
+    step = packing.block_rows(in_dim) if compiled else out_dim
     parts, after = [], x
     for start in range(0, out_dim, step):
         block = rows if step >= out_dim else rows[start:start + step]                       # [n, in]

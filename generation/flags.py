@@ -70,6 +70,16 @@ def add_weight_format_flag(group) -> None:
                             "(weight-only, one scale per output channel); 16 and 8 bits decode faster")
 
 
+def add_weight_source_flags(parser, verb: str) -> None:
+    """Where a serving command's weights come from: --params, --model-dir (its latest checkpoint is
+    `verb`, e.g. "served"), --checkpoint-path or --hf-checkpoint (serving/loading.py)."""
+    parser.add_argument("--params", default=None, help="params YAML the weights were trained with "
+                                                       "(optional with --hf-checkpoint)")
+    parser.add_argument("--model-dir", default=None, help=f"run directory: its latest checkpoint is {verb}")
+    parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
+    add_hf_checkpoint_flag(parser)
+
+
 def add_hf_checkpoint_flag(group) -> None:
     """--hf-checkpoint: generate from a Hugging Face directory without converting it (generation/loading.py)."""
     group.add_argument("--hf-checkpoint", default=None, metavar="DIR",

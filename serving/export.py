@@ -23,18 +23,14 @@ import sys
 
 from config.cli import ArgumentParser
 from config.quiet import add_verbose_flag, quiet_tensorflow
-from generation.flags import add_hf_checkpoint_flag, add_weight_format_flag
+from generation.flags import add_weight_format_flag, add_weight_source_flags
 from runtime import preflight
 from serving.loading import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default=None, help="params YAML the weights were trained with "
-                                                       "(optional with --hf-checkpoint)")
-    parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint is exported")
-    parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
-    add_hf_checkpoint_flag(parser)
+    add_weight_source_flags(parser, "exported")
     parser.add_argument("--output-dir", required=True, help="where the SavedModel is written (a new directory)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the params')")
     add_weight_format_flag(parser)

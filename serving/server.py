@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from config.cli import ArgumentParser, positive_int
 from generation.config import COMPILE_MODES, round_up
-from generation.flags import add_hf_checkpoint_flag, add_weight_format_flag
+from generation.flags import add_weight_format_flag, add_weight_source_flags
 from generation.config import BATCHING_MODES as MODES, GenerationConfig, GenerationConfigError
 from input.tokenizer import GptTokenizer
 from runtime.peak_memory import Decoding, Estimate, generation_estimate
@@ -358,11 +358,7 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default=None, help="params YAML the weights were trained with "
-                                                       "(optional with --hf-checkpoint)")
-    parser.add_argument("--model-dir", default=None, help="run directory: its latest checkpoint is served")
-    parser.add_argument("--checkpoint-path", default=None, help="a checkpoint prefix or converted model directory")
-    add_hf_checkpoint_flag(parser)
+    add_weight_source_flags(parser, "served")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory/file or hub id")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

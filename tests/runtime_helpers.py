@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import subprocess
+import sys
 
 from config.params import Params, parse_params
 from tests.data_helpers import make_tiny_tfrecords
@@ -55,3 +58,15 @@ def saved_random_model(root, seed: int, **model):
         yaml.safe_dump(raw, f)
     built = GPTJModel(parse_params(raw).model, seed=seed)
     return path, built, tf.train.Checkpoint(model=built).save(os.path.join(str(root), "weights", "ckpt"))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_result_script(script: str, *args: str, timeout: float = 600) -> dict:
+    """Run a Python script in a fresh interpreter (this checkout importable) and return the JSON it
+    prints on its `RESULT ` line; its stderr tail is the failure message."""
+    done = subprocess.run([sys.executable, "-c", script, *args], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])

@@ -4,13 +4,9 @@ Logical devices must be configured before TensorFlow initialises, so the compari
 fresh interpreter."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runtime_helpers import run_result_script
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -35,11 +31,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_mirrored_two_devices_matches_one_device(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = run_result_script(SCRIPT, str(tmp_path))
     single, mirrored = result["one_device"], result["mirrored"]
     assert (single["replicas"], mirrored["replicas"]) == (1, 2)
     # Two replicas' gradients summed by an all-reduce: a summation order. Losses (~4) as in

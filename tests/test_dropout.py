@@ -7,10 +7,6 @@ same slice of the global batch. Weight streaming against standard execution with
 tests/test_weight_streaming.py."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -19,9 +15,9 @@ import tensorflow as tf
 
 from layers.dropout import dropout
 from tests.numerics import adam_weight_atol, assert_weights_close, binomial_atol
+from tests.runtime_helpers import run_result_script
 from tests.test_weight_streaming import LOSS_RTOL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = 0.1
 SHAPE = [3, 4, 17, 16]          # [b, h, s, s_k]: odd sizes, so no path can assume a vector width
 
@@ -111,11 +107,7 @@ def test_each_replica_draws_the_masks_one_device_draws_for_its_slice(tmp_path):
     of the same rows: replica r's rows are micro-batch r's, and both draw slice r's masks, so the runs
     differ by summation order only (losses: LOSS_RTOL's argument; weights: the Adam bound). A replica
     drawing another slice's masks moves the loss by ~1e-3 relative."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = run_result_script(MIRRORED, str(tmp_path))
     single, mirrored = result["one_device"], result["mirrored"]
     assert (single["replicas"], mirrored["replicas"]) == (1, 2)
     assert single["xla"] and not mirrored["xla"]       # float32 on one CPU: XLA; over two replicas: graph mode

@@ -94,7 +94,7 @@ def test_greedy_decoding_picks_the_format_s_own_best_token(weight_format):
             assert row[token] >= row.max() - tolerance, (step, token, row.argmax())
 
 
-@pytest.mark.parametrize("weight_format", ["int8", "bfloat16"])
+@pytest.mark.parametrize("weight_format", ["int8", pytest.param("bfloat16", marks=pytest.mark.mixed_precision)])
 def test_kernels_converted_in_blocks_give_the_whole_kernels_logits(monkeypatch, weight_format):
     """layers.dense.packed_product converts a packed kernel a block of rows at a time
     (layers/packing.py) in a compiled step (eager converts it whole). With blocks of 3-6 rows

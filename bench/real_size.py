@@ -294,7 +294,7 @@ def print_quality(args, sides: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.real_size", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", required=True, help="cache for the checkpoints and results (~24 GB at 28 layers)")
     parser.add_argument("--clean", action="store_true", help="delete --work-dir and exit")
     add_shape_flags(parser, hidden=4096, layers=28, heads=16, rotary_dim=64, vocab=50400)

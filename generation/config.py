@@ -23,6 +23,13 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def prompt_buckets(max_prompt_tokens: int, multiple: int, cache_length: int) -> list[int]:
+    """The prompt lengths a slot scheduler compiles a prefill for: multiples of `multiple` up to
+    the longest prompt rounded up, below the cache length (serving.scheduler, and the server's
+    memory estimate)."""
+    return [p for p in range(multiple, round_up(max_prompt_tokens, multiple) + 1, multiple) if p < cache_length]
+
+
 class GenerationConfigError(ValueError):
     """A decoding setting or a prompt that cannot be generated from."""
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from generation.config import GenerationConfig
+from generation.config import GenerationConfig, round_up
 from generation.flags import config_from_flags
 from input.tokenizer import GptTokenizer, load_tokenizer
 from config.params import ModelParams
@@ -105,15 +105,12 @@ def memory_estimate(job: PredictJob, model_config: ModelParams) -> Estimate:
     """The peak memory of running `job` (runtime/peak_memory.py): its weight format, and one
     batch's cache: prompts x beams (or samples) rows, as long as the longest prompt and the new
     tokens, each rounded up as the Generator rounds them."""
-    def round_up(value: int) -> int:
-        return -(-value // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
-
     config = job.config
     prompts = min(job.batch_size, len(job.requests))
     beams = config.num_beams > 1
     per_prompt = config.num_beams if beams else config.num_return_sequences
-    prompt_slots = round_up(job.longest_prompt)
-    cache_length = round_up(prompt_slots + config.max_new_tokens)
+    prompt_slots = round_up(job.longest_prompt, LENGTH_MULTIPLE)
+    cache_length = round_up(prompt_slots + config.max_new_tokens, LENGTH_MULTIPLE)
 
     def decoding(count: int) -> Decoding:          # beams expand after the prefill; samples are rows from the start
         return Decoding(count * per_prompt, cache_length, prompt_slots, count * (1 if beams else per_prompt))

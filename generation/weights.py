@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from generation.config import WEIGHT_FORMATS
+from layers.packing import block_rows
 from layers.tree import flatten_weights
 from model import GPTJModel
 
@@ -50,12 +51,12 @@ def quantize_int8_host(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return transpose_host(np.clip(q, -127, 127, out=q).astype(np.int8)), scale
 
 
-def bfloat16_rows_host(kernel: np.ndarray) -> np.ndarray:
-    """A host kernel [in, out] as bfloat16 rows [out, in] held as their int16 bits; float32 and
-    float16 round to nearest even, as TensorFlow's cast does."""
-    if kernel.dtype != ml_dtypes.bfloat16:
-        kernel = kernel.astype(np.float32).astype(ml_dtypes.bfloat16)
-    return transpose_host(kernel.view(np.int16))
+def bfloat16_bits_host(array: np.ndarray) -> np.ndarray:
+    """A host array's values in bfloat16, as their int16 bits; float32 and float16 round to
+    nearest even, as TensorFlow's cast does."""
+    if array.dtype != ml_dtypes.bfloat16:
+        array = array.astype(np.float32).astype(ml_dtypes.bfloat16)
+    return array.view(np.int16)
 
 
 def transpose_host(array: np.ndarray) -> np.ndarray:
@@ -81,7 +82,7 @@ def pack_kernel(kernel, weight_format: str, block_bytes: int | None = None) -> d
     block rather than a float32 copy of the kernel (the LM head's is 826 MB for GPT-J 6B). A
     host array (the loaders' case: generation/loading.py) is converted in NumPy."""
     in_dim, out_dim = (int(n) for n in kernel.shape)
-    step = max(1, (block_bytes or PACK_BLOCK_BYTES) // (4 * in_dim))
+    step = block_rows(in_dim, block_bytes or PACK_BLOCK_BYTES)
     # bfloat16 as its bits (layers.dense.read_after). The rows gather on the host and become a
     # variable once: a slice assignment per block copies the whole variable every time.
     rows = np.empty([out_dim, in_dim], np.int16 if weight_format == "bfloat16" else np.int8)  # [out, in]
@@ -90,7 +91,7 @@ def pack_kernel(kernel, weight_format: str, block_bytes: int | None = None) -> d
     for start in range(0, out_dim, step):
         part = kernel[:, start:start + step]                                                # [in, n]
         if host and weight_format == "bfloat16":
-            packed = bfloat16_rows_host(part)                                               # [n, in]
+            packed = transpose_host(bfloat16_bits_host(part))                              # [n, in]
         elif host:
             packed, scale = quantize_int8_host(part)                                        # [n, in], [n]
             scales.append(scale)
@@ -119,11 +120,9 @@ def is_embedding_table(path: str, rank: int) -> bool:
 def bfloat16_table(table) -> tf.Variable:
     """The bfloat16 format's token table [V, D] (from a variable, tensor or host array), rounded
     to nearest even as the compute dtype's cast rounds each gathered row, held as its int16
-    bits (layers.embedding.as_float: XLA:CPU converts a bfloat16 gather's table to float32)."""
+    bits (layers.dense.as_float: XLA:CPU converts a bfloat16 gather's table to float32)."""
     if isinstance(table, np.ndarray):
-        if table.dtype != ml_dtypes.bfloat16:
-            table = table.astype(np.float32).astype(ml_dtypes.bfloat16)
-        return tf.Variable(table.view(np.int16), trainable=False, name="embeddings")
+        return tf.Variable(bfloat16_bits_host(table), trainable=False, name="embeddings")
     return tf.Variable(tf.bitcast(tf.cast(table, tf.bfloat16), tf.int16), trainable=False, name="embeddings")
 
 
@@ -183,8 +182,8 @@ class GenerationModel:
         return self.model.empty_cache(batch_size, cache_length)
 
     def __call__(self, *args, **kwargs):
-        # layers/dense.py reads each packed kernel through an optimization barrier with its input:
-        # converted one at a time, in the step that uses it.
+        # layers/dense.py reads each packed kernel after its input (read_after), a block at a time:
+        # converted in the step that uses it, never the whole model at once.
         return self.model.forward(self.weights, *args, **kwargs)
 
 

@@ -51,9 +51,7 @@ def packed_product(x: tf.Tensor, rows: tf.Tensor, scale: tf.Tensor | None) -> tf
         block = rows if step >= out_dim else rows[start:start + step]                       # [n, in]
         if compiled:
             block = read_after(block, after)
-        if block.dtype == tf.int16:
-            block = tf.bitcast(block, tf.bfloat16)
-        after = matmul_rows(x, tf.cast(block, x.dtype), transpose_kernel=True)               # [..., n]
+        after = matmul_rows(x, tf.cast(as_float(block), x.dtype), transpose_kernel=True)     # [..., n]
         parts.append(after)
     y = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)                          # [..., out]
     if scale is not None:
@@ -75,6 +73,11 @@ def matmul_rows(x: tf.Tensor, kernel: tf.Tensor, transpose_kernel: bool = False)
     if x.shape.rank is not None and x.shape[:-1].is_fully_defined():
         return tf.reshape(y, x.shape[:-1].as_list() + [out_dim])
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_dim]], 0))
+
+
+def as_float(values: tf.Tensor) -> tf.Tensor:
+    """Packed values as floats: int16 holds bfloat16 bits (see read_after); others are as they are."""
+    return tf.bitcast(values, tf.bfloat16) if values.dtype == tf.int16 else values
 
 
 def read_after(rows: tf.Tensor, x: tf.Tensor) -> tf.Tensor:

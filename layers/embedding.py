@@ -6,7 +6,7 @@ from typing import Callable
 import tensorflow as tf
 
 from layers.base import Layer, weight_variable
-from layers.dense import matmul_rows
+from layers.dense import as_float, matmul_rows
 
 
 class TokenEmbedding(Layer):
@@ -26,8 +26,3 @@ class TokenEmbedding(Layer):
     def attend(weights: dict, hidden: tf.Tensor) -> tf.Tensor:
         """Tied LM head: hidden [b, s, D] @ embeddings^T -> logits [b, s, V]."""
         return matmul_rows(hidden, tf.cast(as_float(weights["embeddings"]), hidden.dtype), transpose_kernel=True)
-
-
-def as_float(values: tf.Tensor) -> tf.Tensor:
-    """Table values as floats: int16 holds bfloat16 bits."""
-    return tf.bitcast(values, tf.bfloat16) if values.dtype == tf.int16 else values

@@ -8,9 +8,10 @@ from __future__ import annotations
 CONVERT_BLOCK_BYTES = 64 << 20
 
 
-def block_rows(in_dim: int) -> int:
-    """Output rows of a kernel with `in_dim` inputs converted at a time (at least one)."""
-    return max(1, CONVERT_BLOCK_BYTES // (4 * in_dim))
+def block_rows(in_dim: int, block_bytes: int | None = None) -> int:
+    """Output rows of a kernel with `in_dim` inputs whose float32 values fill `block_bytes`
+    (default CONVERT_BLOCK_BYTES), at least one."""
+    return max(1, (block_bytes or CONVERT_BLOCK_BYTES) // (4 * in_dim))
 
 
 def largest_block_bytes(kernel_shapes) -> int:

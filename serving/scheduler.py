@@ -24,8 +24,8 @@ from typing import Callable
 
 import numpy as np
 
-from generation.batch import left_pad, round_up
-from generation.config import BATCHING_MODES, GenerationConfig
+from generation.batch import left_pad
+from generation.config import BATCHING_MODES, GenerationConfig, prompt_buckets
 from generation.generator import Generator
 from generation.results import Generation
 from model import GPTJModel
@@ -123,8 +123,7 @@ class Scheduler:
         call now, not in the first requests' path. Before start()."""
         if self._thread.is_alive():
             raise RuntimeError("warm_up() runs before start(): the scheduler thread owns the model")
-        longest = round_up(max_prompt_tokens, self.length_multiple)
-        buckets = [p for p in range(self.length_multiple, longest + 1, self.length_multiple) if p < self.cache_length]
+        buckets = prompt_buckets(max_prompt_tokens, self.length_multiple, self.cache_length)
         start = time.perf_counter()
         self.decoder.warm_up(buckets, self._row_settings())
         self.profile.warm_up += time.perf_counter() - start

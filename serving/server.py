@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from config.cli import ArgumentParser, positive_int
-from generation.config import COMPILE_MODES, round_up
+from generation.config import COMPILE_MODES, prompt_buckets, round_up
 from generation.flags import add_weight_format_flag, add_weight_source_flags
 from generation.config import BATCHING_MODES as MODES, GenerationConfig, GenerationConfigError
 from input.tokenizer import GptTokenizer
@@ -328,7 +328,7 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
     # one compiled prefill per prompt bucket (serving.scheduler.Scheduler.warm_up: multiples of
     # --prompt-bucket below the cache length), compiled at start or as prompts of each length arrive
     bucket = limits.prompt_bucket
-    buckets = len([p for p in range(bucket, round_up(limits.max_prompt_tokens, bucket) + 1, bucket) if p < length])
+    buckets = len(prompt_buckets(limits.max_prompt_tokens, bucket, length))
 
     def decoding(count: int) -> Decoding:
         return Decoding(rows=max(limits.max_beams, limits.max_n), cache_length=length,

@@ -15,19 +15,15 @@ what tests/test_distribution.py bounds for a mirrored run: losses within LOSS_RT
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 from tests.numerics import U32, adam_weight_atol, float32_atol, forward_reductions
+from tests.runtime_helpers import run_result_script
 from tests.test_weight_streaming import LOSS_RTOL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 3e-3                     # tests/runtime_helpers.raw_params
 MESH = {"data": 2, "model": 2}
 ODD_VOCAB = 67                # model=2 does not divide it
@@ -188,11 +184,7 @@ SCRIPT = textwrap.dedent("""
 def mesh_run(tmp_path_factory) -> tuple[dict, object]:
     """(SCRIPT's results, its directory): one interpreter for every comparison of this module."""
     root = tmp_path_factory.mktemp("mesh")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(root), str(ODD_VOCAB)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:]), root
+    return run_result_script(SCRIPT, str(root), str(ODD_VOCAB), timeout=900), root
 
 
 def _load(root, name: str) -> dict:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from runtime.estimator import Estimator
 from config.params import ParamsError
 from tests.numerics import adam_weight_atol, assert_weights_close, sgd_weight_atol
-from tests.runtime_helpers import make_data, tiny_params
+from tests.runtime_helpers import make_data, run_result_script, tiny_params
 
 
 # Per-step losses (about 4, a mean over 128 tokens) of two executions that differ by summation
@@ -22,7 +20,6 @@ from tests.runtime_helpers import make_data, tiny_params
 # 1e-5 relative holds with a 5x margin.
 LOSS_RTOL = 1e-5
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Dropout on every site of a GPT-NeoX-style model (fused qkv, untied LayerNorms): the streamed
 # pieces (the forward, block 0's recomputation in the backward pass, the last block run with the
@@ -217,11 +214,7 @@ PLACEMENT = textwrap.dedent("""
 def test_placement_on_two_logical_devices(data_root):
     """Compiled pieces (XLA and graph mode) on a second logical CPU: at most prefetch + 1 pieces resident,
     every activation on the compute device, every variable on the host, one trace per piece kind."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", PLACEMENT, data_root], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = run_result_script(PLACEMENT, data_root)
     for key, seen in result.items():
         prefetch = int(key.split()[0])
         assert seen["max_resident"] <= prefetch + 1

@@ -149,61 +149,135 @@ class BeamDecoder(CompiledDecoder):
         log_probs = process_scores(tf.nn.log_softmax(logits, axis=-1), config, history, history_valid,
                                    slot, state.step)
         totals = tf.reshape(log_probs, [b, k, vocab]) + state.scores[:, :, None]          # [b, k, V]
-
-        # 2. the C best continuations over all beams (beam sampling: C drawn, in draw order)
-        flat = tf.reshape(totals, [b, k * vocab])                                           # [b, k*V]
-        if config.do_sample:
-            top_index = sample_without_replacement(flat, state.seeds, state.step, candidate_count(config))
-            top_scores = tf.gather(flat, top_index, batch_dims=1)                           # [b, C]
-        else:
-            top_scores, top_index = tf.math.top_k(flat, candidate_count(config))
-        parent, token = top_index // vocab, top_index % vocab                               # [b, C]
-        at_slot = tf.range(length)[None, None, :] == slot
-        candidates = tf.where(at_slot, token[:, :, None], tf.gather(state.tokens, parent, batch_dims=1))
-        stop_ids = tf.constant(config.stop_token_ids or (-1,), tf.int32)
-        hits = tf.logical_or(tf.reduce_any(token[:, :, None] == stop_ids, axis=-1),
-                             state.step + 1 >= config.max_new_tokens)                     # [b, C]
-
-        # 4. running beams: the k best continuations that did not hit
-        alive = top_scores + tf.cast(hits, tf.float32) * EXCLUDED
-        keep = tf.math.top_k(alive, k).indices                                              # [b, k]
-        tokens = tf.gather(candidates, keep, batch_dims=1)
-        scores = tf.gather(alive, keep, batch_dims=1)
-        parents = tf.gather(parent, keep, batch_dims=1)
-
-        # 3. finished list
-        eligible = tf.logical_and(hits, tf.range(candidate_count(config)) < k)
-        final = top_scores / tf.gather(self.divisors, state.step + 1)
-        if config.early_stopping is True:
-            final += tf.cast(tf.reduce_all(state.done, axis=-1, keepdims=True), tf.float32) * EXCLUDED
-        final += tf.cast(tf.logical_not(state.improvable), tf.float32)[:, None] * EXCLUDED
-        final += tf.cast(tf.logical_not(eligible), tf.float32) * EXCLUDED
-        merged_scores = tf.concat([state.done_scores, final], axis=1)                       # [b, k + C]
-        pick = tf.math.top_k(merged_scores, k).indices
-        new_lengths = tf.fill(tf.shape(final), state.step + 1)
-
-        def merged(old, new):
-            return tf.gather(tf.concat([old, new], axis=1), pick, batch_dims=1)
-
-        done_tokens = merged(state.done_tokens, candidates)
-        done_scores = merged(state.done_scores, final)
-        done_lengths = merged(state.done_lengths, new_lengths)
-        done = merged(state.done, eligible)
-
-        rows = tf.reshape(parents + tf.range(b)[:, None] * k, [-1])                          # [b*k]
+        top_index = None
+        if config.do_sample:      # beam sampling: C continuations drawn, in draw order
+            top_index = sample_without_replacement(tf.reshape(totals, [b, k * vocab]), state.seeds, state.step,
+                                                   candidate_count(config))
+        finished = FinishedList(state.done_tokens, state.done_scores, state.done_lengths, state.done,
+                                state.improvable)
+        groups = tf.fill([b], 1)
+        choice = choose_beams(totals, state.tokens, slot * groups, state.step * groups, finished,
+                              config_rules(config, b, self.divisors), candidate_count(config), top_index)
+        rows = tf.reshape(choice.parents + tf.range(b)[:, None] * k, [-1])                   # [b*k]
         cache = tf.nest.map_structure(lambda t: tf.gather(t, rows, axis=0), state.cache)
+        # The batch stops together, as transformers' does: when no list can improve, every list is
+        # full (early_stopping=True), or every continuation of every prompt hit.
+        stopped = tf.logical_not(tf.reduce_any(choice.finished.improvable) & tf.logical_not(tf.reduce_all(choice.full))
+                                 & tf.logical_not(tf.reduce_all(choice.all_hit)))
+        done = choice.finished
+        return BeamState(cache, choice.tokens, choice.scores, done.tokens, done.scores, done.lengths, done.done,
+                         done.improvable, state.first_slot, state.seeds, state.step + 1, stopped)
 
-        # 5. can the finished list still improve?
-        new_step = state.step + 1
-        if config.early_stopping == "never" and config.length_penalty > 0:
-            best_length = tf.constant(config.max_new_tokens)
-        else:
-            best_length = new_step
-        best_running = scores[:, :1] / tf.gather(self.divisors, best_length)              # [b, 1]
-        worst_done = tf.where(done, tf.reduce_min(done_scores, axis=1, keepdims=True), EXCLUDED)
-        improvable = tf.logical_and(state.improvable, tf.reduce_any(best_running > worst_done, axis=1))
-        lists_full = tf.logical_and(tf.reduce_all(done), config.early_stopping is True)
-        stopped = tf.logical_not(tf.reduce_any(improvable) & tf.logical_not(lists_full)
-                                 & tf.logical_not(tf.reduce_all(hits)))
-        return BeamState(cache, tokens, scores, done_tokens, done_scores, done_lengths, done, improvable,
-                         state.first_slot, state.seeds, new_step, stopped)
+
+# ---- one step of beam selection: pure functions shared with serving's slot batch ------------------
+
+class FinishedList(NamedTuple):
+    """Each group's finished hypotheses, best first (entries past a group's width are padding)."""
+    tokens: tf.Tensor          # [G, K, L] int32
+    scores: tf.Tensor          # [G, K] float32: length-penalised scores
+    lengths: tf.Tensor         # [G, K] int32: new-token counts
+    done: tf.Tensor            # [G, K] bool: entry holds a finished hypothesis
+    improvable: tf.Tensor      # [G] bool: the list may still improve
+
+
+class BeamRules(NamedTuple):
+    """Per beam group, what its GenerationConfig says, as tensors (so groups of different
+    configs and widths share one compiled step)."""
+    width: tf.Tensor           # [G] int32: num_beams k (<= K, the beam axis)
+    candidates: tf.Tensor      # [G] int32: candidate_count (<= C, the candidate axis)
+    stop_ids: tf.Tensor        # [G, n] int32, -1 = none
+    max_new_tokens: tf.Tensor  # [G] int32
+    divisors: tf.Tensor        # [G, D] float32: length_penalty_divisors, D > max_new_tokens
+    stop_when_full: tf.Tensor  # [G] bool: early_stopping=True
+    judge_at_max: tf.Tensor    # [G] bool: early_stopping="never" with length_penalty > 0
+
+
+class BeamChoice(NamedTuple):
+    tokens: tf.Tensor          # [G, K, L] int32: the running beams after this step
+    scores: tf.Tensor          # [G, K] float32: their running sums
+    parents: tf.Tensor         # [G, K] int32: the beam (0..k-1) each continues
+    finished: FinishedList
+    full: tf.Tensor            # [G] bool: every entry done and early_stopping=True
+    all_hit: tf.Tensor         # [G] bool: every candidate hit (a stop id or max_new_tokens)
+
+    def stopped(self) -> tf.Tensor:
+        """[G] bool: the group's search is over (it would stop were it alone in its batch)."""
+        return tf.logical_not(self.finished.improvable & tf.logical_not(self.full) & tf.logical_not(self.all_hit))
+
+
+def config_rules(config: GenerationConfig, groups: int, divisors: np.ndarray) -> BeamRules:
+    """BeamRules of `groups` groups under one config (divisors: length_penalty_divisors)."""
+    def fill(value, dtype):
+        return tf.fill([groups], tf.constant(value, dtype))
+    stop_ids = tf.constant(config.stop_token_ids or (-1,), tf.int32)
+    return BeamRules(fill(config.num_beams, tf.int32), fill(candidate_count(config), tf.int32),
+                     tf.tile(stop_ids[None], [groups, 1]), fill(config.max_new_tokens, tf.int32),
+                     tf.tile(tf.constant(divisors)[None], [groups, 1]), fill(config.early_stopping is True, tf.bool),
+                     fill(config.early_stopping == "never" and config.length_penalty > 0, tf.bool))
+
+
+def choose_beams(totals: tf.Tensor, tokens: tf.Tensor, slot: tf.Tensor, step: tf.Tensor, finished: FinishedList,
+                 rules: BeamRules, candidates: int, top_index: tf.Tensor | None = None) -> BeamChoice:
+    """Steps 2-5 of the module docstring for G groups. totals [G, K, V]: each beam's processed
+    log-probabilities plus its running sum (-inf on beams past a group's width); tokens [G, K, L]
+    the running beams; slot [G] where the new token goes; step [G] new tokens so far; candidates:
+    the static candidate axis C (>= every group's rules.candidates); top_index [G, C] the drawn
+    continuations when beam sampling. A group of width k < K, or with fewer than C candidates,
+    chooses exactly what it would on axes of its own size: top_k is sorted with ties to the lower
+    index, so its first entries are the smaller top_k's, and the entries past them are set to -inf,
+    below every real score (real scores are finite: -1e9, not -inf, marks the excluded)."""
+    groups, width, vocab = totals.shape[0], totals.shape[1], totals.shape[2]
+    groups = tf.shape(totals)[0] if groups is None else groups
+    length = tokens.shape[2]
+    beam_real = tf.range(width)[None, :] < rules.width[:, None]                              # [G, K]
+    candidate_real = tf.range(candidates)[None, :] < rules.candidates[:, None]                # [G, C]
+
+    # 2. the C best continuations over the group's beams
+    flat = tf.reshape(totals, [groups, width * vocab])                                         # [G, K*V]
+    if top_index is None:
+        top_scores, top_index = tf.math.top_k(flat, candidates)
+    else:
+        top_scores = tf.gather(flat, top_index, batch_dims=1)                                  # [G, C]
+    parent, token = top_index // vocab, top_index % vocab                                      # [G, C]
+    at_slot = tf.range(length)[None, None, :] == slot[:, None, None]
+    continued = tf.where(at_slot, token[:, :, None], tf.gather(tokens, parent, batch_dims=1))  # [G, C, L]
+    hits = tf.logical_or(tf.reduce_any(token[:, :, None] == rules.stop_ids[:, None, :], axis=-1),
+                         (step + 1 >= rules.max_new_tokens)[:, None])                          # [G, C]
+
+    # 4. running beams: the k best continuations that did not hit
+    alive = tf.where(candidate_real, top_scores + tf.cast(hits, tf.float32) * EXCLUDED, -np.inf)
+    keep = tf.math.top_k(alive, width).indices                                                  # [G, K]
+    scores = tf.gather(alive, keep, batch_dims=1)
+    parents = tf.gather(parent, keep, batch_dims=1)
+
+    # 3. finished list
+    eligible = tf.logical_and(hits, tf.range(candidates)[None, :] < rules.width[:, None])
+    divisor = tf.gather(rules.divisors, step + 1, batch_dims=1)[:, None]                      # [G, 1]
+    was_full = tf.reduce_all(finished.done | tf.logical_not(beam_real), axis=-1, keepdims=True)
+    final = top_scores / divisor
+    final += tf.cast(was_full & rules.stop_when_full[:, None], tf.float32) * EXCLUDED
+    final += tf.cast(tf.logical_not(finished.improvable), tf.float32)[:, None] * EXCLUDED
+    final += tf.cast(tf.logical_not(eligible), tf.float32) * EXCLUDED
+    final = tf.where(candidate_real, final, -np.inf)
+    merged_scores = tf.concat([tf.where(beam_real, finished.scores, -np.inf), final], axis=1)  # [G, K + C]
+    pick = tf.math.top_k(merged_scores, width).indices
+
+    def merged(old, new):
+        return tf.gather(tf.concat([old, new], axis=1), pick, batch_dims=1)
+
+    done_scores = merged(finished.scores, final)
+    done = merged(finished.done, eligible)
+
+    # 5. can the finished list still improve?
+    best_length = tf.where(rules.judge_at_max, rules.max_new_tokens, step + 1)
+    best_running = scores[:, :1] / tf.gather(rules.divisors, best_length, batch_dims=1)[:, None]    # [G, 1]
+    worst_done = tf.where(done, tf.reduce_min(tf.where(beam_real, done_scores, np.inf), axis=1, keepdims=True),
+                          EXCLUDED)
+    improvable = tf.logical_and(finished.improvable,
+                                tf.reduce_any((best_running > worst_done) & beam_real, axis=1))
+    full = tf.reduce_all(done | tf.logical_not(beam_real), axis=1) & rules.stop_when_full
+    all_hit = tf.reduce_all(hits | tf.logical_not(candidate_real), axis=1)
+    new_lengths = tf.broadcast_to((step + 1)[:, None], tf.shape(final))
+    return BeamChoice(tf.gather(continued, keep, batch_dims=1), scores, parents,
+                      FinishedList(merged(finished.tokens, continued), done_scores,
+                                   merged(finished.lengths, new_lengths), done, improvable), full, all_hit)

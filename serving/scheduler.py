@@ -10,9 +10,13 @@ a short request never waits for a long one to finish.
     static:     admit only when every slot is free (whole requests batched together, waiting up
                 to max_wait for the batch to fill): dynamic batching, the baseline.
 
-Beam search and bad words run as whole requests through the Generator (beams need a batch of
-their own shape; bad-word tables are trace-time constants), between two steps of the slot
-batch, which pauses for that long.
+A beam-search request of k beams takes k slots, one per beam (serving/beam_rows.py): its
+beams decode in the same step as greedy and sampled rows, and its answer is read from the
+decoder when its group's search ends. Admission is first come, first served: a request at the
+head of the queue that needs more slots than are free (k beams, or n samples) waits for them,
+and the requests behind it wait too (no overtaking, so a wide request is never starved by a
+stream of narrow ones). Beam sampling and bad words run as whole requests through the
+Generator between two steps of the slot batch, which pauses for that long.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from generation.config import BATCHING_MODES, GenerationConfig, prompt_buckets
 from generation.generator import Generator
 from generation.results import Generation
 from model import GPTJModel
-from serving.slots import SlotDecoder, row_settings, supports
+from serving.slot_decoder import SlotDecoder
+from serving.slots import row_settings, supports
 
 MODES = BATCHING_MODES               # defined beside the other CLI choices, free of TensorFlow
 IDLE = GenerationConfig()             # settings of a free row (its tokens are never read)
@@ -57,10 +62,8 @@ class Job:
     cancelled: bool = False                  # set by the client side (a disconnect)
     tokens: list[list[int]] = field(default_factory=list)
     open_rows: int = 0
-
-    @property
-    def rows_needed(self) -> int:
-        return self.config.num_return_sequences if supports(self.config) else 0
+    group: list[int] = field(default_factory=list)    # a beam search's slots, in beam order
+    prompt_slots: int = 0                    # its prompt's padded length (where new tokens start)
 
 
 @dataclass
@@ -81,7 +84,7 @@ class LoopProfile:
     busy_row_steps: int = 0       # sum over steps of the rows decoding a request
     admit: float = 0.0
     admissions: int = 0
-    whole: float = 0.0            # beam search / bad-word requests through the Generator
+    whole: float = 0.0            # beam-sampling / bad-word requests through the Generator
     host: float = 0.0
     waiting: float = 0.0
 
@@ -99,10 +102,10 @@ class LoopProfile:
 class Scheduler:
     def __init__(self, model: GPTJModel, slots: int, cache_length: int, mode: str = "continuous",
                  max_queue: int = 64, max_wait: float = 0.02, compile_mode: str = "xla",
-                 length_multiple: int = 32, metrics=None, steps_per_call: int = 8):
+                 length_multiple: int = 32, metrics=None, steps_per_call: int = 8, max_beams: int = 4):
         if mode not in MODES:
             raise ValueError(f"batching mode {mode!r} is not one of {', '.join(MODES)}")
-        self.decoder = SlotDecoder(model, slots, cache_length, compile_mode, steps_per_call)
+        self.decoder = SlotDecoder(model, slots, cache_length, compile_mode, steps_per_call, min(max_beams, slots))
         self.generator = Generator(model, compile_mode, length_multiple)
         self.slots, self.cache_length, self.mode = slots, cache_length, mode
         self.max_queue, self.max_wait, self.length_multiple = max_queue, max_wait, length_multiple
@@ -209,7 +212,7 @@ class Scheduler:
             if len(free) < self.slots:
                 return False
             with self.condition:
-                waiting = sum(max(j.rows_needed, 1) for j in self.queue)
+                waiting = sum(max(self.rows_needed(j), 1) for j in self.queue)
                 oldest = self.queue[0].arrived if self.queue else None
             if oldest is None or (waiting < self.slots and time.monotonic() - oldest < self.max_wait
                                   and not self._stopped):
@@ -217,28 +220,52 @@ class Scheduler:
         admitted = False
         while True:
             with self.condition:
-                if not self.queue or self.queue[0].rows_needed > len(free):
+                if not self.queue or self.rows_needed(self.queue[0]) > len(free):
                     break
                 job = self.queue.popleft()
                 self._observe_queue()
             admitted = True
-            if job.rows_needed == 0:
+            needed = self.rows_needed(job)
+            if needed == 0:
                 self._run_whole(job)
                 continue
-            self._join(job, free[:job.rows_needed])
-            free = free[job.rows_needed:]
+            self._join(job, free[:needed])
+            free = free[needed:]
         return admitted
 
+    def rows_needed(self, job: Job) -> int:
+        """Slots the job takes: its beams, or its samples; 0 for a whole request through the Generator."""
+        config = job.config
+        if not supports(config, self.decoder.max_beams):
+            return 0
+        return config.num_beams if config.num_beams > 1 else config.num_return_sequences
+
     def _join(self, job: Job, rows: list[int]) -> None:
-        """Prefill the job's rows (one per sequence) into free slots; each gets its first token."""
+        """Prefill the job's rows (one per sequence, or a beam group) into free slots; each gets its
+        first token."""
         config = job.config
         batch = left_pad([job.prompt_ids], config.pad_token_id, self.length_multiple)
+        if config.num_beams > 1:
+            start = time.perf_counter()
+            _, ended = self.decoder.admit(rows, batch.tokens, batch.first_slot,
+                                          row_settings([config], [job.seed], [0]), config)
+            self.profile.admit += time.perf_counter() - start
+            self.profile.admissions += 1
+            job.group, job.prompt_slots, job.open_rows = rows, batch.prompt_slots, len(rows)
+            for beam, row in enumerate(rows):
+                self.rows[row] = Row(job, beam)
+            self._settings = None
+            if self.metrics is not None:
+                self.metrics.first_token(time.monotonic() - job.arrived)
+            if ended:
+                self._finish_group(job)
+            return
         job.tokens = [[] for _ in rows]
         job.open_rows = len(rows)
         for sequence, row in enumerate(rows):
             start = time.perf_counter()
-            first = self.decoder.admit(row, batch.tokens, batch.first_slot,
-                                       row_settings([config], [job.seed], [sequence]))
+            first, _ = self.decoder.admit(row, batch.tokens, batch.first_slot,
+                                          row_settings([config], [job.seed], [sequence]))
             self.profile.admit += time.perf_counter() - start
             self.profile.admissions += 1
             self.rows[row] = Row(job, sequence)
@@ -250,19 +277,24 @@ class Scheduler:
     def _row_settings(self):
         configs = [r.job.config if r else IDLE for r in self.rows]
         return row_settings(configs, [r.job.seed if r else 0 for r in self.rows],
-                            [r.sequence if r else 0 for r in self.rows])
+                            [0 if r is None or r.job.group else r.sequence for r in self.rows])
+
+    def _groups(self):
+        return self.decoder.groups([r.job.config if r else IDLE for r in self.rows],
+                                   [r.job.group if r else () for r in self.rows])
 
     def _step(self) -> None:
         """One decode call: up to steps_per_call tokens per row, ending early when a row
         reaches a stop id or its max_new_tokens (stop strings are checked here, per token)."""
         if self._settings is None:
-            self._settings = self._row_settings()
-        budget = np.full([self.slots], self.decoder.steps_per_call + 1, np.int32)   # free rows: never end a call
+            self._settings = self._row_settings(), self._groups()
+        # free rows and beams never end a call by budget (a beam group ends it when its search ends)
+        budget = np.full([self.slots], self.decoder.steps_per_call + 1, np.int32)
         for index, row in enumerate(self.rows):
-            if row is not None:
+            if row is not None and not row.job.group:
                 budget[index] = row.job.config.max_new_tokens - len(row.job.tokens[row.sequence])
         start = time.perf_counter()
-        chosen = self.decoder.decode(self._settings, budget)                           # [steps, S]
+        chosen, ended = self.decoder.decode(self._settings[0], budget, groups=self._settings[1])  # [steps, S], [S]
         self.profile.decode += time.perf_counter() - start
         self.profile.decode_calls += 1
         self.profile.decode_steps += len(chosen)
@@ -271,8 +303,23 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.step(self.busy_rows, self.slots)
             for row, token in enumerate(tokens):
-                if self.rows[row] is not None:
+                if self.rows[row] is not None and not self.rows[row].job.group:
                     self._take(row, int(token))
+        ended_jobs = {id(self.rows[row].job): self.rows[row].job for row in np.flatnonzero(ended) if self.rows[row]}
+        for job in ended_jobs.values():
+            self._finish_group(job)
+
+    def _finish_group(self, job: Job) -> None:
+        """A beam group's search ended: its best hypotheses are the answer; its slots free."""
+        config = job.config
+        results = self.decoder.hypotheses(job.group, job.prompt_slots, config.num_return_sequences, config)
+        self._free_job(job)
+        job.open_rows = 0
+        for sequence, result in enumerate(results):
+            if self.metrics is not None:
+                self.metrics.tokens(len(result.token_ids))
+            job.sink("tokens", sequence, list(result.token_ids))
+            job.sink("finish", sequence, result)
 
     def _take(self, row: int, token: int) -> None:
         """Row `row` chose `token`: record it, tell the sink, end the sequence if it finished."""
@@ -297,7 +344,7 @@ class Scheduler:
             job.sink("finish", slot.sequence, result)
 
     def _run_whole(self, job: Job) -> None:
-        """Beam search / bad words: the whole request through the Generator."""
+        """Beam sampling / bad words: the whole request through the Generator."""
         start = time.perf_counter()
         try:
             results = self.generator.generate([job.prompt_ids], job.config, seeds=[job.seed])

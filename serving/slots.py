@@ -8,9 +8,11 @@ one compiled step serves any mix of greedy and sampling requests.
 
     prefill_rows(model, prompts [b, P], first_slot, L, settings) -> (state, first tokens)
     step_rows(model, state, settings [S]) -> (state, chosen [S])
+    step_rows_with_groups(model, state, settings, beams, groups) -> (state, chosen, beams, stopped)
 
-`SlotDecoder` keeps the state of S rows in variables (a join scatters one row, not the
-batch) and runs up to `steps_per_call` steps per compiled call in a loop that
+The last lets rows be the beams of beam groups (serving/beam_rows.py) beside greedy and sampled
+rows. `SlotDecoder` (serving/slot_decoder.py) keeps the state of S rows in variables (a join
+scatters its rows, not the batch) and runs up to `steps_per_call` steps per compiled call in a loop that
 also ends as soon as a row reaches a stop id or its token budget, so the host syncs once per
 call and a finished row frees its slot at once. The host then reads the chosen tokens and
 decides who finished (stop id, length, stop string, cancellation); a free row keeps decoding
@@ -23,11 +25,12 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import tensorflow as tf
 
-from generation.batch import compiled, key_valid
+from generation.batch import key_valid
 from generation.config import GenerationConfig
 from generation.processors import repetition_penalty, suppress
 from generation.sampling import greedy_tokens
 from model import GPTJModel
+from serving.beam_rows import BeamRows, BeamSettings, step_beams
 
 MAX_STOP_IDS = 4      # stop ids per request a row can carry (the settings are fixed-shape tensors)
 
@@ -71,10 +74,12 @@ def row_settings(configs: Sequence[GenerationConfig], seeds: Sequence[int], stre
         tf.constant(stop_ids), tf.constant(np.asarray(seeds, np.int64)), tf.constant(np.asarray(streams, np.int64)))
 
 
-def supports(config: GenerationConfig) -> bool:
-    """Whether rows of the slot batch can decode under `config` (beam search and bad words run
-    as whole requests through the Generator instead)."""
-    return config.num_beams == 1 and not config.effective_bad_words and len(config.stop_token_ids) <= MAX_STOP_IDS
+def supports(config: GenerationConfig, max_beams: int) -> bool:
+    """Whether rows of the slot batch can decode under `config`: greedy, sampling, and beam search
+    of up to max_beams beams (beam sampling and bad words run as whole requests through the
+    Generator instead)."""
+    beams_fit = config.num_beams == 1 or (not config.do_sample and config.num_beams <= max_beams)
+    return beams_fit and not config.effective_bad_words and len(config.stop_token_ids) <= MAX_STOP_IDS
 
 
 # ---- per-row score processing: generation/processors.py's order with tensors per row ----------
@@ -92,21 +97,25 @@ def row_gumbel_noise(seeds: tf.Tensor, counters: tf.Tensor, width: int) -> tf.Te
     return tf.map_fn(one, (seeds, counters), fn_output_signature=tf.float32)
 
 
-def choose_tokens(logits: tf.Tensor, settings: RowSettings, history: tf.Tensor, history_valid: tf.Tensor,
-                  new_tokens: tf.Tensor) -> tf.Tensor:
-    """logits [b, V] float32 -> [b] int32, each row under its own settings. Matches
-    process_scores + greedy_tokens / sample_tokens for a row's GenerationConfig: the
-    processors that a config turns off are exact identities here (x * 1, x / 1)."""
-    vocab = logits.shape[-1]
-    # The penalty and the sampling filters run only when some row asks for them (a cond, not a
-    # select): greedy-only batches skip two [b, V] sorts and b Philox draws of V per step.
+def process_rows(scores: tf.Tensor, settings: RowSettings, history: tf.Tensor, history_valid: tf.Tensor,
+                 new_tokens: tf.Tensor) -> tf.Tensor:
+    """scores [b, V] -> [b, V] after the processors that come before the choice (repetition
+    penalty, min_new_tokens), each row under its own settings: process_scores' order."""
+    vocab = scores.shape[-1]
+    # The penalty runs only when some row asks for it (a cond, not a select).
     scores = tf.cond(tf.reduce_any(settings.repetition_penalty != 1.0),
-                     lambda: repetition_penalty(logits, history, history_valid, settings.repetition_penalty[:, None]),
-                     lambda: logits)
+                     lambda: repetition_penalty(scores, history, history_valid, settings.repetition_penalty[:, None]),
+                     lambda: scores)
     stop_mask = tf.reduce_any(tf.one_hot(settings.stop_ids, vocab, on_value=True, off_value=False,
                                          dtype=tf.bool), axis=1)                             # [b, V]
     early = (new_tokens < settings.min_new_tokens)[:, None]
-    scores = suppress(scores, tf.logical_and(stop_mask, early))
+    return suppress(scores, tf.logical_and(stop_mask, early))
+
+
+def pick_tokens(scores: tf.Tensor, settings: RowSettings, new_tokens: tf.Tensor) -> tf.Tensor:
+    """Processed scores [b, V] -> [b] int32: argmax, or for sampling rows a draw after temperature,
+    top-k and top-p (greedy_tokens / sample_tokens for a row's GenerationConfig)."""
+    vocab = scores.shape[-1]
     greedy = greedy_tokens(scores)
 
     def sampled() -> tf.Tensor:
@@ -125,7 +134,42 @@ def choose_tokens(logits: tf.Tensor, settings: RowSettings, history: tf.Tensor, 
         counters = settings.streams * 2 ** 32 + tf.cast(new_tokens, tf.int64)
         drawn = greedy_tokens(filtered + row_gumbel_noise(settings.seeds, counters, vocab))
         return tf.where(settings.do_sample, drawn, greedy)
+    # The sampling filters run only when some row samples: greedy-only batches skip two [b, V]
+    # sorts and b Philox draws of V per step.
     return tf.cond(tf.reduce_any(settings.do_sample), sampled, lambda: greedy)
+
+
+def choose_tokens(logits: tf.Tensor, settings: RowSettings, history: tf.Tensor, history_valid: tf.Tensor,
+                  new_tokens: tf.Tensor) -> tf.Tensor:
+    """logits [b, V] float32 -> [b] int32, each row under its own settings. Matches
+    process_scores + greedy_tokens / sample_tokens for a row's GenerationConfig: the
+    processors that a config turns off are exact identities here (x * 1, x / 1)."""
+    return pick_tokens(process_rows(logits, settings, history, history_valid, new_tokens), settings, new_tokens)
+
+
+def choose_rows(logits: tf.Tensor, state: SlotState, settings: RowSettings, beams: BeamRows,
+                groups: BeamSettings) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, BeamRows, tf.Tensor]:
+    """The choice of a step with beam groups: logits [R, V] of rows whose next token goes to
+    state.next_slot -> (tokens [R, L] with it written, chosen [R], source [R]: the row whose cache
+    each row continues, BeamRows, stopped [R]: beam rows whose group's search ended). Beam rows
+    choose from log-softmax scores (serving/beam_rows.py), the others as choose_tokens does."""
+    rows = tf.range(tf.shape(logits)[0])
+    valid = key_valid(state.first_slot, state.next_slot[:, None], state.tokens.shape[1])            # [R, L]
+    in_group = groups.rules.width > 1                                                               # [R]
+    # A select per row: a greedy or sampled row's scores stay its logits exactly.
+    scores = process_rows(tf.where(in_group[:, None], tf.nn.log_softmax(logits, axis=-1), logits), settings,
+                          state.tokens, valid, state.new_tokens)
+    chosen = pick_tokens(scores, settings, state.new_tokens)
+    written = write_row_tokens(state.tokens, state.next_slot, chosen)
+
+    def with_groups():
+        tokens, beam_chosen, source, after, stopped = step_beams(scores, state.tokens, state.next_slot,
+                                                                 state.new_tokens, beams, groups)
+        return (tf.where(in_group[:, None], tokens, written), tf.where(in_group, beam_chosen, chosen),
+                tf.where(in_group, source, rows), after, stopped & in_group)
+    # Batches without a beam group skip the group views (a [R, K, V] gather and two top-k).
+    return tf.cond(tf.reduce_any(in_group), with_groups,
+                   lambda: (written, chosen, rows, beams, tf.zeros_like(in_group)))
 
 
 def write_row_tokens(tokens: tf.Tensor, slots: tf.Tensor, chosen: tf.Tensor) -> tf.Tensor:
@@ -136,10 +180,9 @@ def write_row_tokens(tokens: tf.Tensor, slots: tf.Tensor, chosen: tf.Tensor) -> 
 
 # ---- the compiled functions ------------------------------------------------------------------
 
-def prefill_rows(model: GPTJModel, tokens: tf.Tensor, first_slot: tf.Tensor, cache_length,
-                 settings: RowSettings) -> tuple[SlotState, tf.Tensor]:
-    """Left-padded prompts tokens [b, P] -> (their slot state with the first new token written, that
-    token [b]). The cache is [b, h, cache_length, hd]; the prompts write slots [0, P) at once."""
+def prompt_rows(model: GPTJModel, tokens: tf.Tensor, first_slot: tf.Tensor, cache_length) -> tuple[SlotState, tf.Tensor]:
+    """Left-padded prompts tokens [b, P] -> (their slot state, the next token not chosen yet, and the
+    logits of each prompt's last token [b, V]). The prompts write cache slots [0, P) at once."""
     batch, prompt_slots = tf.shape(tokens)[0], tf.shape(tokens)[1]
     positions = tf.maximum(tf.range(prompt_slots)[None, :] - first_slot[:, None], 0)          # [b, P]
     valid = key_valid(first_slot, prompt_slots, cache_length)                                # [b, L]
@@ -151,127 +194,62 @@ def prefill_rows(model: GPTJModel, tokens: tf.Tensor, first_slot: tf.Tensor, cac
     cache = tf.nest.map_structure(lambda t: tf.pad(t, [[0, 0], [0, 0], [0, cache_length - width], [0, 0]]),
                                   out.cache)                                                  # [b, h, L, hd]
     history = tf.pad(tokens, [[0, 0], [0, cache_length - prompt_slots]])                      # [b, L]
-    new_tokens = tf.zeros([batch], tf.int32)
-    chosen = choose_tokens(out.logits[:, -1], settings, history, valid, new_tokens)
-    next_slot = tf.fill([batch], prompt_slots)
-    state = SlotState(cache, write_row_tokens(history, next_slot, chosen), first_slot, next_slot + 1,
-                      new_tokens + 1)
+    state = SlotState(cache, history, first_slot, tf.fill([batch], prompt_slots), tf.zeros([batch], tf.int32))
+    return state, out.logits[:, -1]
+
+
+def prefill_rows(model: GPTJModel, tokens: tf.Tensor, first_slot: tf.Tensor, cache_length,
+                 settings: RowSettings) -> tuple[SlotState, tf.Tensor]:
+    """Left-padded prompts tokens [b, P] -> (their slot state with the first new token written, that
+    token [b]). The cache is [b, h, cache_length, hd]."""
+    state, logits = prompt_rows(model, tokens, first_slot, cache_length)
+    valid = key_valid(first_slot, state.next_slot[:, None], cache_length)                     # [b, L]
+    chosen = choose_tokens(logits, settings, state.tokens, valid, state.new_tokens)
+    state = state._replace(tokens=write_row_tokens(state.tokens, state.next_slot, chosen),
+                           next_slot=state.next_slot + 1, new_tokens=state.new_tokens + 1)
     return state, chosen
 
 
-def step_rows(model: GPTJModel, state: SlotState, settings: RowSettings) -> tuple[SlotState, tf.Tensor]:
-    """One new token for every row, each at its own slot -> (state, chosen [S])."""
-    cache_length = tf.shape(state.tokens)[1]
+def forward_rows(model: GPTJModel, state: SlotState) -> tuple[tf.Tensor, tuple]:
+    """Every row's last token through the model, each at its own slot -> (logits [S, V], cache)."""
     last_slot = state.next_slot - 1                                                           # [S]
     last = tf.gather(state.tokens, last_slot, axis=1, batch_dims=1)[:, None]                  # [S, 1]
     positions = tf.maximum(last_slot - state.first_slot, 0)[:, None]                          # [S, 1]
-    valid = key_valid(state.first_slot, state.next_slot[:, None], cache_length)              # [S, L]
+    valid = key_valid(state.first_slot, state.next_slot[:, None], tf.shape(state.tokens)[1])  # [S, L]
     out = model(last, position_ids=positions, attention_mask=tf.cast(valid, tf.int32), cache=state.cache,
                 cache_index=last_slot, last_only=True)
-    chosen = choose_tokens(out.logits[:, -1], settings, state.tokens, valid, state.new_tokens)
-    tokens = write_row_tokens(state.tokens, state.next_slot, chosen)
-    # A free row keeps stepping until a request takes it: its slot stops at the last one so its
-    # writes stay in range (an active row never passes L - 1: admission leaves room for its tokens).
-    next_slot = tf.minimum(state.next_slot + 1, cache_length - 1)
-    return SlotState(out.cache, tokens, state.first_slot, next_slot, state.new_tokens + 1), chosen
+    return out.logits[:, -1], out.cache
+
+
+def next_rows(state: SlotState, cache: tuple, tokens: tf.Tensor) -> SlotState:
+    """The state one step on. A free row keeps stepping until a request takes it: its slot stops at
+    the last one so its writes stay in range (an active row never passes L - 1: admission leaves
+    room for its tokens)."""
+    next_slot = tf.minimum(state.next_slot + 1, tf.shape(state.tokens)[1] - 1)
+    return SlotState(cache, tokens, state.first_slot, next_slot, state.new_tokens + 1)
+
+
+def step_rows(model: GPTJModel, state: SlotState, settings: RowSettings) -> tuple[SlotState, tf.Tensor]:
+    """One new token for every row (greedy or sampled), each at its own slot -> (state, chosen [S])."""
+    logits, cache = forward_rows(model, state)
+    valid = key_valid(state.first_slot, state.next_slot[:, None], tf.shape(state.tokens)[1])  # [S, L]
+    chosen = choose_tokens(logits, settings, state.tokens, valid, state.new_tokens)
+    return next_rows(state, cache, write_row_tokens(state.tokens, state.next_slot, chosen)), chosen
+
+
+def step_rows_with_groups(model: GPTJModel, state: SlotState, settings: RowSettings, beams: BeamRows,
+                          groups: BeamSettings) -> tuple[SlotState, tf.Tensor, BeamRows, tf.Tensor]:
+    """step_rows where some rows are beams of a group -> (state, chosen [S], BeamRows, stopped [S]).
+    A beam row takes its beam's tokens row and, by a gather over the slot axis, its cache row."""
+    logits, cache = forward_rows(model, state)
+    tokens, chosen, source, beams, stopped = choose_rows(logits, state, settings, beams, groups)
+    moved = tf.reduce_any(source != tf.range(tf.shape(source)[0]))
+    # [S, h, L, hd] per block; only a step where some beam changed parent pays the copy.
+    cache = tf.cond(moved, lambda: tf.nest.map_structure(lambda t: tf.gather(t, source, axis=0), cache),
+                    lambda: cache)
+    return next_rows(state, cache, tokens), chosen, beams, stopped
 
 
 def reached_stop(chosen: tf.Tensor, settings: RowSettings) -> tf.Tensor:
     """[S] bool: the row chose one of its stop ids (-1, no stop id, matches no token)."""
     return tf.reduce_any(chosen[:, None] == settings.stop_ids, axis=-1)
-
-
-class SlotDecoder:
-    """S rows of cache length L in variables, and the two compiled calls over them:
-
-        admit(row, prompt [1, P], first_slot [1], settings of the row) -> first token [1]
-        decode(settings [S], budget [S], limit) -> (chosen [K, S], steps run)
-
-    `decode` runs steps until `limit` (<= K = steps_per_call) are done or a row chose a stop id
-    or used its budget (tokens it may still make); rows' tokens after such an end are not read.
-    One trace of `admit` per prompt bucket (see `warm_up`), one of `decode`."""
-
-    def __init__(self, model: GPTJModel, slots: int, cache_length: int, compile_mode: str = "xla",
-                 steps_per_call: int = 8):
-        if steps_per_call < 1:
-            raise ValueError(f"steps_per_call={steps_per_call} must be at least 1")
-        self.model = model
-        self.slots = slots
-        self.cache_length = cache_length
-        self.steps_per_call = steps_per_call
-        self.traces = 0                # compilations so far (a trace of admit or decode; XLA compiles each)
-        s, length = slots, cache_length
-        # Variables, not tensors passed in and out: a compiled call that returns a new state
-        # writes every byte of the cache (no buffer donation from Python). Updating variables
-        # cost a fifth of that here (46 MB: 3.5 vs 16.5 ms under XLA on this CPU), a join
-        # scatters one row, and a decode call pays the update once for up to K steps.
-        self.state = tf.nest.map_structure(
-            lambda t: tf.Variable(t, trainable=False),
-            SlotState(model.empty_cache(s, length), tf.zeros([s, length], tf.int32), tf.zeros([s], tf.int32),
-                      tf.ones([s], tf.int32), tf.zeros([s], tf.int32)))
-        # One function per prompt bucket (each traced once: a bucket is a shape, not a retrace).
-        # Both bodies are plain TensorFlow (an explicit tf.while_loop): no AutoGraph needed.
-        self._compile_mode = compile_mode
-        self._admit: dict[int, object] = {}
-        self._decode = compiled(tf.autograph.experimental.do_not_convert(self._decode_steps), compile_mode)
-
-    def admit(self, row: int, tokens: np.ndarray, first_slot: np.ndarray, settings: RowSettings) -> np.ndarray:
-        """Prefill prompt tokens [1, P] (left padded; P a multiple of the bucket) into `row`."""
-        bucket = tokens.shape[1]
-        if bucket not in self._admit:
-            self._admit[bucket] = compiled(tf.autograph.experimental.do_not_convert(self._admit_row),
-                                           self._compile_mode)
-        return self._admit[bucket](tf.constant(row, tf.int32), tf.constant(tokens, tf.int32),
-                                   tf.constant(first_slot, tf.int32), settings).numpy()
-
-    def decode(self, settings: RowSettings, budget: np.ndarray, limit: int | None = None) -> np.ndarray:
-        """Up to `limit` (default K) steps -> the chosen tokens [steps, S] of the steps run."""
-        limit = self.steps_per_call if limit is None else min(limit, self.steps_per_call)
-        chosen, steps = self._decode(settings, tf.constant(budget, tf.int32), tf.constant(limit, tf.int32))
-        return chosen.numpy()[:int(steps)]
-
-    def warm_up(self, prompt_slots: Sequence[int], settings: RowSettings) -> None:
-        """Trace and compile `admit` for each prompt bucket and `decode`, before requests come
-        (an XLA compilation takes seconds; in a request's path it stalls every slot). One trace
-        per bucket is the design, so TensorFlow's "excessive retracing" warning is held back here."""
-        logger = tf.get_logger()
-        level = logger.level
-        logger.setLevel("ERROR")
-        try:
-            for length in prompt_slots:
-                self.admit(0, np.zeros([1, length], np.int32), np.zeros([1], np.int32), row_settings(
-                    [GenerationConfig()], [0], [0]))
-            self.decode(settings, np.full([self.slots], self.steps_per_call + 1, np.int32), 1)
-        finally:
-            logger.setLevel(level)
-
-    def _read(self) -> SlotState:
-        return tf.nest.map_structure(lambda v: v.read_value(), self.state)
-
-    def _write(self, state: SlotState) -> None:
-        tf.nest.map_structure(lambda v, t: v.assign(t), self.state, state)
-
-    def _admit_row(self, row: tf.Tensor, tokens: tf.Tensor, first_slot: tf.Tensor,
-                   settings: RowSettings) -> tf.Tensor:
-        self.traces += 1               # Python runs only while tracing
-        joined, chosen = prefill_rows(self.model, tokens, first_slot, self.cache_length, settings)
-        tf.nest.map_structure(lambda v, t: v.scatter_nd_update(row[None, None], t), self.state, joined)
-        return chosen
-
-    def _decode_steps(self, settings: RowSettings, budget: tf.Tensor, limit: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        self.traces += 1
-        chosen_steps = tf.zeros([self.steps_per_call, self.slots], tf.int32)                 # [K, S]
-
-        def running(step, state, chosen_steps, ended):
-            return tf.logical_and(step < limit, tf.logical_not(tf.reduce_any(ended)))
-
-        def advance(step, state, chosen_steps, ended):
-            state, chosen = step_rows(self.model, state, settings)
-            chosen_steps = tf.tensor_scatter_nd_update(chosen_steps, step[None, None], chosen[None])
-            ended = tf.logical_or(reached_stop(chosen, settings), step + 1 >= budget)
-            return step + 1, state, chosen_steps, ended
-
-        steps, state, chosen_steps, _ = tf.while_loop(
-            running, advance, (tf.constant(0), self._read(), chosen_steps, tf.zeros([self.slots], tf.bool)))
-        self._write(state)
-        return chosen_steps, steps

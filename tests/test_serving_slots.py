@@ -11,7 +11,8 @@ from generation.generator import Generator
 from layers.attention import write_cache
 from model import GPTJModel
 from config.params import ModelParams
-from serving.slots import SlotDecoder, row_settings
+from serving.slot_decoder import SlotDecoder
+from serving.slots import row_settings
 
 CONFIG = ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, rotary_dim=4,
                      filter_size=64, max_position_embeddings=128)
@@ -87,7 +88,8 @@ def test_slot_decoder_greedy_and_sampling_match_the_generator(model, steps_per_c
         for r, req in rows.items():
             if req not in done:
                 budget[r] = configs[req].max_new_tokens - len(got[req])
-        chosen = decoder.decode(settings, budget)
+        chosen, ended = decoder.decode(settings, budget)
+        assert not ended.any()                   # no beam group here
         assert 1 <= len(chosen) <= steps_per_call
         for tokens in chosen:
             for r, req in rows.items():
@@ -99,7 +101,7 @@ def test_slot_decoder_greedy_and_sampling_match_the_generator(model, steps_per_c
     for request, (prompt, config) in enumerate(zip(prompts, configs)):
         row = [1, 3, 0][request]                  # arbitrary rows, joining one call apart
         batch = left_pad([prompt], 0, 32)
-        first = decoder.admit(row, batch.tokens, batch.first_slot, row_settings([config], [config.seed], [0]))
+        first, _ = decoder.admit(row, batch.tokens, batch.first_slot, row_settings([config], [config.seed], [0]))
         rows[row], got[request], table[row] = request, [int(first[0])], config
         decode()
     while len(done) < 3:

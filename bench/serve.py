@@ -3,6 +3,7 @@
     python -m bench.serve [--hidden 256] [--layers 4] [--vocab 2048] [--slots 16]
                           [--concurrency 1,4,16] [--requests-per-client 8] [--steps-per-call 8] [--rounds 3]
                           [--compile xla]
+    python -m bench.serve --beams 4 [--groups 8] [--concurrency 8] [--requests-per-client 8] [--rounds 3]
 
 One random GPT-J is served on loopback by two servers, one per batching mode, with the same
 slots, each compiled for every prompt bucket before it is measured. At concurrency c, c clients (in a
@@ -16,6 +17,12 @@ mode, the modes alternating, so a busy spell of a shared machine hits both. Repo
 generated tokens/s, p50/p99 latency over all rounds' requests, and where the scheduler thread's time went (decode
 steps, prefills, host work, compilation); then the continuous/static ratios. Target:
 continuous >= 1.5x static tokens/s at concurrency 16, and a lower p99.
+
+With --beams k the load is beam search instead (MLPerf GPT-J's queries are 4-beam searches):
+the same requests with num_beams=k, served by a server of --groups x k slots (k beam groups
+decoding together) and by one of k slots (one group at a time: serial service), rounds
+alternating; reported as above, then the concurrent/serial ratio. Target: >= 2x tokens/s with
+8 groups (8 slots per beam width, 32 slots for 4 beams).
 """
 from __future__ import annotations
 
@@ -86,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs per mode and level, the modes alternating; rates are the median")
     parser.add_argument("--compile", choices=("xla", "graph"), default="xla", help="how the decode step runs")
+    parser.add_argument("--beams", type=int, default=1,
+                        help="k > 1: a beam-search load, concurrent groups against one group at a time")
+    parser.add_argument("--groups", type=int, default=8, help="--beams: beam groups decoding together (slots / k)")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    if args.beams > 1 and args.concurrency == parser.get_default("concurrency"):
+        args.concurrency = str(args.groups)
     levels = [int(c) for c in args.concurrency.split(",")]
     print(describe_machine())
     config = ModelParams(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -96,31 +108,45 @@ def main(argv: list[str] | None = None) -> int:
     model = GPTJModel(config, seed=0)
     with tempfile.TemporaryDirectory() as work:
         tokenizer = train_tokenizer(["the cat sat on the mat"] * 3, os.path.join(work, "tok"), vocab_size=300)
-    limits = Limits(max_prompt_tokens=224, max_tokens=128, request_timeout=600)
-    print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.slots} slots; "
-          f"compile {args.compile}; {args.steps_per_call} steps per decode call")
+    limits = Limits(max_prompt_tokens=224, max_tokens=128, max_beams=max(args.beams, 1), request_timeout=600)
+    if args.beams > 1:
+        # the servers to compare: k beam groups at once, and one at a time (serial service)
+        variants = {"concurrent": dict(slots=args.groups * args.beams, batching="continuous"),
+                    "serial": dict(slots=args.beams, batching="continuous")}
+        extra = {"num_beams": args.beams}
+    else:
+        variants = {mode: dict(slots=args.slots, batching=mode) for mode in MODES}
+        extra = {}
+    print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
+          + ", ".join(f"{name} {v['slots']} slots" for name, v in variants.items())
+          + f"; compile {args.compile}; {args.steps_per_call} steps per decode call"
+          + (f"; {args.beams}-beam requests" if extra else ""))
     import multiprocessing
     clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))   # the load generator
 
     def load(url: str, jobs: list[dict], concurrency: int) -> dict:
         return clients.submit(run_level, url, jobs, concurrency).result()
 
+    def jobs_of(count: int, seed: int) -> list[dict]:
+        return [{**job, **extra} for job in workload(count, args.vocab, seed=seed)]
+
     servers, running = {}, []
-    for mode in MODES:
-        server = build_server(model, tokenizer, args.slots, mode, limits, max_queue=1024, max_wait=0.02,
-                              compile_mode=args.compile, steps_per_call=args.steps_per_call, warm_up=True)
+    for mode, variant in variants.items():
+        server = build_server(model, tokenizer, variant["slots"], variant["batching"], limits, max_queue=1024,
+                              max_wait=0.02, compile_mode=args.compile, steps_per_call=args.steps_per_call,
+                              warm_up=True)
         print(f"{mode}: compiled {server.scheduler.profile.warm_up:.1f} s before serving", flush=True)
         uv, thread, url = serve_in_thread(server)
         servers[mode] = (server.scheduler, url)
         running.append((uv, thread, server))
-        load(url, workload(8, args.vocab, seed=99), 4)              # warm-up: the HTTP path, thread pools
+        load(url, jobs_of(8, 99), 4)                                # warm-up: the HTTP path, thread pools
     results: dict[tuple[str, int], dict] = {}
     for c in levels:
-        jobs = workload(c * args.requests_per_client, args.vocab, seed=c)
-        rounds: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        jobs = jobs_of(c * args.requests_per_client, c)
+        rounds: dict[str, list[dict]] = {mode: [] for mode in variants}
         profiles: dict[str, LoopProfile] = {}
         for _ in range(args.rounds):                                # modes alternate: a busy spell hits both
-            for mode in MODES:
+            for mode in variants:
                 scheduler, url = servers[mode]
                 scheduler.profile, traces = LoopProfile(), scheduler.decoder.traces   # idle between runs
                 rounds[mode].append(load(url, jobs, c))
@@ -128,19 +154,20 @@ def main(argv: list[str] | None = None) -> int:
                 if scheduler.decoder.traces != traces:
                     print(f"warning: {mode} compiled {scheduler.decoder.traces - traces} time(s) while serving",
                           flush=True)
-        for mode in MODES:
+        for mode in variants:
             r = results[(mode, c)] = combine(rounds[mode])
             print(f"{mode:10s} c={c:3d}  {r['requests/s']:7.2f} req/s  {r['tokens/s']:8.1f} tok/s  "
                   f"p50 {r['p50 s']:6.2f}s  p99 {r['p99 s']:6.2f}s", flush=True)
-            print(f"{'':10s}        last round: {profiles[mode].summary(args.slots)}", flush=True)
+            print(f"{'':10s}        last round: {profiles[mode].summary(variants[mode]['slots'])}", flush=True)
     clients.shutdown()
     for uv, thread, server in running:
         uv.should_exit = True
         thread.join(60)
         server.scheduler.stop(60)
-    print("\ncontinuous / static:")
+    first, second = variants
+    print(f"\n{first} / {second}:")
     for c in levels:
-        a, b = results[("continuous", c)], results[("static", c)]
+        a, b = results[(first, c)], results[(second, c)]
         print(f"  c={c:3d}  tokens/s x{a['tokens/s'] / b['tokens/s']:.2f}   p99 x{a['p99 s'] / b['p99 s']:.2f}"
               " (lower is better)")
     return 0

@@ -125,6 +125,9 @@ class Server:
         if body.num_beams > limits.max_beams:
             raise RequestError(f"num_beams={body.num_beams} exceeds this server's limit {limits.max_beams}",
                                "num_beams")
+        if body.num_beams > self.scheduler.slots:
+            raise RequestError(f"num_beams={body.num_beams} needs {body.num_beams} slots, one per beam, but this "
+                               f"server has --max-batch {self.scheduler.slots}", "num_beams")
         if body.stream and body.num_beams > 1:
             raise RequestError("beam search knows its answer only at the end; set stream=false or num_beams=1",
                                "stream")
@@ -349,7 +352,8 @@ def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str =
     cache_length = slot_cache_length(limits, max_positions)
     metrics = Metrics()
     scheduler = Scheduler(model, slots, cache_length, batching, max_queue, max_wait, compile_mode,
-                          length_multiple=limits.prompt_bucket, metrics=metrics, steps_per_call=steps_per_call)
+                          length_multiple=limits.prompt_bucket, metrics=metrics, steps_per_call=steps_per_call,
+                          max_beams=limits.max_beams)
     if warm_up:
         scheduler.warm_up(limits.max_prompt_tokens)
     scheduler.start()

@@ -24,7 +24,8 @@ from tests.data_helpers import make_tiny_tokenizer
 from tests.runtime_helpers import saved_random_model
 
 VOCAB = 320
-LIMITS = Limits(max_prompt_tokens=40, max_tokens=24, max_n=3, max_beams=3, request_timeout=60)
+# max_beams 5 > the fixture's 4 slots: a request for 5 beams passes the limit and is refused for slots
+LIMITS = Limits(max_prompt_tokens=40, max_tokens=24, max_n=3, max_beams=5, request_timeout=60)
 
 
 def free_port() -> int:
@@ -126,6 +127,7 @@ def test_stream_matches_the_whole_answer(setup, served):
     ({"prompt": list(range(2, 60))}, 400, "prompt"),                     # over --max-prompt-tokens
     ({"prompt": "x", "n": 9, "temperature": 1}, 400, "n"),
     ({"prompt": "x", "num_beams": 7}, 400, "num_beams"),
+    ({"prompt": "x", "num_beams": 5, "temperature": 0}, 400, "num_beams"),   # more beams than slots
     ({"prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
     ({"prompt": "x", "tempreature": 1}, 400, "tempreature"),             # unknown field
     ({"prompt": [VOCAB + 5]}, 400, None),                                # outside the vocabulary
@@ -140,6 +142,8 @@ def test_bad_requests_get_4xx_json_naming_the_field(served, body, status, param)
     assert error["message"] and error["param"] == param
     if param:
         assert param in error["message"]
+    if isinstance(body, dict) and body.get("num_beams") == 5:
+        assert "num_beams=5" in error["message"] and "--max-batch 4" in error["message"]
 
 
 def test_client_leaving_mid_stream_frees_its_slot(setup, served):

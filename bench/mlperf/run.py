@@ -185,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             from serving.server import Limits, build_server
             limits = Limits(max_prompt_tokens=max(map(len, prompts)), max_tokens=config.max_new_tokens,
                             max_beams=config.num_beams, request_timeout=3600)
-            server = build_server(model, tokenizer, slots=1, limits=limits, max_queue=args.http_concurrency,
-                                  compile_mode=args.compile)
+            # one beam group's slots: a query at a time, as the Generator SUT at --batch-size 1
+            server = build_server(model, tokenizer, slots=config.num_beams, limits=limits,
+                                  max_queue=args.http_concurrency, compile_mode=args.compile)
             uv, thread, url = serve_in_thread(server)
         sut = HttpSUT(url, config, prompts, args.http_concurrency)
     # mlperf.conf's GPT-J sets 13,368 performance samples; a smaller set (--count, --tiny) has fewer.

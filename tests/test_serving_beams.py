@@ -1,0 +1,93 @@
+"""Beam groups in the slot batch: every request's answer is generation.Generator's for it alone,
+token for token, while greedy, sampled and beam rows share each decode step; admission is FIFO."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from config.params import ModelParams
+from generation.config import GenerationConfig
+from generation.generator import Generator
+from model import GPTJModel
+from serving.scheduler import Job, Scheduler
+
+CONFIG = ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, rotary_dim=4,
+                     filter_size=64, max_position_embeddings=128)
+# Beam scores are sums of at most 8 log-probabilities. The slot step and the Generator compute a
+# logit through different batch shapes, which may sum its products in another order: at most
+# ~64 * 2**-24 ~ 4e-6 apart per layer (tests/test_serving_slots.py), 8e-6 over two layers, and
+# log-softmax moves by at most as much again (logsumexp is 1-Lipschitz in the max norm): 1.6e-5 a
+# step, 1.3e-4 over 8 steps before the length penalty's division by >= 1. 1e-3 leaves a margin.
+SCORE_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GPTJModel(CONFIG, seed=3)
+
+
+def test_beam_groups_share_the_step_with_other_rows_and_answer_as_the_generator(model):
+    """Eight slots, seven requests: a 3-beam group (early_stopping=True, min_new_tokens, two answers),
+    a 2-beam group with length penalty 2 that ends while the others run, a greedy and a sampled row;
+    then a 2-beam group (early_stopping="never", length penalty 1.5) that must wait for two slots,
+    a greedy request queued behind it (FIFO: it does not overtake, though one slot is free), and a
+    one-token 2-beam group whose search ends at its admission."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(1, 97, size=n).tolist() for n in (4, 11, 7, 9, 5, 3, 6)]
+    generator = Generator(model, compile_mode="eager")
+    # a stop id the 3-beam search meets mid-way, so finished lists fill before max_new_tokens
+    stop = generator.generate([prompts[0]], GenerationConfig(max_new_tokens=8, num_beams=3))[0].token_ids[3]
+    configs = [
+        GenerationConfig(max_new_tokens=8, num_beams=3, num_return_sequences=2, early_stopping=True,
+                         min_new_tokens=2, stop_token_ids=(stop,)),
+        GenerationConfig(max_new_tokens=3, num_beams=2, length_penalty=2.0, stop_token_ids=(stop,)),
+        GenerationConfig(max_new_tokens=10),
+        GenerationConfig(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, seed=5),
+        GenerationConfig(max_new_tokens=6, num_beams=2, early_stopping="never", length_penalty=1.5,
+                         stop_token_ids=(stop,)),
+        GenerationConfig(max_new_tokens=5),
+        GenerationConfig(max_new_tokens=1, num_beams=2, stop_token_ids=(stop,)),
+    ]
+    expected = [generator.generate([p], c, seeds=[c.seed]) for p, c in zip(prompts, configs)]
+
+    scheduler = Scheduler(model, slots=8, cache_length=64, compile_mode="graph", steps_per_call=3, max_beams=3)
+    joined, finished = [], []
+    join = scheduler._join
+
+    def record_join(job, rows):
+        joined.append(prompts.index(job.prompt_ids))
+        join(job, rows)
+    scheduler._join = record_join
+    results: dict[int, dict[int, object]] = {}
+    done = threading.Event()
+    total = sum(c.num_return_sequences for c in configs)
+
+    def sink(index):
+        def receive(kind, sequence, payload):
+            assert kind != "error", payload
+            if kind == "finish":
+                results.setdefault(index, {})[sequence] = payload
+                finished.append(index)
+                if len(finished) == total:
+                    done.set()
+        return receive
+    for index, (prompt, config) in enumerate(zip(prompts, configs)):
+        scheduler.submit(Job(prompt, config, config.seed, sink(index)))
+    scheduler.start()
+    assert done.wait(120)
+    scheduler.stop(30)
+
+    for index, config in enumerate(configs):
+        got = [results[index][s] for s in range(config.num_return_sequences)]
+        assert [g.token_ids for g in got] == [e.token_ids for e in expected[index]], index
+        assert [g.finish_reason for g in got] == [e.finish_reason for e in expected[index]], index
+        if config.num_beams > 1:
+            np.testing.assert_allclose([g.score for g in got], [e.score for e in expected[index]], atol=SCORE_ATOL)
+    reasons = {results[i][0].finish_reason for i in (0, 1, 4)}
+    assert reasons == {"stop", "length"}             # the stop id ended some beams, max_new_tokens others
+    assert finished.index(1) < finished.index(2)     # the short group ended while the greedy row decoded
+    # FIFO: the 2-beam request waited for two slots and the greedy one behind it waited too
+    assert joined == list(range(len(configs)))
+    assert scheduler.busy_rows == 0

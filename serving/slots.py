@@ -33,6 +33,7 @@ from model import GPTJModel
 from serving.beam_rows import BeamRows, BeamSettings, step_beams
 
 MAX_STOP_IDS = 4      # stop ids per request a row can carry (the settings are fixed-shape tensors)
+REORDER_CHUNK = 16    # cache slots a beam step copies at a time (follow_sources)
 
 
 class SlotState(NamedTuple):
@@ -237,16 +238,41 @@ def step_rows(model: GPTJModel, state: SlotState, settings: RowSettings) -> tupl
     return next_rows(state, cache, write_row_tokens(state.tokens, state.next_slot, chosen)), chosen
 
 
+def follow_sources(cache: tuple, source: tf.Tensor, first_new: tf.Tensor, end: tf.Tensor) -> tuple:
+    """Cache rows [S, h, L, hd] per block where row r's slots [first_new[r], end[r]) are row
+    source[r]'s. The slots before first_new must be alike in both (a beam group's prompt), so a
+    beam step copies what its beams made, REORDER_CHUNK slots at a time, not the whole cache: a
+    gather of every row rewrote all L slots of all S rows each step (3x the step here)."""
+    rows = tf.range(tf.shape(source)[0])
+    span = tf.where(source != rows, end - first_new, 0)                                       # [S]
+    chunks = (tf.reduce_max(span) + REORDER_CHUNK - 1) // REORDER_CHUNK
+    keys = cache[0][0]
+    heads, length = keys.shape[1], tf.shape(keys)[2]
+    head_index = tf.range(heads)[None, :, None]                                               # [1, h, 1]
+
+    def copy(chunk, cache):
+        slots = first_new[:, None] + chunk * REORDER_CHUNK + tf.range(REORDER_CHUNK)[None, :]    # [S, C]
+        slots = tf.clip_by_value(slots, 0, length - 1)[:, None, :]                               # [S, 1, C]
+        shape = tf.stack([tf.size(rows), heads, REORDER_CHUNK])
+
+        def at(row_index):                                                                      # [S, h, C, 3]
+            return tf.stack([tf.broadcast_to(row_index[:, None, None], shape), tf.broadcast_to(head_index, shape),
+                             tf.broadcast_to(slots, shape)], axis=-1)
+        read, write = at(source), at(rows)
+        # every read happens before the write (a group's beams may swap rows)
+        return chunk + 1, tf.nest.map_structure(
+            lambda t: tf.tensor_scatter_nd_update(t, write, tf.gather_nd(t, read)), cache)
+
+    return tf.while_loop(lambda chunk, cache: chunk < chunks, copy, (tf.constant(0), cache))[1]
+
+
 def step_rows_with_groups(model: GPTJModel, state: SlotState, settings: RowSettings, beams: BeamRows,
                           groups: BeamSettings) -> tuple[SlotState, tf.Tensor, BeamRows, tf.Tensor]:
     """step_rows where some rows are beams of a group -> (state, chosen [S], BeamRows, stopped [S]).
-    A beam row takes its beam's tokens row and, by a gather over the slot axis, its cache row."""
+    A beam row takes its beam's tokens row and the cache its beam made (follow_sources)."""
     logits, cache = forward_rows(model, state)
     tokens, chosen, source, beams, stopped = choose_rows(logits, state, settings, beams, groups)
-    moved = tf.reduce_any(source != tf.range(tf.shape(source)[0]))
-    # [S, h, L, hd] per block; only a step where some beam changed parent pays the copy.
-    cache = tf.cond(moved, lambda: tf.nest.map_structure(lambda t: tf.gather(t, source, axis=0), cache),
-                    lambda: cache)
+    cache = follow_sources(cache, source, state.next_slot - state.new_tokens, state.next_slot)
     return next_rows(state, cache, tokens), chosen, beams, stopped
 
 

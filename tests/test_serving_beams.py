@@ -6,12 +6,14 @@ import threading
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from config.params import ModelParams
 from generation.config import GenerationConfig
 from generation.generator import Generator
 from model import GPTJModel
 from serving.scheduler import Job, Scheduler
+from serving.slots import REORDER_CHUNK, follow_sources
 
 CONFIG = ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, rotary_dim=4,
                      filter_size=64, max_position_embeddings=128)
@@ -26,6 +28,23 @@ SCORE_ATOL = 1e-3
 @pytest.fixture(scope="module")
 def model():
     return GPTJModel(CONFIG, seed=3)
+
+
+def test_follow_sources_copies_each_rows_new_slots_from_its_source():
+    """Rows 0-2 a group (0 and 1 swap, 2 follows 0), row 3 alone; slots from first_new to end come
+    from the source row, in two chunks; the others stay (a copy: exact)."""
+    rng = np.random.default_rng(0)
+    cache = ((tf.constant(rng.normal(size=[4, 2, 40, 3]), tf.float32),
+              tf.constant(rng.normal(size=[4, 2, 40, 3]), tf.float32)),)
+    source, first_new, end = [1, 0, 0, 3], [5, 5, 5, 9], [5 + REORDER_CHUNK + 3] * 3 + [30]
+    got = follow_sources(cache, tf.constant(source), tf.constant(first_new), tf.constant(end))
+    for before, after in zip(tf.nest.flatten(cache), tf.nest.flatten(got)):
+        expected = before.numpy().copy()
+        for row in range(4):
+            expected[row, :, first_new[row]:end[row]] = before.numpy()[source[row], :, first_new[row]:end[row]]
+        # slots past end may take the source's values too (never attended before being written)
+        np.testing.assert_array_equal(after.numpy()[:, :, :end[0]], expected[:, :, :end[0]])
+        np.testing.assert_array_equal(after.numpy()[3], before.numpy()[3])
 
 
 def test_beam_groups_share_the_step_with_other_rows_and_answer_as_the_generator(model):
@@ -45,7 +64,7 @@ def test_beam_groups_share_the_step_with_other_rows_and_answer_as_the_generator(
         GenerationConfig(max_new_tokens=3, num_beams=2, length_penalty=2.0, stop_token_ids=(stop,)),
         GenerationConfig(max_new_tokens=10),
         GenerationConfig(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, seed=5),
-        GenerationConfig(max_new_tokens=6, num_beams=2, early_stopping="never", length_penalty=1.5,
+        GenerationConfig(max_new_tokens=20, num_beams=2, early_stopping="never", length_penalty=1.5,
                          stop_token_ids=(stop,)),
         GenerationConfig(max_new_tokens=5),
         GenerationConfig(max_new_tokens=1, num_beams=2, stop_token_ids=(stop,)),
@@ -85,6 +104,7 @@ def test_beam_groups_share_the_step_with_other_rows_and_answer_as_the_generator(
         assert [g.finish_reason for g in got] == [e.finish_reason for e in expected[index]], index
         if config.num_beams > 1:
             np.testing.assert_allclose([g.score for g in got], [e.score for e in expected[index]], atol=SCORE_ATOL)
+    assert len(results[4][0].token_ids) > REORDER_CHUNK       # its beams' caches moved in more than one chunk
     reasons = {results[i][0].finish_reason for i in (0, 1, 4)}
     assert reasons == {"stop", "length"}             # the stop id ended some beams, max_new_tokens others
     assert finished.index(1) < finished.index(2)     # the short group ended while the greedy row decoded

@@ -181,7 +181,8 @@ def write_row_tokens(tokens: tf.Tensor, slots: tf.Tensor, chosen: tf.Tensor) -> 
 
 # ---- the compiled functions ------------------------------------------------------------------
 
-def prompt_rows(model: GPTJModel, tokens: tf.Tensor, first_slot: tf.Tensor, cache_length) -> tuple[SlotState, tf.Tensor]:
+def prompt_rows(model: GPTJModel, tokens: tf.Tensor, first_slot: tf.Tensor,
+                cache_length) -> tuple[SlotState, tf.Tensor]:
     """Left-padded prompts tokens [b, P] -> (their slot state, the next token not chosen yet, and the
     logits of each prompt's last token [b, V]). The prompts write cache slots [0, P) at once."""
     batch, prompt_slots = tf.shape(tokens)[0], tf.shape(tokens)[1]

@@ -246,6 +246,9 @@ class LoraModel(tf.Module):
         """The base's tree with the adapters attached to their projections."""
         return self.adapters.attach(self.base)
 
+    def empty_cache(self, batch_size: int, cache_length: int) -> tuple[KVCache, ...]:
+        return self.model.empty_cache(batch_size, cache_length)
+
     def __call__(self, *args, **kwargs) -> ModelOutput:
         return self.model.forward(self.weights(), *args, **kwargs)
 

@@ -311,6 +311,10 @@ def evaluation_phases(params: Params) -> dict[str, dict[str, float]]:
     if run.execution == "weight_streaming" and run.weight_streaming.host_store == "disk":
         pieces = streaming_device_state(model, precision, run.weight_streaming.prefetch_blocks).weights
         return {"forward": {"device pieces": pieces, "forward activations": forward, "compiled forward": compiled}}
+    if model.lora is not None:      # the frozen base as it is held; a restore reads the adapters only
+        base = format_weight_bytes(model, model.lora.base_dtype)
+        return {"forward": {f"frozen base ({model.lora.base_dtype})": base, "forward activations": forward,
+                            "compiled forward": compiled}}
     return {"forward": {"float32 weights": weights, "checkpoint restore copy (freed, held by the allocator)": weights,
                         "forward activations": forward, "compiled forward": compiled}}
 

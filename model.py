@@ -23,6 +23,7 @@ from layers.dropout import EMBEDDING, dropout, fold_seed
 from layers.embedding import TokenEmbedding
 from layers.fusion import island
 from layers.layer_norm import LayerNorm
+from layers.lora import LoraAdapters
 from layers.masks import causal_attention_bias
 from layers.rotary import rotary_sin_cos
 from layers.weight_specs import WeightSpec, weight_shapes, weight_specs  # noqa: F401  (re-exported: model.weight_shapes)
@@ -128,7 +129,7 @@ class GPTJModel(Layer):
     def forward(self, weights: dict, input_ids: tf.Tensor, position_ids: tf.Tensor | None = None,
                 attention_mask: tf.Tensor | None = None, cache: tuple[KVCache, ...] | None = None,
                 cache_index: tf.Tensor | int = 0, dropout_seed: tf.Tensor | None = None,
-                last_only: bool = False, float32_logits: bool = True) -> ModelOutput:
+                last_only: bool = False, float32_logits: bool = True, recompute_blocks: bool = False) -> ModelOutput:
         """Logits for input_ids [b, s] ([b, 1] of the last position only with last_only).
 
         position_ids [b, s]: default cache_index + 0..s-1.
@@ -140,11 +141,15 @@ class GPTJModel(Layer):
         last_only: run the LM head on the last position only (generation's prefill needs no
             other logits, and at V=50k the head is most of a prompt's cost).
         float32_logits=False: logits in the compute dtype (see `head`).
+        recompute_blocks: a backward pass keeps each block's input only and runs the block again
+            (runconfig.recompute_activations): one block's activations at a time instead of all.
         """
         if cache is not None:
             _check_cache_room(input_ids, cache, cache_index)
         sin, cos, bias = self.attention_inputs(input_ids, position_ids, attention_mask, cache, cache_index)
-        hidden, new_cache = self.trunk(weights, input_ids, sin, cos, bias, cache, cache_index, dropout_seed)
+        block_forward = recomputed(self.blocks[0].forward) if recompute_blocks and cache is None else None
+        hidden, new_cache = self.trunk(weights, input_ids, sin, cos, bias, cache, cache_index, dropout_seed,
+                                       block_forward)
         if last_only:
             hidden = hidden[:, -1:]                                                # [b, 1, D]
         logits = self.head({name: weights[name] for name in self.head_weight_names()}, hidden, float32_logits)
@@ -202,6 +207,50 @@ class GPTJModel(Layer):
         shape = [batch_size, c.num_heads, cache_length, c.head_dim]
         return tuple((tf.zeros(shape, self.compute_dtype), tf.zeros(shape, self.compute_dtype))
                      for _ in self.blocks)
+
+
+def recomputed(block_forward: BlockForward) -> BlockForward:
+    """A block's forward (without a cache) whose backward pass runs it again from its input, rather
+    than keeping its activations (tf.recompute_grad). Every block's code is the same, so one serves
+    all. Under XLA the compiler may merge the two runs (common subexpressions): the saving is
+    graph mode's, the result is the same on both paths."""
+    def run(weights, hidden, sin, cos, bias, cache, cache_index, seed):
+        @tf.recompute_grad
+        def block(x):                                                          # [b, s, D] -> [b, s, D]
+            return block_forward(weights, x, sin, cos, bias, None, cache_index, seed)[0]
+        return block(hidden), None
+    return run
+
+
+class LoraModel(tf.Module):
+    """Low-rank adapters (layers/lora.py) over a frozen base: `base` is a weights tree of
+    GPTJModel(config) whose variables are not trainable, in model.lora.base_dtype
+    (checkpoint_utils.load.load_weight_tree: float32, or packed bfloat16 / int8 kernels). Called
+    like a GPTJModel, as model_fn does; its trainable variables are the adapters'."""
+
+    def __init__(self, config: ModelParams, base: dict, adapters: LoraAdapters):
+        super().__init__(name="lora_model")
+        self.model = build_model_with(config, lambda spec: None)      # the layers' code, without weights
+        self.base = base
+        self.adapters = adapters
+
+    @property
+    def config(self) -> ModelParams:
+        return self.model.config
+
+    @property
+    def compute_dtype(self) -> tf.DType:
+        return self.model.compute_dtype
+
+    def weights(self) -> dict:
+        """The base's tree with the adapters attached to their projections."""
+        return self.adapters.attach(self.base)
+
+    def empty_cache(self, batch_size: int, cache_length: int) -> tuple[KVCache, ...]:
+        return self.model.empty_cache(batch_size, cache_length)
+
+    def __call__(self, *args, **kwargs) -> ModelOutput:
+        return self.model.forward(self.weights(), *args, **kwargs)
 
 
 def _check_cache_room(input_ids: tf.Tensor, cache: tuple[KVCache, ...], cache_index) -> None:
@@ -276,7 +325,7 @@ def loss_sums(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> dict:
             "tokens": tf.reduce_sum(weights)}
 
 
-def model_fn(features: dict, labels: tf.Tensor, mode: str, params: Params, model: GPTJModel,
+def model_fn(features: dict, labels: tf.Tensor, mode: str, params: Params, model: "GPTJModel | LoraModel",
              dropout_seed: tf.Tensor | None = None) -> ModelSpec:
     """Loss for one batch (train and eval; generation calls the model directly).
 
@@ -287,6 +336,7 @@ def model_fn(features: dict, labels: tf.Tensor, mode: str, params: Params, model
     """
     if mode not in (modes.TRAIN, modes.EVAL):
         raise ValueError(f"model_fn computes the loss of modes {modes.TRAIN!r} and {modes.EVAL!r}, not {mode!r}")
-    logits = model(features["input_ids"], dropout_seed=dropout_seed, float32_logits=False).logits  # [b, s, V]
+    logits = model(features["input_ids"], dropout_seed=dropout_seed, float32_logits=False,
+                   recompute_blocks=params.runconfig.recompute_activations).logits                # [b, s, V]
     sums = loss_sums(logits, labels, loss_weights(features))
     return ModelSpec(tf.math.divide_no_nan(sums["loss"], sums["tokens"]), sums)

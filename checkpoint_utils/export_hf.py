@@ -1,7 +1,10 @@
 """Export a TF checkpoint of ours to a Hugging Face directory (safetensors, config.json, tokenizer).
 
     python -m checkpoint_utils.export_hf --params OUT/params.yaml --checkpoint OUT --output-dir HF \
-        [--tokenizer TOKENIZER]
+        [--tokenizer TOKENIZER] [--merge-lora | --lora-only]
+
+A LoRA run (model.lora) exports with --merge-lora (its base with the adapters merged, a whole
+model) or --lora-only (the adapters as a PEFT adapter directory, a few MB).
 
 `transformers.AutoModelForCausalLM.from_pretrained(HF)` loads the result, and
 `AutoTokenizer.from_pretrained(HF)` too when a tokenizer is given or known. Tensors are
@@ -103,29 +106,38 @@ def _token_ids(tokenizer_arg: str | None, params: Params, prefix: str):
 
 
 def export(params_path: str, checkpoint: str, output_dir: str, dtype: str = "float32",
-           max_shard_bytes: int = 2 << 30, progress: bool = True, tokenizer: str | None = None) -> Exported:
-    """Write `checkpoint` as a HF checkpoint in `output_dir` (with the tokenizer, when given or known)."""
-    import tensorflow as tf
+           max_shard_bytes: int = 2 << 30, progress: bool = True, tokenizer: str | None = None,
+           merge_lora: bool = False) -> Exported:
+    """Write `checkpoint` as a HF checkpoint in `output_dir` (with the tokenizer, when given or known).
+    A LoRA run's checkpoint needs merge_lora: its base with the adapters merged is written."""
     from tqdm import tqdm
 
     from checkpoint_utils.hf_mapping import tensor_groups
-    from checkpoint_utils.load import check_checkpoint
-    from checkpoint_utils.tf_checkpoint import checkpoint_key, resolve_checkpoint
+    from checkpoint_utils.lora_checkpoint import MergedLoraWeights
+    from checkpoint_utils.tf_checkpoint import resolve_checkpoint
+    from checkpoint_utils.weight_source import open_weights
     from model import weight_shapes
 
     params = load_params(params_path)
     model = params.model
     prefix = resolve_checkpoint(checkpoint)
-    check_checkpoint(prefix, model)
+    source = open_weights(prefix)
+    lora = isinstance(source, MergedLoraWeights)
+    if lora and not merge_lora:
+        raise ValueError(f"{prefix} holds LoRA adapters, not a whole model: pass --merge-lora to write the base with "
+                         "them merged, or --lora-only for a PEFT adapter directory")
+    if merge_lora and not lora:
+        raise ValueError(f"--merge-lora: {prefix} holds no LoRA adapters (it is a whole model); drop --merge-lora")
+    source.check(model)
     bos, eos, ids_from, tokenizer_source, loaded = _token_ids(tokenizer, params, prefix)
     config = dict(hf_config_from_params(model, bos, eos), torch_dtype=dtype)
-    reader = tf.train.load_checkpoint(prefix)
-    groups = tensor_groups(model)
+    group_of = {path: group for group in tensor_groups(model) for path in group.paths}
     total = sum(4 * math.prod(s) for s in weight_shapes(model).values())
     with atomic_directory(output_dir, lambda d: _existing(d, config), _WEIGHT_FILES.match) as work:
         shard_files: list[tuple[str, list[str]]] = []
         pending: dict[str, np.ndarray] = {}
         pending_bytes = 0
+        waiting: dict[tuple[str, ...], dict[str, np.ndarray]] = {}   # groups of several tensors, part read
 
         def flush():
             from safetensors.numpy import save_file
@@ -138,15 +150,23 @@ def export(params_path: str, checkpoint: str, output_dir: str, dtype: str = "flo
 
         with tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress,
                   file=sys.stderr) as bar:
-            for group in groups:
-                ours = [reader.get_tensor(checkpoint_key("model", p)) for p in group.paths]
-                bar.update(sum(a.nbytes for a in ours))
-                for name, array in zip(group.hf_names, group.to_hf(ours)):
-                    array = np.ascontiguousarray(array.astype(DTYPES[dtype], copy=False))
-                    if pending_bytes and pending_bytes + array.nbytes > max_shard_bytes:
+            # The source's tensors one at a time (largest first), each group written once it is whole.
+            for path, array in source.arrays(model):
+                bar.update(4 * array.size)
+                group = group_of[path]
+                parts = waiting.setdefault(group.paths, {})
+                parts[path] = array
+                if len(parts) < len(group.paths):
+                    continue
+                ours = [parts[p] for p in group.paths]
+                del waiting[group.paths]
+                for name, hf_array in zip(group.hf_names, group.to_hf(ours)):
+                    hf_array = np.ascontiguousarray(hf_array.astype(DTYPES[dtype], copy=False))
+                    if pending_bytes and pending_bytes + hf_array.nbytes > max_shard_bytes:
                         flush()
-                    pending[name] = array
-                    pending_bytes += array.nbytes
+                    pending[name] = hf_array
+                    pending_bytes += hf_array.nbytes
+                ours = parts = array = hf_array = None
         flush()
         _name_shards(work, shard_files)
         with open(os.path.join(work, "config.json"), "w", encoding="utf-8") as f:
@@ -154,6 +174,24 @@ def export(params_path: str, checkpoint: str, output_dir: str, dtype: str = "flo
         if tokenizer_source is not None:
             copy_tokenizer(tokenizer_source, loaded, work, model_type_of(model), model.max_position_embeddings)
     return Exported(config, ids_from, tokenizer_source, neox_dropout_note(model))
+
+
+def export_lora_adapter(params_path: str, checkpoint: str, output_dir: str) -> str:
+    """A LoRA run's adapters as a PEFT adapter directory (checkpoint_utils/peft_adapter.py); returns
+    the base recorded in the checkpoint (adapter_config.json's base_model_name_or_path)."""
+    from checkpoint_utils.lora_checkpoint import is_lora_checkpoint, read_adapters, read_base_record
+    from checkpoint_utils.peft_adapter import write_peft_adapter
+    from checkpoint_utils.tf_checkpoint import resolve_checkpoint
+
+    params = load_params(params_path)
+    prefix = resolve_checkpoint(checkpoint)
+    if params.model.lora is None or not is_lora_checkpoint(prefix):
+        raise ValueError(f"--lora-only: {prefix} holds no LoRA adapters (or --params {params_path} has no "
+                         "model.lora); pass a LoRA run's model_dir and its params.yaml")
+    base = read_base_record(prefix)["path"]
+    arrays = read_adapters(prefix, params.model.lora, params.model.num_hidden_layers)
+    write_peft_adapter(output_dir, params.model, arrays, base)
+    return base
 
 
 def _name_shards(directory: str, shard_files: list[tuple[str, list[str]]]) -> None:
@@ -185,12 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype in the export")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 500MB, 2GB")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="the checkpoint is a LoRA run's: write its base with the adapters merged (W + alpha/r A B)")
+    lora.add_argument("--lora-only", action="store_true",
+                      help="the checkpoint is a LoRA run's: write its adapters as a PEFT adapter directory "
+                           "(adapter_config.json + adapter_model.safetensors) for peft.PeftModel.from_pretrained")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     quiet_tensorflow(args.verbose)
     try:
+        if args.lora_only:
+            base = export_lora_adapter(args.params, args.checkpoint, args.output_dir)
+            print(f"exported the LoRA adapters to {args.output_dir} (PEFT format, on the base {base})")
+            return 0
         result = export(args.params, args.checkpoint, args.output_dir, args.dtype,
-                        _parse_size(args.max_shard_size), progress=not args.no_progress, tokenizer=args.tokenizer)
+                        _parse_size(args.max_shard_size), progress=not args.no_progress, tokenizer=args.tokenizer,
+                        merge_lora=args.merge_lora)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -94,7 +94,7 @@ def params_from_hf_config(config: dict, vocab_size: int | None = None) -> ModelP
 # Hugging Face checkpoint may set them (the rest comes from its config.json).
 RUN_CHOICES = ("fused_qkv", "embedding_dropout_rate", "attention_dropout_rate", "residual_dropout_rate",
                "initializer", "embedding_initializer", "output_layer_initializer", "mixed_precision",
-               "mixed_precision_dtype")
+               "mixed_precision_dtype", "lora")
 
 
 def architecture_differences(hf_model: ModelParams, model: ModelParams) -> list[str]:

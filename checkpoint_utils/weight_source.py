@@ -99,9 +99,14 @@ class HFDirectoryWeights:
 WeightSource = TFCheckpointWeights | HFDirectoryWeights
 
 
-def open_weights(source: str) -> WeightSource:
+def open_weights(source: str):
     """The weights at `source`: a Hugging Face directory, else a TF checkpoint prefix or a
-    directory with a `checkpoint` state file (its latest checkpoint)."""
+    directory with a `checkpoint` state file (its latest checkpoint); a LoRA run's checkpoint
+    reads as its base with the adapters merged (checkpoint_utils/lora_checkpoint.py)."""
     if is_hf_directory(source):
         return HFDirectoryWeights(source)
-    return TFCheckpointWeights(resolve_checkpoint(source))
+    prefix = resolve_checkpoint(source)
+    from checkpoint_utils.lora_checkpoint import MergedLoraWeights, is_lora_checkpoint   # it opens its base here
+    if is_lora_checkpoint(prefix):
+        return MergedLoraWeights(prefix)
+    return TFCheckpointWeights(prefix)

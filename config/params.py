@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 import yaml
 
 from config.files import atomic_write_text
+from config.lora import LoraParams
 from config.schema import ParamsError, from_dict, to_dict
 
 __all__ = [
@@ -74,6 +75,7 @@ class ModelParams:
     output_layer_initializer: InitializerParams = field(default_factory=InitializerParams)
     mixed_precision: bool = False
     mixed_precision_dtype: Literal["float16", "bfloat16"] = "bfloat16"
+    lora: LoraParams | None = None                   # low-rank adapters on a frozen base (config/lora.py)
 
     # Old names still read (and reported): {old key: current key}.
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"use_ffn_bias_in_attention": "use_attention_output_bias"}
@@ -104,6 +106,8 @@ class ModelParams:
         for name in ("embedding_dropout_rate", "attention_dropout_rate", "residual_dropout_rate"):
             rate = getattr(self, name)
             _require(0.0 <= rate < 1.0, f"{path}.{name}={rate} must be in [0, 1)")
+        if self.lora is not None:
+            self.lora.check_model(f"{path}.lora", self.fused_qkv)
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,9 @@ class RunConfig:
     # Split the host CPU into N logical devices (runtime/devices.py), e.g. for a mesh on a machine
     # without GPUs; absent: TensorFlow's one CPU device.
     cpu_devices: int | None = None
+    # Keep only each decoder block's input for the backward pass and recompute the block there
+    # (standard execution): activations of one block instead of all, for one more forward pass.
+    recompute_activations: bool = False
 
     def validate(self, path: str) -> None:
         _positive(self, path, "save_checkpoints_steps", "save_summary_steps", "log_steps")
@@ -315,6 +322,13 @@ class Params:
             _require(not model.fused_qkv,
                      "runconfig.mesh does not split model.fused_qkv=true ([q | k | v] columns would put "
                      "another projection's heads on a device); use fused_qkv: false")
+        if model.lora is not None:
+            run = self.runconfig
+            _require(mesh is None, "model.lora does not run on runconfig.mesh: the adapters' low-rank products "
+                                   "have no Megatron layout here; drop runconfig.mesh (LoRA fits one device)")
+            _require(run.execution == "standard",
+                     "model.lora runs with runconfig.execution=standard: weight streaming exists to train "
+                     "weights larger than memory, while LoRA freezes them (use base_dtype bfloat16 or int8)")
         for name in ("train_input", "eval_input"):
             section = getattr(self, name)
             if section is not None:

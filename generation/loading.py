@@ -20,14 +20,11 @@ format goes through the same reader into float32 variables (checkpoint_utils.loa
 """
 from __future__ import annotations
 
-import ml_dtypes
-
-from checkpoint_utils.load import build_float32_model, float32_variable
+from checkpoint_utils.load import build_float32_model, load_weight_tree
 from checkpoint_utils.weight_source import WeightSource, open_weights
 from config.params import ModelParams
 from generation.config import WEIGHT_FORMATS
-from generation.weights import GenerationModel, bfloat16_table, is_embedding_table, is_packed, pack_kernel
-from layers.tree import unflatten_weights
+from generation.weights import GenerationModel
 from model import GPTJModel, build_model_with
 
 
@@ -47,19 +44,8 @@ def load_weights(model_params: ModelParams, weights: WeightSource, weight_format
         raise ValueError(f"weight format {weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
     if weight_format == "float32":
         return build_float32_model(model_params, weights)
-    weights.check(model_params)
-    flat = {}
-    for path, array in weights.arrays(model_params):
-        if is_packed(path, array.ndim):
-            layer = path.rsplit("/", 1)[0]
-            flat.update({f"{layer}/{name}": variable for name, variable in pack_kernel(array, weight_format).items()})
-        elif is_embedding_table(path, array.ndim) and (weight_format == "bfloat16" or (
-                array.dtype == ml_dtypes.bfloat16 and not model_params.share_embedding_weights)):
-            flat[path] = bfloat16_table(array)
-        else:
-            flat[path] = float32_variable(array, path.rsplit("/", 1)[-1], trainable=False)
-        array = None                  # before the next read: one tensor at a time
-    return GenerationModel(build_model_with(model_params, lambda spec: None), weight_format, unflatten_weights(flat))
+    return GenerationModel(build_model_with(model_params, lambda spec: None), weight_format,
+                           load_weight_tree(model_params, weights, weight_format))
 
 
 def predict_source(model_dir: str | None, checkpoint_path: str | None) -> str:

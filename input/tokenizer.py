@@ -30,6 +30,19 @@ GPT2_EOS_ID = 50256          # id of EOS_TOKEN in the GPT-2 / GPT-J vocab.json
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: the printable bytes stand for themselves,
+    the other 68 (controls, space, 0x7f-0xa0, 0xad) for the characters from U+0100 on, in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    alphabet = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in alphabet.values()]
+    alphabet.update({chr(0x100 + i): b for i, b in enumerate(others)})
+    return alphabet
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class GptTokenizer:
     """A loaded byte-level BPE with its EOS id; picklable through `to_json` for worker processes."""
 
@@ -71,6 +84,16 @@ class GptTokenizer:
     def base_vocab_size(self) -> int:
         """Tokens of the BPE model itself, without added tokens (50257 for GPT-2/GPT-J's files)."""
         return self._tokenizer.get_vocab_size(with_added_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes one token stands for (a piece of a UTF-8 character, possibly), or None for an
+        id past the tokenizer vocab. Added tokens (`<|endoftext|>`) are their own text."""
+        token = self._tokenizer.id_to_token(int(token_id)) if 0 <= token_id < self.vocab_size else None
+        if token is None:
+            return None
+        if all(c in _BYTE_OF_CHAR for c in token):
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        return token.encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)

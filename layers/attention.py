@@ -11,6 +11,7 @@ from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 from layers.base import Layer
 from layers.dense import Dense
 from layers.dropout import ATTENTION_PROBS, dropout
+from layers.lora import adapter_seed
 from layers.rotary import apply_rotary
 from config.params import ModelParams
 
@@ -82,11 +83,11 @@ class SelfAttention(Layer):
         # How new keys/values enter the cache: write_cache, or blend_cache on a device mesh.
         self.cache_writer = write_cache
 
-    def _project_qkv(self, weights: dict, x: tf.Tensor):
+    def _project_qkv(self, weights: dict, x: tf.Tensor, seed: tf.Tensor | None):
         if self.fused_qkv:
-            return tf.split(self.qkv_proj.forward(weights["qkv_proj"], x), 3, axis=-1)
-        return (self.q_proj.forward(weights["q_proj"], x), self.k_proj.forward(weights["k_proj"], x),
-                self.v_proj.forward(weights["v_proj"], x))
+            return tf.split(self.qkv_proj.forward(weights["qkv_proj"], x, adapter_seed(seed, "qkv_proj")), 3, axis=-1)
+        return tuple(getattr(self, name).forward(weights[name], x, adapter_seed(seed, name))
+                     for name in ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, weights: dict, x: tf.Tensor, sin: tf.Tensor, cos: tf.Tensor,
                 bias: tf.Tensor, cache: KVCache | None = None, cache_index: tf.Tensor | None = None,
@@ -94,7 +95,7 @@ class SelfAttention(Layer):
         """x [b, s, D]; sin/cos [b, s, 1, r]; bias [b, 1, s, s_k] -> ([b, s, D], updated cache)."""
         batch, length = tf.shape(x)[0], tf.shape(x)[1]
         heads = [tf.reshape(t, [batch, length, self.num_heads, self.head_dim])
-                 for t in self._project_qkv(weights, x)]                   # 3 x [b, s, h, hd]
+                 for t in self._project_qkv(weights, x, dropout_seed)]                   # 3 x [b, s, h, hd]
         q, k, v = heads
         q = apply_rotary(q, sin, cos, self.rotary_style)
         k = apply_rotary(k, sin, cos, self.rotary_style)
@@ -111,4 +112,4 @@ class SelfAttention(Layer):
         probs = dropout(probs, self.dropout_rate, dropout_seed, ATTENTION_PROBS)
         context = tf.einsum(f"bhqk,{key_layout}->bqhd", probs, v)           # [b, s, h, hd]
         context = tf.reshape(context, [batch, length, self.num_heads * self.head_dim])
-        return self.out_proj.forward(weights["out_proj"], context), new_cache
+        return self.out_proj.forward(weights["out_proj"], context, adapter_seed(dropout_seed, "out_proj")), new_cache

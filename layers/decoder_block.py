@@ -41,10 +41,10 @@ class DecoderBlock(Layer):
         if self.parallel_residual:
             # GPT-J: the one LayerNorm output feeds both attention and MLP.
             mlp_in = self.ln_2.forward(weights["ln_2"], x) if self.untied_layer_norm else attn_in
-            mlp_out = self.mlp.forward(weights["mlp"], mlp_in)
+            mlp_out = self.mlp.forward(weights["mlp"], mlp_in, dropout_seed)
             mlp_out = dropout(mlp_out, self.residual_dropout_rate, dropout_seed, MLP_OUTPUT)
             return x + attn_out + mlp_out, new_cache
         hidden = x + attn_out
-        mlp_out = self.mlp.forward(weights["mlp"], self.ln_2.forward(weights["ln_2"], hidden))
+        mlp_out = self.mlp.forward(weights["mlp"], self.ln_2.forward(weights["ln_2"], hidden), dropout_seed)
         mlp_out = dropout(mlp_out, self.residual_dropout_rate, dropout_seed, MLP_OUTPUT)
         return hidden + mlp_out, new_cache

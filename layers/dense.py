@@ -6,6 +6,7 @@ from typing import Callable
 import tensorflow as tf
 
 from layers import initializers, packing
+from layers.dropout import dropout
 from layers.base import Layer, weight_variable
 
 
@@ -17,7 +18,7 @@ class Dense(Layer):
         if use_bias:
             self.bias = weight_variable(initializers.zeros, [out_dim], "bias")  # [out]
 
-    def forward(self, weights: dict, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, weights: dict, x: tf.Tensor, dropout_seed: tf.Tensor | None = None) -> tf.Tensor:
         # x: [..., in] in the compute dtype; weights are cast to it (mixed precision).
         # weights: {"kernel" [in, out]} as trained, or a generation format (generation/weights.py):
         # {"kernel_t" [out, in] int8, "kernel_scale" [out]}, or {"kernel_t" [out, in] bfloat16
@@ -28,7 +29,18 @@ class Dense(Layer):
             y = packed_product(x, weights["kernel_t"], weights.get("kernel_scale"))         # [..., out]
         if "bias" in weights:
             y = y + tf.cast(weights["bias"], x.dtype)
+        if "lora" in weights:       # an adapter attached (layers/lora.py); dropout_seed: its input's
+            y = y + low_rank_update(weights["lora"], x, dropout_seed)
         return y
+
+
+def low_rank_update(adapter: dict, x: tf.Tensor, seed: tf.Tensor | None) -> tf.Tensor:
+    """scale * dropout(x) @ A @ B (layers/lora.py): x [..., in] in the compute dtype -> [..., out].
+    The float32 factors are cast like every weight (mixed precision); the two thin products cost
+    2 * rank * (in + out) FLOPs per token."""
+    x = dropout(x, adapter["dropout"], seed, 0)
+    low = matmul_rows(x, tf.cast(adapter["a"], x.dtype))                                   # [..., r]
+    return matmul_rows(low, tf.cast(adapter["b"], x.dtype)) * tf.cast(adapter["scale"], x.dtype)   # [..., out]
 
 
 def packed_product(x: tf.Tensor, rows: tf.Tensor, scale: tf.Tensor | None) -> tf.Tensor:

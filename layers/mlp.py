@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from layers.base import Layer
 from layers.dense import Dense
+from layers.lora import adapter_seed
 from config.params import ModelParams
 
 
@@ -28,7 +29,8 @@ class MLP(Layer):
         self.fc_out = Dense(config.filter_size, config.hidden_size, config.use_ffn_bias,
                             output_init, name="fc_out")
 
-    def forward(self, weights: dict, x: tf.Tensor) -> tf.Tensor:
-        # x [b, s, D] -> [b, s, F] -> [b, s, D]
-        hidden = activation(self.nonlinearity, self.fc_in.forward(weights["fc_in"], x))
-        return self.fc_out.forward(weights["fc_out"], hidden)
+    def forward(self, weights: dict, x: tf.Tensor, dropout_seed: tf.Tensor | None = None) -> tf.Tensor:
+        # x [b, s, D] -> [b, s, F] -> [b, s, D]; dropout_seed: the block's, for adapters' input dropout
+        hidden = activation(self.nonlinearity,
+                            self.fc_in.forward(weights["fc_in"], x, adapter_seed(dropout_seed, "fc_in")))
+        return self.fc_out.forward(weights["fc_out"], hidden, adapter_seed(dropout_seed, "fc_out"))

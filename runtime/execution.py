@@ -30,11 +30,13 @@ import data as data_module
 import model as model_module
 from checkpoint_utils.integrity import newest_whole_checkpoint, warn_skipped
 from checkpoint_utils.load import CheckpointMismatchError, check_checkpoint
+from checkpoint_utils.lora_checkpoint import BASE_RECORD
 from checkpoint_utils.tf_checkpoint import drop_from_checkpoint_state
 from config import modes
 from config.params import Params, ParamsError
 from runtime.distribution import is_chief, worker_count
 from runtime.logging_utils import log
+from runtime.lora import build_lora_model, check_lora_checkpoint
 from runtime.loss_scale import LossScale
 from runtime.optimizer import build_optimizer
 from runtime.warm_start import warm_start
@@ -133,7 +135,9 @@ class Execution:
         return self._latest
 
     def check_model(self, prefix: str) -> None:
-        """The checkpoint holds this model (one clear line if not)."""
+        """The checkpoint holds this model (one clear line if not); a LoRA run's, adapters on its base."""
+        if self.lora_base is not None:
+            return check_lora_checkpoint(prefix, self.lora_base)
         try:
             check_checkpoint(prefix, self.params.model)
         except CheckpointMismatchError as err:
@@ -172,9 +176,14 @@ class CheckpointedExecution(Execution):
                  strategy: tf.distribute.Strategy, placement):
         super().__init__(params, model_dir, training, model_fn, input_fn)
         self.strategy = strategy
+        self.lora_base: tf.Variable | None = None      # LoRA: the record of the base (runtime/lora.py)
         with placement:
             self.model, self.optimizer, self.loss_scale, self.step = self.build_state()
-        state = {"model": self.model, "loss_scale": self.loss_scale, "step": self.step}
+        if self.lora_base is None:
+            state = {"model": self.model, "loss_scale": self.loss_scale, "step": self.step}
+        else:       # adapters and the base's record only: the frozen base is runconfig.checkpoint_path's
+            state = {"lora": self.model.adapters, BASE_RECORD: self.lora_base, "loss_scale": self.loss_scale,
+                     "step": self.step}
         if training:
             state["optimizer"] = OptimizerState(self.optimizer)
         self.checkpoint = tf.train.Checkpoint(**state)
@@ -187,7 +196,10 @@ class CheckpointedExecution(Execution):
     def build_state(self) -> tuple:
         """(model, optimizer or None, loss scale, step): the checkpointed state, built under the
         backend's placement (the mesh backend lays it out on its device mesh instead)."""
-        model = model_module.build_model(self.params)
+        if self.params.model.lora is not None:
+            model, self.lora_base = build_lora_model(self.params)
+        else:
+            model = model_module.build_model(self.params)
         optimizer = build_optimizer(self.params.optimizer, model.trainable_variables) if self.training else None
         return model, optimizer, self.new_loss_scale(), tf.Variable(0, dtype=tf.int64, trainable=False,
                                                                       name="global_step")
@@ -203,8 +215,10 @@ class CheckpointedExecution(Execution):
         latest = self.restore_latest(self._restore_from)
         if latest:
             ignored = (f"; runconfig.checkpoint_path {run.checkpoint_path} is not used when model_dir has "
-                       "a checkpoint") if run.checkpoint_path else ""
+                       "a checkpoint") if run.checkpoint_path and self.lora_base is None else ""
             log(f"restored {latest} (step {int(self.step.numpy())}){ignored}")
+        elif self.lora_base is not None:
+            log(f"no checkpoint in {self.model_dir}: the adapters start afresh on the base {run.checkpoint_path}")
         elif run.checkpoint_path:
             log(warm_start(self.model, run.checkpoint_path, self.assign_weight).summary())
         elif require:

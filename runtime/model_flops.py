@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from config.lora import adapter_parameters
 from config.params import ModelParams
 from layers.weight_specs import weight_shapes
 
@@ -21,5 +22,14 @@ def matmul_parameters(model: ModelParams) -> int:
 
 def training_flops_per_token(model: ModelParams, sequence_length: int) -> float:
     """6 x (parameters used in matmuls) + 12 x layers x hidden x sequence (attention scores and
-    context), the usual forward+backward estimate. The embedding lookup is not a matmul."""
-    return 6.0 * matmul_parameters(model) + 12.0 * model.num_hidden_layers * model.hidden_size * sequence_length
+    context), the usual forward+backward estimate. The embedding lookup is not a matmul.
+
+    With model.lora (frozen base): 4 x base matmul parameters (forward, and the activations'
+    gradients; no gradient of a base weight) + 6 x adapter parameters (theirs are trained) + the
+    same 12 x layers x hidden x sequence of attention, whose inputs all need gradients. A block
+    recomputed in the backward pass (runconfig.recompute_activations) runs its forward twice;
+    the second run is not counted: model FLOPs, as MFU counts them, are the ones the math needs."""
+    attention = 12.0 * model.num_hidden_layers * model.hidden_size * sequence_length
+    if model.lora is not None:
+        return 4.0 * matmul_parameters(model) + 6.0 * adapter_parameters(model) + attention
+    return 6.0 * matmul_parameters(model) + attention

@@ -16,9 +16,11 @@ from typing import Callable
 from config.params import ModelParams, Params
 from layers.packing import largest_block_bytes
 from layers.weight_specs import weight_specs
-from runtime.memory_model import (FLOAT32, activation_bytes, cache_dtype_bytes, elements_per_device,
+from config.lora import adapter_parameters
+from runtime.memory_model import (COMPUTE_BYTES, FLOAT32, activation_bytes, cache_dtype_bytes, elements_per_device,
                                   format_weight_bytes, host_state, is_packed_kernel, kv_cache_bytes,
-                                  layer_activation_items, loading_transient, packed_kernel_parameters,
+                                  layer_activation_items, loading_transient, optimizer_slots,
+                                  packed_kernel_parameters,
                                   parameter_count, precision_of, prefill_bytes, replicated_state,
                                   streaming_device_state, streaming_pieces)
 
@@ -238,6 +240,9 @@ def training_phases(params: Params, resuming: bool = False) -> dict[str, dict[st
     batch, seq = (train.batch_size, train.max_sequence_length) if train else (1, model.max_position_embeddings)
     micro_tokens = batch * seq // optimizer.grad_accum_steps
     compiled = workspace(STEP_WORKSPACE, model)
+    if model.lora is not None:
+        return {"step": lora_step_terms(model, optimizer, precision, seq, micro_tokens, run.recompute_activations,
+                                        compiled)}
     if run.execution == "weight_streaming":
         store = run.weight_streaming
         activations = activation_bytes(model, precision, seq, micro_tokens, recompute=True)
@@ -267,6 +272,30 @@ def training_phases(params: Params, resuming: bool = False) -> dict[str, dict[st
                      "compiled step": compiled}}
 
 
+def lora_step_terms(model: ModelParams, optimizer, precision: str, seq: int, tokens: int, recompute: bool,
+                    compiled: float) -> dict[str, float]:
+    """A LoRA step (runtime/lora.py): the frozen base in model.lora.base_dtype, the float32 adapters
+    with their gradients, optimizer slots and new slot values, the activations (each block's input
+    only with runconfig.recompute_activations), and the base kernels as the step computes with them,
+    kept for the backward pass: a packed kernel's product reads a converted copy of it (layers/dense.py),
+    which the matmul's gradient reads again, so all of them without recomputation; with it, one
+    block's and the LM head's. A float32 base under float32 math needs no copy."""
+    lora = model.lora
+    adapters = FLOAT32 * adapter_parameters(model)
+    compute = COMPUTE_BYTES[precision]
+    copies = 0.0
+    if lora.base_dtype != "float32" or precision == "mixed":
+        kernels = [s for s in weight_specs(model) if is_packed_kernel(s)]
+        block = sum(math.prod(s.shape) for s in kernels if s.path.startswith("blocks/0/"))
+        head = sum(math.prod(s.shape) for s in kernels if not s.path.startswith("blocks/"))
+        copies = compute * (block + head if recompute else sum(math.prod(s.shape) for s in kernels))
+    return {f"frozen base ({lora.base_dtype})": format_weight_bytes(model, lora.base_dtype),
+            "adapters, gradients, optimizer slots and update": adapters * (2 + 2 * optimizer_slots(optimizer)),
+            "base kernels as computed, kept for the backward pass": copies,
+            "activations": activation_bytes(model, precision, seq, tokens, recompute=recompute),
+            "compiled step": compiled}
+
+
 def evaluation_phases(params: Params) -> dict[str, dict[str, float]]:
     """Evaluation: the float32 weights and the checkpoint's copy the restore freed (see
     `generation_phases`), then the forward pass of one eval batch: one block's activations at a
@@ -282,6 +311,10 @@ def evaluation_phases(params: Params) -> dict[str, dict[str, float]]:
     if run.execution == "weight_streaming" and run.weight_streaming.host_store == "disk":
         pieces = streaming_device_state(model, precision, run.weight_streaming.prefetch_blocks).weights
         return {"forward": {"device pieces": pieces, "forward activations": forward, "compiled forward": compiled}}
+    if model.lora is not None:      # the frozen base as it is held; a restore reads the adapters only
+        base = format_weight_bytes(model, model.lora.base_dtype)
+        return {"forward": {f"frozen base ({model.lora.base_dtype})": base, "forward activations": forward,
+                            "compiled forward": compiled}}
     return {"forward": {"float32 weights": weights, "checkpoint restore copy (freed, held by the allocator)": weights,
                         "forward activations": forward, "compiled forward": compiled}}
 

@@ -5,6 +5,8 @@
     python -m serving.server --hf-checkpoint HF_DIR --tokenizer HF_DIR --weight-format int8
 
     POST /v1/completions   {"prompt": "def add(", "max_tokens": 32, "temperature": 0, "stream": false, ...}
+                           (+ "logprobs": 0..--max-logprobs, "echo": true: OpenAI's legacy scoring fields)
+    GET  /v1/models        {"object": "list", "data": [{"id": "gptj", ...}]} (--served-model-name)
     GET  /health           {"status": "ok" | "draining", "queue_depth": ..., "busy_slots": ...}
     GET  /metrics          Prometheus text
 
@@ -20,9 +22,9 @@ import random
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING
 
 from config.quiet import add_verbose_flag, quiet_tensorflow
 
@@ -32,126 +34,57 @@ if __name__ == "__main__":      # before the imports below load TensorFlow (--ve
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from config.cli import ArgumentParser, positive_int
 from generation.config import COMPILE_MODES, prompt_buckets, round_up
 from generation.flags import add_weight_format_flag, add_weight_source_flags
-from generation.config import BATCHING_MODES as MODES, GenerationConfig, GenerationConfigError
+from generation.config import BATCHING_MODES as MODES, GenerationConfig
 from input.tokenizer import GptTokenizer
 from runtime.peak_memory import Decoding, Estimate, generation_estimate
 from runtime import preflight
+from serving.completion_request import (FIELD_HINTS, CompletionRequest, Limits, RequestError, error_response,
+                                        given_prompts, request_config, request_prompts)
 from serving.metrics import Metrics
-# generation.batch, generation.text and serving.scheduler load TensorFlow: they are imported where
-# used, so `--help` and argument errors return at once (tests/test_cli_quiet.py).
 
-Number = Union[StrictInt, StrictFloat]
+if TYPE_CHECKING:
+    from generation.results import Generation
+    from serving.scheduler import Job, Scheduler
+# generation.batch, generation.text, serving.scheduler and serving.logprobs load TensorFlow: they are
+# imported where used, so `--help` and argument errors return at once (tests/test_cli_quiet.py).
 
+__all__ = ["Limits", "Server", "build_server", "memory_estimate", "main"]
 
-class CompletionRequest(BaseModel):
-    """The OpenAI completions request, plus num_beams, repetition_penalty and bad_words."""
-    model_config = ConfigDict(extra="forbid")
-    model: Optional[str] = None
-    prompt: Union[str, list[StrictInt]]
-    max_tokens: StrictInt = Field(16, ge=1)
-    temperature: Number = Field(1.0, ge=0)
-    top_p: Number = Field(1.0, gt=0, le=1)
-    top_k: StrictInt = Field(0, ge=0)
-    n: StrictInt = Field(1, ge=1)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[StrictInt] = None
-    stream: StrictBool = False
-    num_beams: StrictInt = Field(1, ge=1)
-    repetition_penalty: Number = Field(1.0, gt=0)
-    bad_words: list[str] = []
-    min_tokens: StrictInt = Field(0, ge=0)
-    ignore_eos: StrictBool = False
-
-
-# Union-typed fields, whose validator messages name the union's branches rather than the field.
-FIELD_HINTS = {"prompt": "must be a string or a list of integer token ids",
-               "stop": "must be a string or a list of up to 4 strings"}
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_tokens: int = 512
-    max_tokens: int = 256
-    max_n: int = 4
-    max_beams: int = 4
-    request_timeout: float = 60.0
-    prompt_bucket: int = 32          # prompts are left-padded to a multiple: one compiled prefill each
-
-
-class RequestError(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param, self.status = param, status
-
-
-def error_response(message: str, param: str | None, status: int, kind: str = "invalid_request_error"):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status)
+SERVED_MODEL_NAME = "gptj"      # the id GET /v1/models lists and `model` may name, unless --served-model-name
 
 
 class Server:
     """Everything one server holds: tokenizer, limits, metrics, scheduler; `app` is its ASGI app."""
 
     def __init__(self, scheduler: Scheduler, tokenizer: GptTokenizer, limits: Limits, metrics: Metrics,
-                 model_name: str = "gptj", max_positions: int = 2048):
+                 model_name: str = SERVED_MODEL_NAME, max_positions: int = 2048):
+        from serving.logprobs import Scorer
         self.scheduler, self.tokenizer, self.limits, self.metrics = scheduler, tokenizer, limits, metrics
         self.model_name, self.max_positions = model_name, max_positions
+        self.created = int(time.time())
+        # Scoring passes (logprobs) run one at a time beside the scheduler thread, never in its slot batch.
+        self.scorer = Scorer(scheduler.decoder.model)
+        self.scoring = ThreadPoolExecutor(1, thread_name_prefix="scoring")
         self.app = self._build_app()
 
-    # ---- request -> job ----------------------------------------------------------------------
+    # ---- request -> jobs ---------------------------------------------------------------------
 
-    def job_config(self, body: CompletionRequest) -> tuple[list[int], GenerationConfig]:
-        limits = self.limits
-        if isinstance(body.prompt, str):
-            if not body.prompt:
-                raise RequestError("prompt is empty; give some text or token ids", "prompt")
-            prompt_ids = self.tokenizer.encode(body.prompt)
-        else:
-            prompt_ids = list(body.prompt)
-            if not prompt_ids:
-                raise RequestError("prompt is an empty list; give at least one token id", "prompt")
-        if len(prompt_ids) > limits.max_prompt_tokens:
-            raise RequestError(f"prompt has {len(prompt_ids)} tokens; this server takes at most "
-                               f"{limits.max_prompt_tokens} (--max-prompt-tokens)", "prompt")
-        if body.max_tokens > limits.max_tokens:
-            raise RequestError(f"max_tokens={body.max_tokens} exceeds this server's limit {limits.max_tokens}",
-                               "max_tokens")
-        if body.n > limits.max_n:
-            raise RequestError(f"n={body.n} exceeds this server's limit {limits.max_n}", "n")
-        if body.num_beams > limits.max_beams:
-            raise RequestError(f"num_beams={body.num_beams} exceeds this server's limit {limits.max_beams}",
-                               "num_beams")
-        if body.num_beams > self.scheduler.slots:
-            raise RequestError(f"num_beams={body.num_beams} needs {body.num_beams} slots, one per beam, but this "
+    def check_request(self, body: CompletionRequest) -> tuple[list[list[int]], GenerationConfig]:
+        """(token ids per prompt, their GenerationConfig), or a RequestError naming the field."""
+        if body.model is not None and body.model != self.model_name:
+            raise RequestError(f"model {body.model!r} is not served here; this server serves {self.model_name!r} "
+                               "(GET /v1/models)", "model", 404, "model_not_found")
+        prompts = request_prompts(body, self.tokenizer, self.limits)
+        vocab_size = self.scheduler.decoder.model.config.vocab_size
+        config = request_config(body, prompts, self.tokenizer, self.limits, vocab_size, self.max_positions)
+        if config.num_beams > self.scheduler.slots:
+            raise RequestError(f"num_beams={config.num_beams} needs {config.num_beams} slots, one per beam, but this "
                                f"server has --max-batch {self.scheduler.slots}", "num_beams")
-        if body.stream and body.num_beams > 1:
-            raise RequestError("beam search knows its answer only at the end; set stream=false or num_beams=1",
-                               "stream")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise RequestError("stop takes up to 4 non-empty strings", "stop")
-        bad_words = [self.tokenizer.encode(w) for w in body.bad_words]
-        if any(not w for w in bad_words):
-            raise RequestError("bad_words holds an empty string", "bad_words")
-        eos = self.tokenizer.eos_id
-        try:
-            config = GenerationConfig(
-                max_new_tokens=body.max_tokens, min_new_tokens=min(body.min_tokens, body.max_tokens),
-                do_sample=body.temperature > 0, temperature=float(body.temperature) if body.temperature > 0 else 1.0,
-                top_k=body.top_k, top_p=float(body.top_p), repetition_penalty=float(body.repetition_penalty),
-                num_beams=body.num_beams, num_return_sequences=body.n,
-                stop_token_ids=() if body.ignore_eos else (eos,), stop_strings=tuple(stops),
-                bad_words_ids=tuple(tuple(w) for w in bad_words), pad_token_id=eos,
-                early_stopping=True if body.num_beams > 1 else False)
-            config.check_against_model(self.scheduler.decoder.model.config.vocab_size)
-            config.check_prompts([prompt_ids], self.max_positions, self.scheduler.decoder.model.config.vocab_size)
-        except GenerationConfigError as err:
-            raise RequestError(str(err), None) from None
-        return prompt_ids, config
+        return prompts, config
 
     def final_text(self, ids: list[int], config: GenerationConfig, stop) -> tuple[str, list[int]]:
         from generation.text import find_stop_string, strip_stop_token
@@ -162,6 +95,15 @@ class Server:
             text = text[:find_stop_string(text, config.stop_strings)[0]]
         return text, ids
 
+    def prompt_texts(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """What echo shows of each prompt: the text given, or the text of the token ids given."""
+        return [text if isinstance(text, str) else self.tokenizer.decode(ids, skip_unknown=True)
+                for text, ids in zip(given_prompts(body), prompts)]
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gptj-tf",
+                "max_model_len": self.max_positions}
+
     # ---- the app -----------------------------------------------------------------------------
 
     def _build_app(self) -> FastAPI:
@@ -169,6 +111,7 @@ class Server:
         async def lifespan(app):
             yield
             await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
+            self.scoring.shutdown(wait=False, cancel_futures=True)
 
         app = FastAPI(title="gptj-tf", lifespan=lifespan)
 
@@ -198,6 +141,17 @@ class Server:
         async def metrics():
             return Response(self.metrics.text(), media_type="text/plain; version=0.0.4")
 
+        @app.get("/v1/models")
+        async def models():
+            return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str):
+            if model_id != self.model_name:
+                return error_response(f"model {model_id!r} is not served here; this server serves "
+                                      f"{self.model_name!r}", "model", 404, "model_not_found")
+            return JSONResponse(self.model_card())
+
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest):
             return await self.complete(body)
@@ -207,64 +161,95 @@ class Server:
     async def complete(self, body: CompletionRequest):
         from generation.text import stop_string_checker
         from serving.scheduler import Draining, Job, QueueFull
+        arrived = time.monotonic()
         try:
-            prompt_ids, config = self.job_config(body)
+            prompts, config = self.check_request(body)
         except RequestError as err:
             self.metrics.requests.labels("invalid").inc()
-            return error_response(str(err), err.param, err.status)
+            return error_response(str(err), err.param, err.status, err.kind)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()      # (prompt index, kind, sequence, payload)
 
-        def sink(kind, sequence, payload):
-            loop.call_soon_threadsafe(events.put_nowait, (kind, sequence, payload))
+        def sink_of(index: int):
+            return lambda kind, sequence, payload: loop.call_soon_threadsafe(
+                events.put_nowait, (index, kind, sequence, payload))
 
-        seed = body.seed if body.seed is not None else random.randrange(2 ** 31)
-        checker = None
-        if config.stop_strings:
-            check = stop_string_checker(self.tokenizer, config)
-            checker = lambda ids: check([ids]).get(0)     # noqa: E731
-        job = Job(prompt_ids, config, seed, sink, checker, time.monotonic() + self.limits.request_timeout)
-        try:
-            self.scheduler.submit(job)
-        except QueueFull as err:
-            self.metrics.requests.labels("rejected").inc()
-            return error_response(str(err), None, 429, "queue_full")
-        except Draining as err:
-            self.metrics.requests.labels("rejected").inc()
-            return error_response(str(err), None, 503, "unavailable")
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        jobs = []
+        if body.max_tokens > 0:                      # max_tokens=0 (echo): nothing to generate
+            try:
+                for index, prompt_ids in enumerate(prompts):
+                    # one seed for every prompt when given (each answers as it would alone), else one each
+                    seed = body.seed if body.seed is not None else random.randrange(2 ** 31)
+                    checker = None
+                    if config.stop_strings:
+                        check = stop_string_checker(self.tokenizer, config)
+                        checker = lambda ids, check=check: check([ids]).get(0)     # noqa: E731
+                    job = Job(prompt_ids, config, seed, sink_of(index), checker, arrived + self.limits.request_timeout)
+                    self.scheduler.submit(job)
+                    jobs.append(job)
+            except (QueueFull, Draining) as err:
+                self._cancel(jobs)
+                self.metrics.requests.labels("rejected").inc()
+                if isinstance(err, QueueFull):
+                    return error_response(str(err), None, 429, "queue_full")
+                return error_response(str(err), None, 503, "unavailable")
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         ident = f"cmpl-{uuid.uuid4().hex[:24]}"
         head = {"id": ident, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         if body.stream:
-            return StreamingResponse(self._stream(job, events, head, len(prompt_ids)), media_type="text/event-stream")
-        return await self._collect(job, events, head, len(prompt_ids))
+            return StreamingResponse(self._stream(body, prompts, config, jobs, events, head, arrived),
+                                     media_type="text/event-stream")
+        return await self._collect(body, prompts, config, jobs, events, head, arrived)
 
-    async def _collect(self, job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int):
-        count = job.config.num_return_sequences
-        choices: dict[int, dict] = {}
+    async def _collect(self, body: CompletionRequest, prompts: list[list[int]], config: GenerationConfig,
+                       jobs: list[Job], events: asyncio.Queue, head: dict, arrived: float):
+        n = body.n
+        results: dict[int, Generation] = {}          # choice index (prompt index x n + sequence) -> result
         try:
-            while len(choices) < count:
-                kind, sequence, payload = await events.get()
+            while len(results) < len(jobs) * n:
+                index, kind, sequence, payload = await events.get()
                 if kind == "error":
+                    self._cancel(jobs)
                     return self._failed(payload)
                 if kind == "finish":
-                    text, ids = self.final_text(payload.token_ids, job.config, payload.stop)
-                    choices[sequence] = {"text": text, "index": sequence, "logprobs": None,
-                                         "finish_reason": payload.finish_reason, "token_ids": ids}
+                    results[index * n + sequence] = payload
+            texts = self.prompt_texts(body, prompts) if body.echo else None
+            choices = [await self._choice(body, config, prompts[c // n], results.get(c), c,
+                                          texts[c // n] if texts else None) for c in range(len(prompts) * n)]
         except asyncio.CancelledError:
-            self.scheduler.cancel(job)
+            self._cancel(jobs)
             raise
-        self._finished(job)
-        completion_tokens = sum(len(c["token_ids"]) for c in choices.values())
-        return JSONResponse({**head, "choices": [choices[i] for i in range(count)],
+        self._finished(arrived)
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = sum(len(c["token_ids"]) for c in choices)
+        return JSONResponse({**head, "choices": choices,
                              "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                        "total_tokens": prompt_tokens + completion_tokens}})
 
-    async def _stream(self, job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int):
+    async def _choice(self, body: CompletionRequest, config: GenerationConfig, prompt_ids: list[int],
+                      result: Generation | None, index: int, prompt_text: str | None) -> dict:
+        """One choice of a finished request (result None: max_tokens=0, the prompt only)."""
+        from serving.logprobs import completion_logprobs
+        generated = list(result.token_ids) if result is not None else []    # a final stop token included
+        text, ids = self.final_text(generated, config, result.stop) if result is not None else ("", [])
+        choice = {"text": (prompt_text or "") + text, "index": index, "logprobs": None,
+                  "finish_reason": result.finish_reason if result is not None else "length", "token_ids": ids}
+        if body.logprobs is not None:
+            # The stop token that ended a sequence is scored too (its text is not in `text`): a
+            # client reading the generated token's logprob finds it whatever the token was.
+            sequence = prompt_ids + generated
+            scored = await asyncio.get_running_loop().run_in_executor(
+                self.scoring, self.scorer.score, sequence, body.logprobs)
+            first = 0 if body.echo else len(prompt_ids)
+            choice["logprobs"] = completion_logprobs(self.tokenizer, sequence, scored, first, body.logprobs)
+        return choice
+
+    async def _stream(self, body: CompletionRequest, prompts: list[list[int]], config: GenerationConfig,
+                      jobs: list[Job], events: asyncio.Queue, head: dict, arrived: float):
         from generation.text import TextStream
-        count = job.config.num_return_sequences
-        pieces: list[str] = []
-        streams = [TextStream(self.tokenizer, job.config, pieces.append) for _ in range(count)]
+        n, count = body.n, len(prompts) * body.n
+        pieces: list[list[str]] = [[] for _ in range(count)]
+        streams = [TextStream(self.tokenizer, config, pieces[c].append) for c in range(count)]
         finished = 0
 
         def chunk(index: int, text: str, reason=None, extra=None) -> str:
@@ -272,33 +257,45 @@ class Server:
             return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
         try:
+            if body.echo:
+                for c, text in enumerate(t for t in self.prompt_texts(body, prompts) for _ in range(n)):
+                    yield chunk(c, text)
+            if not jobs:                                # max_tokens=0: the echo was all
+                for c in range(count):
+                    yield chunk(c, "", "length", {"token_ids": []})
+                finished = count
             while finished < count:
-                kind, sequence, payload = await events.get()
+                index, kind, sequence, payload = await events.get()
                 if kind == "error":
                     self._count_error(payload)
                     yield f"data: {json.dumps({'error': {'message': self._error_message(payload), 'type': payload}})}\n\n"
                     break
+                c = index * n + sequence
                 if kind == "tokens":
-                    streams[sequence].update(payload)
+                    streams[c].update(payload)
                     reason, extra = None, None
                 else:
-                    text, ids = self.final_text(payload.token_ids, job.config, payload.stop)
-                    streams[sequence].finish(text)
+                    text, ids = self.final_text(payload.token_ids, config, payload.stop)
+                    streams[c].finish(text)
                     reason, extra = payload.finish_reason, {"token_ids": ids}
                     finished += 1
-                if pieces or reason:
-                    yield chunk(sequence, "".join(pieces), reason, extra)
-                    pieces.clear()
+                if pieces[c] or reason:
+                    yield chunk(c, "".join(pieces[c]), reason, extra)
+                    pieces[c].clear()
             else:
-                self._finished(job)
+                self._finished(arrived)
             yield "data: [DONE]\n\n"
         finally:
-            if finished < count:               # the client left (or the job failed): free its slots
-                self.scheduler.cancel(job)
+            if finished < count:               # the client left (or a job failed): free the slots
+                self._cancel(jobs)
 
-    def _finished(self, job: Job) -> None:
+    def _cancel(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.scheduler.cancel(job)
+
+    def _finished(self, arrived: float) -> None:
         self.metrics.requests.labels("ok").inc()
-        self.metrics.latency.observe(time.monotonic() - job.arrived)
+        self.metrics.latency.observe(time.monotonic() - arrived)
 
     @staticmethod
     def _error_message(reason: str) -> str:
@@ -343,7 +340,7 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
 
 def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str = "continuous",
                  limits: Limits = Limits(), max_queue: int = 64, max_wait: float = 0.02,
-                 compile_mode: str = "xla", model_name: str = "gptj", steps_per_call: int = 8,
+                 compile_mode: str = "xla", model_name: str = SERVED_MODEL_NAME, steps_per_call: int = 8,
                  warm_up: bool = False) -> Server:
     """A Server whose cache fits the longest prompt and output the limits allow; with warm_up,
     every prompt bucket is compiled before it listens."""
@@ -380,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens, help="largest max_tokens")
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="largest n (completions per request)")
     parser.add_argument("--max-beams", type=int, default=Limits.max_beams, help="largest num_beams")
+    parser.add_argument("--max-logprobs", type=int, default=Limits.max_logprobs,
+                        help="largest logprobs (top tokens per position); each logprobs request costs a scoring "
+                             "pass over prompt and completion")
+    parser.add_argument("--served-model-name", default=SERVED_MODEL_NAME,
+                        help="the model id GET /v1/models lists; a request's `model` must be it (or absent)")
     parser.add_argument("--request-timeout", type=float, default=Limits.request_timeout, help="seconds")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="xla",
                         help="how the decode step runs: XLA (fastest), graph, or eager")
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.logging_utils import log
     from serving.loading import load_serving_model
     limits = Limits(args.max_prompt_tokens, args.max_tokens_limit, args.max_n, args.max_beams, args.request_timeout,
-                    args.prompt_bucket)
+                    args.prompt_bucket, args.max_logprobs)
 
     def check_memory(params):
         estimate = memory_estimate(params.model, limits, args.max_batch, args.weight_format, args.compile)
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         tokenizer.check_fits_model(params.model.vocab_size)
         server = build_server(model, tokenizer, args.max_batch, args.batching, limits, args.max_queue,
-                              args.max_wait_ms / 1000, args.compile, steps_per_call=args.steps_per_call,
+                              args.max_wait_ms / 1000, args.compile, args.served_model_name, args.steps_per_call,
                               warm_up=args.warm_up)
     except (ParamsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,10 +6,8 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,28 +20,11 @@ from generation.generator import Generator
 from serving.server import Limits, build_server
 from tests.data_helpers import make_tiny_tokenizer
 from tests.runtime_helpers import saved_random_model
+from tests.serving_helpers import free_port, start_in_thread, wait_healthy
 
 VOCAB = 320
 # max_beams 5 > the fixture's 4 slots: a request for 5 beams passes the limit and is refused for slots
 LIMITS = Limits(max_prompt_tokens=40, max_tokens=24, max_n=3, max_beams=5, request_timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, seconds: float = 120) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"server at {url} did not come up in {seconds}s")
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +34,6 @@ def setup(tmp_path_factory):
     tokenizer = make_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
     return {"root": root, "model": model, "checkpoint": checkpoint, "tokenizer": tokenizer,
             "params": params, "tokenizer_dir": str(root / "tok")}
-
-
-def start_in_thread(server):
-    import uvicorn
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    return uv, thread, url
 
 
 @pytest.fixture(scope="module", params=["continuous", "static"])

@@ -94,8 +94,9 @@ class GptjInference:
         token_ids = np.full([len(rows), width], PAD_ID, np.int32)
         for i, ids in enumerate(rows):
             token_ids[i, :len(ids)] = ids
+        # object, not np.bytes_: a fixed-width bytes array would drop a text's trailing NUL characters
         text = np.array([[self.tokenizer.decode(ids, skip_unknown=True).encode("utf-8")] for ids in rows],
-                        dtype=np.bytes_)
+                        dtype=object)
         return {"token_ids": token_ids, "text": text}
 
     # ---- request -> rows -----------------------------------------------------------------------

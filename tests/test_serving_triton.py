@@ -1,5 +1,5 @@
 """serving.triton: the gptj model's request handling on its own, then one `python -m serving.triton`
-on loopback queried with tritonclient over HTTP and gRPC: tokens equal the Generator's, malformed
+(one test, so one server start) on loopback queried with tritonclient over HTTP and gRPC: tokens equal the Generator's, malformed
 requests get Triton's errors, the endpoints answer, SIGTERM stops it and frees its ports.
 The server tests need the `triton` extra (make test installs it) and skip without it."""
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_the_stub_environment_must_hold_numpy_1():
     assert check_stub_env(default_stub_env()).startswith("1.")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def triton_server(setup):
     pytest.importorskip("pytriton", reason="the triton extra is not installed (make test installs it)")
     pytest.importorskip("tritonclient.http")
@@ -166,7 +166,14 @@ def ask(module, url: str, question: str, *args) -> bool:
         client.close()
 
 
-def test_http_and_grpc_answers_equal_the_generator(setup, triton_server):
+def test_triton_serves_over_http_and_grpc_and_stops_on_sigterm(setup, triton_server):
+    """One server for every check (a test each would let pytest-xdist start one per worker)."""
+    check_answers_equal_the_generator(setup, triton_server)
+    check_health_metrics_and_malformed_requests(triton_server)
+    check_sigterm_stops_triton_and_frees_its_ports(triton_server)
+
+
+def check_answers_equal_the_generator(setup, triton_server):
     """Concurrent requests (the dynamic batcher joins some) over both protocols: greedy, sampled
     and beam rows get the tokens of the Generator run on each alone, and text that decodes them."""
     import tritonclient.grpc as grpc
@@ -201,7 +208,7 @@ def test_http_and_grpc_answers_equal_the_generator(setup, triton_server):
         assert reply.as_numpy("text")[0, 0].decode("utf-8") == setup["tokenizer"].decode(want, skip_unknown=True)
 
 
-def test_health_metrics_and_malformed_requests(triton_server):
+def check_health_metrics_and_malformed_requests(triton_server):
     """Triton's own health and metrics endpoints answer; a request Triton's checks refuse (a wrong
     data type) and one the model refuses (two prompts) both come back as Triton errors."""
     import requests
@@ -230,7 +237,7 @@ def test_health_metrics_and_malformed_requests(triton_server):
     assert reply.as_numpy("token_ids").shape[0] == 1
 
 
-def test_sigterm_stops_triton_and_frees_its_ports(triton_server):
+def check_sigterm_stops_triton_and_frees_its_ports(triton_server):
     import psutil
     process = triton_server["process"]
     children = psutil.Process(process.pid).children(recursive=True)

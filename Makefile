@@ -1,7 +1,8 @@
 # `make demo` and `make test` work from a fresh clone: both create .venv on first use.
 # The demo needs the runtime dependencies only; the tests add the `dev` extra (pytest and the
-# torch + transformers oracles, a few GB) and the `mlperf` extra (LoadGen, for the harness's
-# test), so `make demo` never installs those.
+# torch + transformers oracles, a few GB), the `mlperf` extra (LoadGen, for the harness's
+# test) and the `triton` extra (PyTriton and tritonclient, for serving.triton's tests), so
+# `make demo` never installs those.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,6 +12,10 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 # Test processes (pytest-xdist): 2 halves the suite's time on 2 cores (TF's compile and start-up are
 # mostly single-threaded); each holds TF and the torch oracles (~3 GB), so more needs the memory.
 TEST_WORKERS ?= 2
+# PyTriton goes in without its dependencies (the `triton` extra lists them): its metadata pins
+# numpy<2 and protobuf<7, which would downgrade TensorFlow's. Its C++ stub, the part that needs
+# NumPy 1, runs in the environment serving.triton_env makes (serving/triton_env.py says why).
+PYTRITON := nvidia-pytriton==0.7.0
 
 .PHONY: demo test bench clean-venv
 
@@ -22,7 +27,9 @@ $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 $(DEV_STAMP): $(RUNTIME_STAMP)
-	$(PIP) -e '.[dev,mlperf]'
+	$(PIP) -e '.[dev,mlperf,triton]'
+	$(PIP) --no-deps $(PYTRITON)
+	$(BIN)/python -m serving.triton_env
 	touch $@
 
 demo: $(RUNTIME_STAMP)

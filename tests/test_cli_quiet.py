@@ -19,7 +19,7 @@ CLI_MODULES = ["run", "demo", "checkpoint_utils.convert_hf", "checkpoint_utils.e
                "input.scripts.make_local_corpus", "bench.convert", "bench.data", "bench.generate", "bench.train",
                "bench.weight_streaming", "bench.mlperf.run", "bench.mlperf.accuracy", "bench.summarize",
                "fine_tuning.abstractive_summarization.prepare", "fine_tuning.abstractive_summarization.evaluate",
-               "fine_tuning.abstractive_summarization.demo", "serving.server", "serving.export"]
+               "fine_tuning.abstractive_summarization.demo", "serving.server", "serving.export", "serving.triton"]
 # These import TensorFlow at module level: their --help is quiet but not light.
 CLI_MODULES_LOADING_TENSORFLOW = ["bench.serve"]
 # Lines this TensorFlow printed on this machine (2 cores, no GPU, no CUDA driver).

@@ -25,7 +25,7 @@ FLOORS = {
     "fine_tuning.abstractive_summarization.prepare": ENTRY,
     "fine_tuning.abstractive_summarization.evaluate": ENTRY,
     "fine_tuning.abstractive_summarization.demo": ENTRY,
-    "serving.server": ENTRY,
+    "serving.server": ENTRY, "serving.triton": ENTRY,
     "runtime.launch": ENTRY,
 }
 TOP_LEVEL = {name.split(".")[0] for name in FLOORS}

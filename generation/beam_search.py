@@ -58,6 +58,12 @@ def length_penalty_divisors(max_new_tokens: int, length_penalty: float) -> np.nd
     return np.array([1.0] + [n ** length_penalty for n in range(1, max_new_tokens + 1)], np.float32)
 
 
+def hypothesis(ids: list[int], score: float, stop_token_ids: tuple[int, ...]) -> Generation:
+    """A finished hypothesis' new tokens as a result: "stop" when it ends with a stop id."""
+    stopped = bool(ids) and ids[-1] in stop_token_ids
+    return Generation(ids, "stop" if stopped else "length", ids[-1] if stopped else None, score)
+
+
 def candidate_count(config: GenerationConfig) -> int:
     return config.candidates_per_beam * config.num_beams
 
@@ -103,16 +109,10 @@ class BeamDecoder(CompiledDecoder):
     def results(self, state: BeamState, stopped_by_text: dict[int, str]) -> list[Generation]:
         """The num_return_sequences best finished hypotheses of every row, best first, rows in
         order (row r's at [r * n, (r + 1) * n), as transformers returns them)."""
-        stops = set(self.config.stop_token_ids)
         count = self.config.num_return_sequences
         scores = state.done_scores.numpy()
-        out = []
-        for row, ranked in enumerate(self.hypotheses(state, count)):
-            for rank, ids in enumerate(ranked):
-                stopped = bool(ids) and ids[-1] in stops
-                out.append(Generation(ids, "stop" if stopped else "length", ids[-1] if stopped else None,
-                                      float(scores[row, rank])))
-        return out
+        return [hypothesis(ids, float(scores[row, rank]), self.config.stop_token_ids)
+                for row, ranked in enumerate(self.hypotheses(state, count)) for rank, ids in enumerate(ranked)]
 
     # ---- compiled ------------------------------------------------------------------------
 

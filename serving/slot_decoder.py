@@ -12,13 +12,13 @@ import numpy as np
 import tensorflow as tf
 
 from generation.batch import compiled
-from generation.beam_search import BeamRules
+from generation.beam_search import BeamRules, hypothesis
 from generation.config import GenerationConfig
 from generation.results import Generation
 from model import GPTJModel
 from serving.beam_rows import BeamSettings, beam_rules, beam_settings, empty_beam_rows, first_beam_rows
-from serving.slots import (MAX_STOP_IDS, RowSettings, SlotState, choose_rows, prompt_rows, reached_stop, row_settings,
-                           step_rows_with_groups)
+from serving.slots import (MAX_STOP_IDS, REORDER_CHUNK, RowSettings, SlotState, choose_rows, prompt_rows,
+                           reached_stop, row_settings, step_rows_with_groups)
 
 
 class SlotDecoder:
@@ -38,6 +38,9 @@ class SlotDecoder:
                  steps_per_call: int = 8, max_beams: int = 4):
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call={steps_per_call} must be at least 1")
+        if cache_length % REORDER_CHUNK:
+            raise ValueError(f"cache_length={cache_length} must be a multiple of {REORDER_CHUNK} (beam steps copy "
+                             "cache blocks of that many slots)")
         if not 1 <= max_beams <= slots:
             raise ValueError(f"max_beams={max_beams} must be between 1 and the slots ({slots}): a beam takes a slot")
         self.model = model
@@ -101,14 +104,8 @@ class SlotDecoder:
         as BeamDecoder.results gives them (meaningful once the group's search ended)."""
         tokens, lengths = self.beams.done_tokens.numpy(), self.beams.done_lengths.numpy()
         scores = self.beams.done_scores.numpy()
-        stops = set(config.stop_token_ids)
-        out = []
-        for row in rows[:count]:
-            ids = tokens[row, prompt_slots:prompt_slots + lengths[row]].tolist()
-            stopped = bool(ids) and ids[-1] in stops
-            out.append(Generation(ids, "stop" if stopped else "length", ids[-1] if stopped else None,
-                                  float(scores[row])))
-        return out
+        return [hypothesis(tokens[row, prompt_slots:prompt_slots + lengths[row]].tolist(), float(scores[row]),
+                           config.stop_token_ids) for row in rows[:count]]
 
     def warm_up(self, prompt_slots: Sequence[int], settings: RowSettings) -> None:
         """Trace and compile `admit` for each prompt bucket and `decode`, before requests come

@@ -242,29 +242,32 @@ def step_rows(model: GPTJModel, state: SlotState, settings: RowSettings) -> tupl
 def follow_sources(cache: tuple, source: tf.Tensor, first_new: tf.Tensor, end: tf.Tensor) -> tuple:
     """Cache rows [S, h, L, hd] per block where row r's slots [first_new[r], end[r]) are row
     source[r]'s. The slots before first_new must be alike in both (a beam group's prompt), so a
-    beam step copies what its beams made, REORDER_CHUNK slots at a time, not the whole cache: a
-    gather of every row rewrote all L slots of all S rows each step (3x the step here)."""
+    beam step copies what its beams made, not the whole cache: a gather of every row rewrote all
+    L slots of all S rows each step (2x a beam step here). The copy goes by blocks of
+    REORDER_CHUNK slots (L is a multiple), one contiguous [C * hd] vector per row and head; a
+    block may start before first_new, whose slots are alike anyway."""
     rows = tf.range(tf.shape(source)[0])
-    span = tf.where(source != rows, end - first_new, 0)                                       # [S]
-    chunks = (tf.reduce_max(span) + REORDER_CHUNK - 1) // REORDER_CHUNK
     keys = cache[0][0]
-    heads, length = keys.shape[1], tf.shape(keys)[2]
-    head_index = tf.range(heads)[None, :, None]                                               # [1, h, 1]
+    heads, length, width = keys.shape[1], keys.shape[2], keys.shape[3]
+    blocks = length // REORDER_CHUNK
+    start = first_new // REORDER_CHUNK                                                         # [S]
+    span = tf.where(source != rows, (end + REORDER_CHUNK - 1) // REORDER_CHUNK - start, 0)      # [S]
+    head_index = tf.broadcast_to(tf.range(heads)[None, :], [tf.size(rows), heads])             # [S, h]
 
-    def copy(chunk, cache):
-        slots = first_new[:, None] + chunk * REORDER_CHUNK + tf.range(REORDER_CHUNK)[None, :]    # [S, C]
-        slots = tf.clip_by_value(slots, 0, length - 1)[:, None, :]                               # [S, 1, C]
-        shape = tf.stack([tf.size(rows), heads, REORDER_CHUNK])
+    def at(row_index, block):                                                                   # [S, h, 3]
+        return tf.stack([tf.broadcast_to(row_index[:, None], tf.shape(head_index)), head_index,
+                         tf.broadcast_to(block[:, None], tf.shape(head_index))], axis=-1)
 
-        def at(row_index):                                                                      # [S, h, C, 3]
-            return tf.stack([tf.broadcast_to(row_index[:, None, None], shape), tf.broadcast_to(head_index, shape),
-                             tf.broadcast_to(slots, shape)], axis=-1)
-        read, write = at(source), at(rows)
+    def copy(step, cache):
+        block = tf.minimum(start + step, blocks - 1)
+        read, write = at(source, block), at(rows, block)
         # every read happens before the write (a group's beams may swap rows)
-        return chunk + 1, tf.nest.map_structure(
+        return step + 1, tf.nest.map_structure(
             lambda t: tf.tensor_scatter_nd_update(t, write, tf.gather_nd(t, read)), cache)
 
-    return tf.while_loop(lambda chunk, cache: chunk < chunks, copy, (tf.constant(0), cache))[1]
+    by_block = tf.nest.map_structure(lambda t: tf.reshape(t, [-1, heads, blocks, REORDER_CHUNK * width]), cache)
+    by_block = tf.while_loop(lambda step, cache: step < tf.reduce_max(span), copy, (tf.constant(0), by_block))[1]
+    return tf.nest.map_structure(lambda t: tf.reshape(t, [-1, heads, length, width]), by_block)
 
 
 def step_rows_with_groups(model: GPTJModel, state: SlotState, settings: RowSettings, beams: BeamRows,

@@ -217,28 +217,34 @@ def config_rules(config: GenerationConfig, groups: int, divisors: np.ndarray) ->
 
 
 def choose_beams(totals: tf.Tensor, tokens: tf.Tensor, slot: tf.Tensor, step: tf.Tensor, finished: FinishedList,
-                 rules: BeamRules, candidates: int, top_index: tf.Tensor | None = None) -> BeamChoice:
-    """Steps 2-5 of the module docstring for G groups. totals [G, K, V]: each beam's processed
-    log-probabilities plus its running sum (-inf on beams past a group's width); tokens [G, K, L]
+                 rules: BeamRules, candidates: int, top_index: tf.Tensor | None = None,
+                 token_ids: tf.Tensor | None = None) -> BeamChoice:
+    """Steps 2-5 of the module docstring for G groups. totals [G, K, N]: each beam's processed
+    log-probabilities plus its running sum (-inf on beams past a group's width), for every token
+    (N = V) or, with token_ids [G, K, N], for those tokens only: each beam's own top C, in rank
+    order (the group's top C are among its beams' top C, and with ties to the lower index in
+    both top-k's they come out in the same order); tokens [G, K, L]
     the running beams; slot [G] where the new token goes; step [G] new tokens so far; candidates:
     the static candidate axis C (>= every group's rules.candidates); top_index [G, C] the drawn
     continuations when beam sampling. A group of width k < K, or with fewer than C candidates,
     chooses exactly what it would on axes of its own size: top_k is sorted with ties to the lower
     index, so its first entries are the smaller top_k's, and the entries past them are set to -inf,
     below every real score (real scores are finite: -1e9, not -inf, marks the excluded)."""
-    groups, width, vocab = totals.shape[0], totals.shape[1], totals.shape[2]
+    groups, width, entries = totals.shape[0], totals.shape[1], totals.shape[2]
     groups = tf.shape(totals)[0] if groups is None else groups
     length = tokens.shape[2]
     beam_real = tf.range(width)[None, :] < rules.width[:, None]                              # [G, K]
     candidate_real = tf.range(candidates)[None, :] < rules.candidates[:, None]                # [G, C]
 
     # 2. the C best continuations over the group's beams
-    flat = tf.reshape(totals, [groups, width * vocab])                                         # [G, K*V]
+    flat = tf.reshape(totals, [groups, width * entries])                                       # [G, K*N]
     if top_index is None:
         top_scores, top_index = tf.math.top_k(flat, candidates)
     else:
         top_scores = tf.gather(flat, top_index, batch_dims=1)                                  # [G, C]
-    parent, token = top_index // vocab, top_index % vocab                                      # [G, C]
+    parent, token = top_index // entries, top_index % entries                                  # [G, C]
+    if token_ids is not None:
+        token = tf.gather(tf.reshape(token_ids, [groups, width * entries]), top_index, batch_dims=1)
     at_slot = tf.range(length)[None, None, :] == slot[:, None, None]
     continued = tf.where(at_slot, token[:, :, None], tf.gather(tokens, parent, batch_dims=1))  # [G, C, L]
     hits = tf.logical_or(tf.reduce_any(token[:, :, None] == rules.stop_ids[:, None, :], axis=-1),

@@ -2,11 +2,12 @@
 
 Each row knows its group: `members` [S, K], the group's slots in beam order (K = the widest
 group the decoder serves; a narrower group repeats its last slot, a row outside any group
-lists itself), and which beam it is. Every step each row gathers its group's k x V scores,
-running beams and finished list into a [S, K, ...] view (every member builds the same one),
-chooses with generation.beam_search.choose_beams, the Generator's own step, and keeps its
-beam's share: its new tokens row, running score, finished-list entry, and `source`, the slot
-whose cache row its beam continues (the caller gathers the cache over the slot axis by it).
+lists itself), and which beam it is. Every step each row takes its own top C continuations
+(C, the candidate axis: the group's top C are among its beams' top C), gathers its group's
+k x C of them, running beams and finished list into a [S, K, ...] view (every member builds
+the same one), chooses with generation.beam_search.choose_beams, the Generator's own step, and
+keeps its beam's share: its new tokens row, running score, finished-list entry, and `source`,
+the slot whose cache its beam continues (serving/slots.follow_sources copies it).
 
     step_beams(scores [R, V], tokens [R, L], next_slot [R], new_tokens [R], BeamRows, BeamSettings)
         -> (tokens [R, L], chosen [R], source [R], BeamRows, stopped [R])
@@ -107,11 +108,16 @@ def step_beams(scores: tf.Tensor, tokens: tf.Tensor, next_slot: tf.Tensor, new_t
     def view(values: tf.Tensor) -> tf.Tensor:                       # [R, ...] -> [R, K, ...]
         return tf.gather(values, settings.members)
 
+    candidates = candidate_axis(settings)
     beam_real = tf.range(width)[None, :] < rules.width[:, None]                              # [R, K]
-    totals = tf.where(beam_real[:, :, None], view(scores + beams.scores[:, None]), -np.inf)  # [R, K, V]
+    # Each row's own top C first, so the group view is [R, K, C] rather than [R, K, V]: every
+    # member builds its group's view, and a top-k over K x V costs a sort of it on XLA:CPU.
+    best, best_ids = tf.math.top_k(scores + beams.scores[:, None], candidates)                # [R, C]
+    totals = tf.where(beam_real[:, :, None], view(best), -np.inf)                            # [R, K, C]
     finished = FinishedList(view(beams.done_tokens), view(beams.done_scores), view(beams.done_lengths),
                             view(beams.done), beams.improvable)
-    choice = choose_beams(totals, view(tokens), next_slot, new_tokens, finished, rules, candidate_axis(settings))
+    choice = choose_beams(totals, view(tokens), next_slot, new_tokens, finished, rules, candidates,
+                          token_ids=view(best_ids))
 
     def own(values: tf.Tensor) -> tf.Tensor:                        # [R, K, ...] -> [R, ...]: this row's beam
         return tf.gather(values, settings.beam_index, axis=1, batch_dims=1)

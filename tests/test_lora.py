@@ -206,8 +206,8 @@ def test_packed_bases_equal_float32_on_their_own_values(base, base_dtype):
         # (checkpoint_utils.rounding.int8_logits_error), over-estimates the RMS change relative to the
         # logits' std, since the residual stream carries the embedding's share of every value past the
         # kernels unperturbed (measured 0.27x here; int8 against bfloat16 at GPT-J-6B's shape, 0.25x of
-        # bench.real_size's like estimate): the
-        # change stays below the estimate, and is visible (above a tenth of it).
+        # bench.real_size's like estimate): the change stays below the estimate, and is visible (above
+        # a tenth of it).
         full, _ = build_lora_model(tiny_lora_params(root, directory))
         randomize_adapters(full)
         reference = full(tokens).logits.numpy()

@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 from bench.shapes import add_shape_flags
+from checkpoint_utils.rounding import int8_logits_error
 from config.cli import ArgumentParser
 from config.files import atomic_write_text
 
@@ -141,20 +142,11 @@ def rounding_estimate(layers: int) -> float:
     return math.sqrt(2 * (10 * layers + 3)) * U_BF16
 
 
-def int8_error(fan_in: int) -> float:
-    """RMS of a kernel's int8 error relative to its weights' RMS, for Gaussian weights: the scale
-    is max|w| / 127 over a column of fan_in weights (max ~ sqrt(2 ln 2n) std), and the error,
-    within scale / 2, is uniform: RMS scale / sqrt(12)."""
-    return math.sqrt(2 * math.log(2 * fan_in)) / (127 * math.sqrt(12))
-
-
 def int8_estimate(layers: int, hidden: int, inner: int) -> float:
     """RMS difference of our int8 and bfloat16 logits, relative to the logits' std: the int8
-    error of every kernel on the path (q, k, v, out, fc_in with fan-in hidden, fc_out with fan-in
-    inner, per block, and the head) as independent relative perturbations of its output (as in
-    `rounding_estimate`), plus the bfloat16 side's own roundings (int8 computes in float32)."""
-    quantized = layers * (5 * int8_error(hidden) ** 2 + int8_error(inner) ** 2) + int8_error(hidden) ** 2
-    return math.sqrt(quantized + (10 * layers + 3) * U_BF16 ** 2)
+    format's own error (checkpoint_utils.rounding.int8_logits_error) plus the bfloat16 side's
+    roundings (int8 computes in float32)."""
+    return math.sqrt(int8_logits_error(layers, hidden, inner) ** 2 + (10 * layers + 3) * U_BF16 ** 2)
 
 
 def compare_logits(reference: np.ndarray, other: np.ndarray, relative_estimate: float) -> dict:

@@ -47,3 +47,19 @@ def logits_atol(model: ModelParams, sequence_length: int, scale: float) -> float
     `sequence_length` tokens, for logits of size <= `scale` (layer norms keep the values along
     the way at the logits' scale)."""
     return float32_atol(forward_reductions(model.num_hidden_layers), longest_sum(model, sequence_length), scale)
+
+
+def int8_error(fan_in: int) -> float:
+    """RMS of a kernel's int8 error (generation's per-channel format) relative to its weights' RMS,
+    for Gaussian weights: the scale is max|w| / 127 over a column of fan_in weights (max ~
+    sqrt(2 ln 2n) std), and the error, within scale / 2, is uniform: RMS scale / sqrt(12)."""
+    return math.sqrt(2 * math.log(2 * fan_in)) / (127 * math.sqrt(12))
+
+
+def int8_logits_error(layers: int, hidden: int, inner: int) -> float:
+    """RMS change of the logits, relative to their std, when every kernel is held in int8: the
+    error of each kernel on the path (q, k, v, out, fc_in with fan-in hidden, fc_out with fan-in
+    inner, per block, and the head) reaches a logit as an independent relative perturbation of its
+    output (LayerNorm keeps each value at its scale; a random kernel maps a relative input error
+    to the same relative output error), so they add as a random walk."""
+    return math.sqrt(layers * (5 * int8_error(hidden) ** 2 + int8_error(inner) ** 2) + int8_error(hidden) ** 2)

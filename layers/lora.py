@@ -2,8 +2,8 @@
 
 The adapters live apart from the model's weights (`LoraAdapters`), so the base's weight specs,
 checkpoints and loaders stay as they are. At a forward pass `attach` puts each pair into the
-targeted Dense layer's weights as {"lora": {"a", "b", "scale", "dropout"}}, and Dense adds
-its low-rank update (layers.dense.low_rank_update) to its product: one layer code for the base with and without adapters.
+targeted Dense layer's weights as {"lora": {"a", "b", "scale", "dropout"}}, and Dense adds its
+low-rank update (layers.dense.low_rank_update) to its product: one layer code with and without them.
 """
 from __future__ import annotations
 

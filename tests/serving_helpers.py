@@ -37,3 +37,17 @@ def start_in_thread(server):
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url)
     return uv, thread, url
+
+
+VOCAB = 320     # the tiny tokenizer's size, and the served model's vocabulary
+
+
+def tiny_served_model(root) -> dict:
+    """A random tiny model's params.yaml, model, checkpoint and a tokenizer that fits it, under root:
+    what the serving tests (serving.server, serving.triton) serve."""
+    from tests.data_helpers import make_tiny_tokenizer
+    from tests.runtime_helpers import saved_random_model
+    params, model, checkpoint = saved_random_model(root, 5, vocab_size=VOCAB, max_position_embeddings=96)
+    tokenizer = make_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
+    return {"root": root, "model": model, "checkpoint": checkpoint, "tokenizer": tokenizer, "params": params,
+            "tokenizer_dir": str(root / "tok")}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bench.convert import gptj_tensor_shapes, make_checkpoint, run_with_peak
-from bench.real_size import compare_logits, int8_error
+from bench.real_size import compare_logits
+from checkpoint_utils.rounding import int8_error
 
 
 def test_random_checkpoint_is_a_complete_gptj_for_transformers(tmp_path):

@@ -18,22 +18,15 @@ import requests
 from generation.config import GenerationConfig
 from generation.generator import Generator
 from serving.server import Limits, build_server
-from tests.data_helpers import make_tiny_tokenizer
-from tests.runtime_helpers import saved_random_model
-from tests.serving_helpers import free_port, start_in_thread, wait_healthy
+from tests.serving_helpers import VOCAB, free_port, start_in_thread, tiny_served_model, wait_healthy
 
-VOCAB = 320
 # max_beams 5 > the fixture's 4 slots: a request for 5 beams passes the limit and is refused for slots
 LIMITS = Limits(max_prompt_tokens=40, max_tokens=24, max_n=3, max_beams=5, request_timeout=60)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    params, model, checkpoint = saved_random_model(root, 5, vocab_size=VOCAB, max_position_embeddings=96)
-    tokenizer = make_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
-    return {"root": root, "model": model, "checkpoint": checkpoint, "tokenizer": tokenizer,
-            "params": params, "tokenizer_dir": str(root / "tok")}
+    return tiny_served_model(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module", params=["continuous", "static"])

@@ -18,21 +18,15 @@ import pytest
 from generation.config import GenerationConfig
 from generation.generator import Generator
 from serving.triton_model import PAD_ID, GptjInference, Limits, RequestError
-from tests.data_helpers import make_tiny_tokenizer
-from tests.runtime_helpers import ROOT, saved_random_model
-from tests.test_serving_server import free_port
+from tests.runtime_helpers import ROOT
+from tests.serving_helpers import VOCAB, free_port, tiny_served_model
 
-VOCAB = 320
 LIMITS = Limits(max_prompt_tokens=40, max_tokens=24, max_beams=3)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("triton")
-    params, model, checkpoint = saved_random_model(root, 5, vocab_size=VOCAB, max_position_embeddings=96)
-    tokenizer = make_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
-    return {"model": model, "tokenizer": tokenizer, "params": params, "checkpoint": checkpoint,
-            "tokenizer_dir": str(root / "tok")}
+    return tiny_served_model(tmp_path_factory.mktemp("triton"))
 
 
 def expected(setup, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_k: int = 0,

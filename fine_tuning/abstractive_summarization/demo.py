@@ -178,30 +178,25 @@ def main(argv: list[str] | None = None) -> int:
                       args.batch_size)
     timings["evaluate before"] = time.time() - mark
 
-    mark = time.time()
-    stage(f"fine-tune to step {params.runconfig.max_steps}, warm-started from {base}")
-    estimator = Estimator(params, model_dir)
-    estimator.train()
-    timings["fine-tune"] = time.time() - mark
+    def fine_tune_and_score(name: str, run_params, run_dir: str, what: str, scored: str) -> dict:
+        """Train run_params in run_dir, then ROUGE of the result on the held-out functions."""
+        mark = time.time()
+        stage(f"{what} to step {run_params.runconfig.max_steps} from {base}")
+        Estimator(run_params, run_dir).train()
+        timings[f"{name} fine-tune"] = time.time() - mark
+        mark = time.time()
+        stage(f"ROUGE of {scored} on the same functions")
+        result = rouge_of(load_model(run_params.model, run_dir), tokenizer, articles, config,
+                          os.path.join(summ, f"eval_{name}"), args.batch_size)
+        timings[f"evaluate {name}"] = time.time() - mark
+        return result
 
-    mark = time.time()
-    stage("ROUGE of the fine-tuned model on the same functions (after)")
-    after = rouge_of(load_model(params.model, model_dir), tokenizer, articles, config,
-                     os.path.join(summ, "eval_after"), args.batch_size)
-    timings["evaluate after"] = time.time() - mark
-
-    results = [("before", before), ("after", after)]
+    results = [("before", before), ("after", fine_tune_and_score("after", params, model_dir, "fine-tune, warm-started",
+                                                              "the fine-tuned model (after)"))]
     if args.lora:
-        mark = time.time()
-        stage(f"LoRA: adapters fine-tuned to step {lora_params.runconfig.max_steps} on the frozen base {base}")
-        Estimator(lora_params, lora_dir).train()
-        timings["LoRA fine-tune"] = time.time() - mark
-        mark = time.time()
-        stage("ROUGE of the LoRA run (its adapters merged into the base at load) on the same functions")
-        lora = rouge_of(load_model(lora_params.model, lora_dir), tokenizer, articles, config,
-                        os.path.join(summ, "eval_lora"), args.batch_size)
-        timings["evaluate LoRA"] = time.time() - mark
-        results.append(("LoRA", lora))
+        results.append(("LoRA", fine_tune_and_score("lora", lora_params, lora_dir,
+                                                    "LoRA: adapters on the frozen base, fine-tuned",
+                                                    "the LoRA run (its adapters merged into the base at load)")))
     with open(os.path.join(summ, "eval_after", "predictions.jsonl"), encoding="utf-8") as f:
         shown = [json.loads(line) for line in f][:3]
     for record in shown:

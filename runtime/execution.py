@@ -68,6 +68,7 @@ class Execution:
     """The interface (see the module docstring) and what every backend shares."""
 
     strategy: tf.distribute.Strategy
+    lora_base: tf.Variable | None = None     # a LoRA run's record of its base (CheckpointedExecution)
 
     def __init__(self, params: Params, model_dir: str, training: bool, model_fn=model_module.model_fn,
                  input_fn=data_module.input_fn):
@@ -176,7 +177,6 @@ class CheckpointedExecution(Execution):
                  strategy: tf.distribute.Strategy, placement):
         super().__init__(params, model_dir, training, model_fn, input_fn)
         self.strategy = strategy
-        self.lora_base: tf.Variable | None = None      # LoRA: the record of the base (runtime/lora.py)
         with placement:
             self.model, self.optimizer, self.loss_scale, self.step = self.build_state()
         if self.lora_base is None:

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     for name, strategy in (("one_device", "one_device"), ("mirrored", "mirrored"),
                            ("lora_one_device", "one_device"), ("lora_mirrored", "mirrored")):
         sections = lora if name.startswith("lora") else {}
-        params = tiny_params(root, **sections, runconfig={"max_steps": 4, "strategy": strategy,
+        params = tiny_params(root, **sections, runconfig={"max_steps": 2 if sections else 4, "strategy": strategy,
                                                           "checkpoint_path": base if sections else None})
         estimator = Estimator(params, f"{root}/{name}")
         losses = {}

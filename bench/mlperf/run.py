@@ -74,8 +74,9 @@ def build_parser() -> ArgumentParser:
                              "length compiles (~47 s) and keeps its own programs at the 6B shape (~0.3 GB each), "
                              "so larger buckets mean fewer, with more padding to prefill")
     parser.add_argument("--queries", type=int, default=None,
-                        help="performance mode: a short run of N queries (Offline: one query of N samples; "
-                             "Server: N arrivals), no minimum duration: not a valid MLPerf result")
+                        help="performance mode: a short run of N queries (Offline: one query of at least N "
+                             "samples and at least the loaded set, so --count limits it; Server: N arrivals), no "
+                             "minimum duration: not a valid MLPerf result")
     parser.add_argument("--target-qps", type=float, default=None,
                         help="LoadGen's target QPS over --user-conf's (Server: the arrival rate; Offline: the "
                              "expected throughput, which sizes the run)")

@@ -51,3 +51,10 @@ def tiny_served_model(root) -> dict:
     tokenizer = make_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
     return {"root": root, "model": model, "checkpoint": checkpoint, "tokenizer": tokenizer, "params": params,
             "tokenizer_dir": str(root / "tok")}
+
+
+def slot_test_config():
+    """The 2-layer d=32 model the slot and beam tests decode with (its logits sum ~32-64 terms of size ~1)."""
+    from config.params import ModelParams
+    return ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, rotary_dim=4,
+                       filter_size=64, max_position_embeddings=128)

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from config.params import ModelParams
 from generation.config import GenerationConfig
 from generation.generator import Generator
 from model import GPTJModel
 from serving.scheduler import Job, Scheduler
 from serving.slots import REORDER_CHUNK, follow_sources
+from tests.serving_helpers import slot_test_config
 
-CONFIG = ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, rotary_dim=4,
-                     filter_size=64, max_position_embeddings=128)
+CONFIG = slot_test_config()
 # Beam scores are sums of at most 8 log-probabilities. The slot step and the Generator compute a
 # logit through different batch shapes, which may sum its products in another order: at most
 # ~64 * 2**-24 ~ 4e-6 apart per layer (tests/test_serving_slots.py), 8e-6 over two layers, and

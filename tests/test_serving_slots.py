@@ -10,12 +10,11 @@ from generation.config import GenerationConfig
 from generation.generator import Generator
 from layers.attention import write_cache
 from model import GPTJModel
-from config.params import ModelParams
 from serving.slot_decoder import SlotDecoder
 from serving.slots import row_settings
+from tests.serving_helpers import slot_test_config
 
-CONFIG = ModelParams(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, rotary_dim=4,
-                     filter_size=64, max_position_embeddings=128)
+CONFIG = slot_test_config()
 # float32 logits of a 2-layer d=32 model: the cached and full forward sum the same products in a
 # possibly different order; each logit is a sum of ~32-64 terms of size ~1, so rounding differs by
 # at most ~64 * 2**-24 ~ 4e-6 per layer; 1e-4 leaves a wide margin and still catches a wrong slot.

@@ -14,7 +14,7 @@ import os
 import tensorflow as tf
 
 from checkpoint_utils.fingerprint import FingerprintedWeights
-from checkpoint_utils.lora_checkpoint import (BASE_RECORD, BASE_RECORD_KEY, check_base, is_lora_checkpoint,
+from checkpoint_utils.lora_checkpoint import (BASE_RECORD, check_base, is_lora_checkpoint,
                                               read_adapters, read_base_record, run_params)
 from checkpoint_utils.load import CheckpointMismatchError, load_weight_tree
 from checkpoint_utils.peft_adapter import is_peft_adapter, read_peft_adapter
@@ -72,8 +72,7 @@ def initial_adapters(params: Params, source: str) -> dict:
 
 def check_lora_checkpoint(prefix: str, record_variable: tf.Variable) -> None:
     """A checkpoint this LoRA run may resume from: a LoRA checkpoint, on this run's base."""
-    import tensorflow as tf
-    if BASE_RECORD_KEY not in tf.train.load_checkpoint(prefix).get_variable_to_shape_map():
+    if not is_lora_checkpoint(prefix):
         raise CheckpointMismatchError(f"checkpoint {prefix} holds no LoRA adapters (it is a full model's); a LoRA "
                                       "run needs a model_dir of its own: pass a new --model-dir and this checkpoint "
                                       "as its base (--checkpoint-path)")

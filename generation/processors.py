@@ -41,39 +41,59 @@ def repetition_penalty(scores: tf.Tensor, history: tf.Tensor, history_valid: tf.
     return tf.where(present, penalized, scores)
 
 
-def bad_words_table(bad_words_ids: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Static tables for `banned_tokens`: prefixes [W, M] right-aligned and filled with -1
-    (matches anything) where a word's prefix is shorter than the longest, M = longest prefix;
-    last tokens [W]."""
-    longest = max(len(w) - 1 for w in bad_words_ids)
-    prefixes = np.full([len(bad_words_ids), longest], -1, np.int32)
+def bad_words_table(bad_words_ids: tuple[tuple[int, ...], ...], words: int | None = None,
+                    prefix_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tables for `banned_by_table`: prefixes [W, M] right-aligned and filled with -1 (matches
+    anything) where a word's prefix is shorter than M; last tokens [W], -1 for a row past the
+    words given (an empty word: bans nothing). W and M default to the words' count and longest
+    prefix; fixed sizes (a serving row's caps) must hold them."""
+    longest = max((len(w) - 1 for w in bad_words_ids), default=0)
+    words = len(bad_words_ids) if words is None else words
+    prefix_length = longest if prefix_length is None else prefix_length
+    if len(bad_words_ids) > words or longest > prefix_length:
+        raise ValueError(f"{len(bad_words_ids)} bad words of up to {longest + 1} tokens do not fit a table of "
+                         f"{words} words of up to {prefix_length + 1} tokens")
+    prefixes = np.full([words, prefix_length], -1, np.int32)
+    last = np.full([words], -1, np.int32)
     for i, word in enumerate(bad_words_ids):
         if len(word) > 1:
-            prefixes[i, longest - (len(word) - 1):] = word[:-1]
-    return prefixes, np.array([w[-1] for w in bad_words_ids], np.int32)
+            prefixes[i, prefix_length - (len(word) - 1):] = word[:-1]
+        last[i] = word[-1]
+    return prefixes, last
+
+
+def banned_by_table(history: tf.Tensor, history_valid: tf.Tensor, next_slot: tf.Tensor, prefixes: tf.Tensor,
+                    last_tokens: tf.Tensor, vocab_size: int) -> tf.Tensor:
+    """[b, V] bool: the last token of every bad word whose other tokens are exactly the tokens
+    just before `next_slot` ([] or [b]), from tables per row: prefixes [b, W, M] and last tokens
+    [b, W] as bad_words_table lays them out (a one-token word is always banned; -1 last: none)."""
+    batch, length = tf.shape(history)[0], tf.shape(history)[1]
+    longest = prefixes.shape[-1]
+    next_slot = tf.broadcast_to(tf.cast(next_slot, tf.int32), [batch])
+    slots = next_slot[:, None] - longest + tf.range(longest)[None, :]                      # [b, M]
+    in_range = tf.logical_and(slots >= 0, slots < length)
+    clipped = tf.clip_by_value(slots, 0, length - 1)
+    recent = tf.gather(history, clipped, axis=1, batch_dims=1)                             # [b, M]
+    recent_valid = tf.logical_and(tf.gather(history_valid, clipped, axis=1, batch_dims=1), in_range)
+    recent = tf.where(recent_valid, tf.cast(recent, tf.int32), -2)      # -2 never equals a prefix entry
+    agrees = tf.logical_or(prefixes == -1, prefixes == recent[:, None, :])                 # [b, W, M]
+    matched = tf.logical_and(tf.reduce_all(agrees, axis=-1), last_tokens >= 0)             # [b, W]
+    words = tf.shape(last_tokens)[1]
+    rows = tf.broadcast_to(tf.range(batch)[:, None], [batch, words])
+    indices = tf.reshape(tf.stack([rows, tf.maximum(last_tokens, 0)], -1), [-1, 2])
+    hits = tf.scatter_nd(indices, tf.reshape(tf.cast(matched, tf.int32), [-1]), tf.stack([batch, vocab_size]))
+    return hits > 0
 
 
 def banned_tokens(history: tf.Tensor, history_valid: tf.Tensor, next_slot: tf.Tensor,
                   bad_words_ids: tuple[tuple[int, ...], ...], vocab_size: int) -> tf.Tensor:
-    """[b, V] bool: the last token of every bad word whose other tokens are exactly the tokens
-    just before `next_slot` (a one-token bad word is always banned)."""
+    """banned_by_table with one table for every row (a GenerationConfig's bad words)."""
     prefix_table, last_tokens = bad_words_table(bad_words_ids)
-    prefixes = tf.constant(prefix_table)                                                 # [W, M]
     batch = tf.shape(history)[0]
-    longest = prefix_table.shape[1]
-    slots = tf.cast(next_slot, tf.int32) - longest + tf.range(longest)                  # [M]
-    in_range = slots >= 0
-    clipped = tf.maximum(slots, 0)
-    recent = tf.gather(history, clipped, axis=1)                                         # [b, M]
-    recent_valid = tf.logical_and(tf.gather(history_valid, clipped, axis=1), in_range[None, :])
-    recent = tf.where(recent_valid, tf.cast(recent, tf.int32), -2)      # -2 never equals a prefix entry
-    agrees = tf.logical_or(prefixes[None, :, :] == -1, prefixes[None, :, :] == recent[:, None, :])
-    matched = tf.reduce_all(agrees, axis=-1)                                             # [b, W]
-    words = len(bad_words_ids)
-    rows = tf.broadcast_to(tf.range(batch)[:, None], [batch, words])
-    indices = tf.reshape(tf.stack([rows, tf.broadcast_to(last_tokens[None, :], [batch, words])], -1), [-1, 2])
-    hits = tf.scatter_nd(indices, tf.reshape(tf.cast(matched, tf.int32), [-1]), tf.stack([batch, vocab_size]))
-    return hits > 0
+    words, longest = prefix_table.shape
+    prefixes = tf.broadcast_to(tf.constant(prefix_table)[None], tf.stack([batch, words, longest]))  # [b, W, M]
+    last = tf.broadcast_to(tf.constant(last_tokens)[None], tf.stack([batch, words]))               # [b, W]
+    return banned_by_table(history, history_valid, next_slot, prefixes, last, vocab_size)
 
 
 def suppress(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:

@@ -59,7 +59,7 @@ from generation.weights import GenerationModel
 from model import GPTJModel
 from runtime.peak_memory import Decoding, generation_estimate
 from serving.loading import load_serving_model
-from serving.slots import RowSettings, prefill_rows, step_rows
+from serving.slots import RowSettings, no_bad_words, prefill_rows, step_rows
 
 PAD_OUTPUT = 0     # fills output_ids past a row's length (the lengths output says where that starts)
 
@@ -99,7 +99,8 @@ def generate_tokens(model: GPTJModel, token_ids, lengths, max_new_tokens, do_sam
 
     settings = RowSettings(per_row(do_sample), per_row(temperature), per_row(top_k), per_row(top_p),
                            per_row(repetition_penalty), per_row(min_new_tokens),
-                           tf.tile(stop_ids[None, :], [batch, 1]), seeds, tf.zeros([batch], tf.int64))
+                           tf.tile(stop_ids[None, :], [batch, 1]), seeds, tf.zeros([batch], tf.int64),
+                           *no_bad_words(batch))
 
     def stopped(chosen):
         return tf.reduce_any(chosen[:, None] == stop_ids[None, :], axis=-1)

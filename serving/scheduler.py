@@ -15,8 +15,9 @@ beams decode in the same step as greedy and sampled rows, and its answer is read
 decoder when its group's search ends. Admission is first come, first served: a request at the
 head of the queue that needs more slots than are free (k beams, or n samples) waits for them,
 and the requests behind it wait too (no overtaking, so a wide request is never starved by a
-stream of narrow ones). Beam sampling and bad words run as whole requests through the
-Generator between two steps of the slot batch, which pauses for that long.
+stream of narrow ones). Beam sampling, and settings past a row's caps (serving/slots.supports),
+run as whole requests through the Generator between two steps of the slot batch, which pauses
+for that long.
 """
 from __future__ import annotations
 
@@ -344,7 +345,7 @@ class Scheduler:
             job.sink("finish", slot.sequence, result)
 
     def _run_whole(self, job: Job) -> None:
-        """Beam sampling / bad words: the whole request through the Generator."""
+        """Beam sampling, or settings past a row's caps: the whole request through the Generator."""
         start = time.perf_counter()
         try:
             results = self.generator.generate([job.prompt_ids], job.config, seeds=[job.seed])

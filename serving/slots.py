@@ -27,12 +27,14 @@ import tensorflow as tf
 
 from generation.batch import key_valid
 from generation.config import GenerationConfig
-from generation.processors import repetition_penalty, suppress
+from generation.processors import bad_words_table, banned_by_table, repetition_penalty, suppress
 from generation.sampling import greedy_tokens
 from model import GPTJModel
 from serving.beam_rows import BeamRows, BeamSettings, step_beams
 
 MAX_STOP_IDS = 4      # stop ids per request a row can carry (the settings are fixed-shape tensors)
+MAX_BAD_WORDS = 16    # bad words per request a row can carry (more: the request runs whole, via the Generator)
+MAX_BAD_WORD_TOKENS = 8   # tokens per bad word a row can carry (its table holds the 7 before the last)
 REORDER_CHUNK = 16    # cache slots a beam step copies at a time (follow_sources)
 
 
@@ -55,6 +57,8 @@ class RowSettings(NamedTuple):
     stop_ids: tf.Tensor             # [S, MAX_STOP_IDS] int32, -1 = none
     seeds: tf.Tensor                # [S] int64
     streams: tf.Tensor              # [S] int64: which of its request's samples the row is
+    bad_prefixes: tf.Tensor         # [S, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS - 1] int32 (bad_words_table)
+    bad_last: tf.Tensor             # [S, MAX_BAD_WORDS] int32: each bad word's last token, -1 = no word
 
 
 def row_settings(configs: Sequence[GenerationConfig], seeds: Sequence[int], streams: Sequence[int]) -> RowSettings:
@@ -65,6 +69,7 @@ def row_settings(configs: Sequence[GenerationConfig], seeds: Sequence[int], stre
             raise ValueError(f"a slot row carries at most {MAX_STOP_IDS} stop token ids, got "
                              f"{len(config.stop_token_ids)}")
         stop_ids[row, :len(config.stop_token_ids)] = config.stop_token_ids
+    tables = [bad_words_table(c.effective_bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS - 1) for c in configs]
     return RowSettings(
         tf.constant([c.do_sample for c in configs], tf.bool),
         tf.constant([c.temperature for c in configs], tf.float32),
@@ -72,15 +77,25 @@ def row_settings(configs: Sequence[GenerationConfig], seeds: Sequence[int], stre
         tf.constant([c.top_p for c in configs], tf.float32),
         tf.constant([c.repetition_penalty for c in configs], tf.float32),
         tf.constant([c.min_new_tokens for c in configs], tf.int32),
-        tf.constant(stop_ids), tf.constant(np.asarray(seeds, np.int64)), tf.constant(np.asarray(streams, np.int64)))
+        tf.constant(stop_ids), tf.constant(np.asarray(seeds, np.int64)), tf.constant(np.asarray(streams, np.int64)),
+        tf.constant(np.stack([t[0] for t in tables])), tf.constant(np.stack([t[1] for t in tables])))
+
+
+def no_bad_words(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """RowSettings' bad-word tables for `batch` rows that have none."""
+    return (tf.fill(tf.stack([batch, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS - 1]), -1),
+            tf.fill(tf.stack([batch, MAX_BAD_WORDS]), -1))
 
 
 def supports(config: GenerationConfig, max_beams: int) -> bool:
     """Whether rows of the slot batch can decode under `config`: greedy, sampling, and beam search
-    of up to max_beams beams (beam sampling and bad words run as whole requests through the
-    Generator instead)."""
+    of up to max_beams beams, with up to MAX_STOP_IDS stop ids and MAX_BAD_WORDS bad words of up to
+    MAX_BAD_WORD_TOKENS tokens (beam sampling, and settings past those caps, run as whole requests
+    through the Generator instead)."""
     beams_fit = config.num_beams == 1 or (not config.do_sample and config.num_beams <= max_beams)
-    return beams_fit and not config.effective_bad_words and len(config.stop_token_ids) <= MAX_STOP_IDS
+    words = config.effective_bad_words
+    words_fit = len(words) <= MAX_BAD_WORDS and all(len(w) <= MAX_BAD_WORD_TOKENS for w in words)
+    return beams_fit and words_fit and len(config.stop_token_ids) <= MAX_STOP_IDS
 
 
 # ---- per-row score processing: generation/processors.py's order with tensors per row ----------
@@ -99,13 +114,18 @@ def row_gumbel_noise(seeds: tf.Tensor, counters: tf.Tensor, width: int) -> tf.Te
 
 
 def process_rows(scores: tf.Tensor, settings: RowSettings, history: tf.Tensor, history_valid: tf.Tensor,
-                 new_tokens: tf.Tensor) -> tf.Tensor:
+                 next_slot: tf.Tensor, new_tokens: tf.Tensor) -> tf.Tensor:
     """scores [b, V] -> [b, V] after the processors that come before the choice (repetition
-    penalty, min_new_tokens), each row under its own settings: process_scores' order."""
+    penalty, bad words, min_new_tokens), each row under its own settings: process_scores' order.
+    next_slot [b]: where each row's chosen token goes (its bad words' prefixes end just before)."""
     vocab = scores.shape[-1]
-    # The penalty runs only when some row asks for it (a cond, not a select).
+    # The penalty and the bad words run only when some row asks for them (a cond, not a select).
     scores = tf.cond(tf.reduce_any(settings.repetition_penalty != 1.0),
                      lambda: repetition_penalty(scores, history, history_valid, settings.repetition_penalty[:, None]),
+                     lambda: scores)
+    scores = tf.cond(tf.reduce_any(settings.bad_last >= 0),
+                     lambda: suppress(scores, banned_by_table(history, history_valid, next_slot, settings.bad_prefixes,
+                                                              settings.bad_last, vocab)),
                      lambda: scores)
     stop_mask = tf.reduce_any(tf.one_hot(settings.stop_ids, vocab, on_value=True, off_value=False,
                                          dtype=tf.bool), axis=1)                             # [b, V]
@@ -141,11 +161,12 @@ def pick_tokens(scores: tf.Tensor, settings: RowSettings, new_tokens: tf.Tensor)
 
 
 def choose_tokens(logits: tf.Tensor, settings: RowSettings, history: tf.Tensor, history_valid: tf.Tensor,
-                  new_tokens: tf.Tensor) -> tf.Tensor:
+                  next_slot: tf.Tensor, new_tokens: tf.Tensor) -> tf.Tensor:
     """logits [b, V] float32 -> [b] int32, each row under its own settings. Matches
     process_scores + greedy_tokens / sample_tokens for a row's GenerationConfig: the
     processors that a config turns off are exact identities here (x * 1, x / 1)."""
-    return pick_tokens(process_rows(logits, settings, history, history_valid, new_tokens), settings, new_tokens)
+    return pick_tokens(process_rows(logits, settings, history, history_valid, next_slot, new_tokens), settings,
+                       new_tokens)
 
 
 def choose_rows(logits: tf.Tensor, state: SlotState, settings: RowSettings, beams: BeamRows,
@@ -159,7 +180,7 @@ def choose_rows(logits: tf.Tensor, state: SlotState, settings: RowSettings, beam
     in_group = groups.rules.width > 1                                                               # [R]
     # A select per row: a greedy or sampled row's scores stay its logits exactly.
     scores = process_rows(tf.where(in_group[:, None], tf.nn.log_softmax(logits, axis=-1), logits), settings,
-                          state.tokens, valid, state.new_tokens)
+                          state.tokens, valid, state.next_slot, state.new_tokens)
     chosen = pick_tokens(scores, settings, state.new_tokens)
     written = write_row_tokens(state.tokens, state.next_slot, chosen)
 
@@ -206,7 +227,7 @@ def prefill_rows(model: GPTJModel, tokens: tf.Tensor, first_slot: tf.Tensor, cac
     token [b]). The cache is [b, h, cache_length, hd]."""
     state, logits = prompt_rows(model, tokens, first_slot, cache_length)
     valid = key_valid(first_slot, state.next_slot[:, None], cache_length)                     # [b, L]
-    chosen = choose_tokens(logits, settings, state.tokens, valid, state.new_tokens)
+    chosen = choose_tokens(logits, settings, state.tokens, valid, state.next_slot, state.new_tokens)
     state = state._replace(tokens=write_row_tokens(state.tokens, state.next_slot, chosen),
                            next_slot=state.next_slot + 1, new_tokens=state.new_tokens + 1)
     return state, chosen
@@ -235,7 +256,7 @@ def step_rows(model: GPTJModel, state: SlotState, settings: RowSettings) -> tupl
     """One new token for every row (greedy or sampled), each at its own slot -> (state, chosen [S])."""
     logits, cache = forward_rows(model, state)
     valid = key_valid(state.first_slot, state.next_slot[:, None], tf.shape(state.tokens)[1])  # [S, L]
-    chosen = choose_tokens(logits, settings, state.tokens, valid, state.new_tokens)
+    chosen = choose_tokens(logits, settings, state.tokens, valid, state.next_slot, state.new_tokens)
     return next_rows(state, cache, write_row_tokens(state.tokens, state.next_slot, chosen)), chosen
 
 

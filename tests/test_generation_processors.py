@@ -66,6 +66,33 @@ def test_bad_word_prefix_never_matches_padding_or_unwritten_slots():
     assert sorted(np.nonzero(banned)[0]) == [21]
 
 
+def test_per_row_tables_ban_what_each_rows_own_words_ban_alone():
+    """A serving batch's rows carry their own words in fixed-size tables (padded with empty words
+    and -1 prefix entries) and stand at their own next slots: each row's mask equals banned_tokens
+    for that row's words alone (booleans: exact)."""
+    rng = np.random.default_rng(4)
+    history = rng.integers(0, 6, size=[3, 9]).astype(np.int32)      # small ids: prefixes do match
+    valid = np.arange(9)[None, :] >= np.array([0, 2, 4])[:, None]
+    next_slot = np.array([9, 6, 8], np.int32)
+    valid &= np.arange(9)[None, :] < next_slot[:, None]
+    words = [((4,), (1, 2, 30), (history[0, 7], history[0, 8], 31)),
+             (),
+             ((history[2, 6], history[2, 7], 32), (5, 33), (2, 2, 2, 2, 34))]
+    tables = [processors.bad_words_table(w, words=4, prefix_length=5) for w in words]
+    prefixes = tf.constant(np.stack([t[0] for t in tables]))                            # [3, 4, 5]
+    last = tf.constant(np.stack([t[1] for t in tables]))                                # [3, 4]
+    got = processors.banned_by_table(tf.constant(history), tf.constant(valid), tf.constant(next_slot), prefixes,
+                                     last, VOCAB).numpy()
+    for row, row_words in enumerate(words):
+        alone = (processors.banned_tokens(tf.constant(history[row:row + 1]), tf.constant(valid[row:row + 1]),
+                                          tf.constant(next_slot[row]), row_words, VOCAB).numpy()[0]
+                 if row_words else np.zeros(VOCAB, bool))
+        np.testing.assert_array_equal(got[row], alone)
+    assert got[0, 31] and got[2, 32] and not got[1].any()
+    with pytest.raises(ValueError, match="do not fit a table of 4 words of up to 3 tokens"):
+        processors.bad_words_table(((1, 2, 3, 4),), words=4, prefix_length=2)
+
+
 def test_a_one_token_bad_word_that_is_a_stop_token_is_ignored_as_in_transformers():
     config = GenerationConfig(stop_token_ids=(3,), bad_words_ids=((3,), (4,), (3, 5)))
     assert config.effective_bad_words == ((4,), (3, 5))

@@ -3,6 +3,7 @@ token for token, while greedy, sampled and beam rows share each decode step; adm
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -49,6 +50,43 @@ def test_follow_sources_copies_each_rows_new_slots_from_its_source():
         np.testing.assert_array_equal(after.numpy()[3], before.numpy()[3])
 
 
+def serve_all(scheduler: Scheduler, prompts: list[list[int]], configs: list[GenerationConfig],
+              finished: list[int] | None = None) -> dict[int, dict[int, object]]:
+    """Submit request i = (prompts[i], configs[i]) to the scheduler, run it until every sequence
+    finished -> {request: {sequence: Generation}}; `finished` records the order requests ended in."""
+    finished = [] if finished is None else finished
+    results: dict[int, dict[int, object]] = {}
+    done = threading.Event()
+    total = sum(c.num_return_sequences for c in configs)
+
+    def sink(index):
+        def receive(kind, sequence, payload):
+            assert kind != "error", payload
+            if kind == "finish":
+                results.setdefault(index, {})[sequence] = payload
+                finished.append(index)
+                if len(finished) == total:
+                    done.set()
+        return receive
+    for index, (prompt, config) in enumerate(zip(prompts, configs)):
+        scheduler.submit(Job(prompt, config, config.seed, sink(index)))
+    scheduler.start()
+    assert done.wait(120)
+    scheduler.stop(30)
+    return results
+
+
+def assert_answers_equal(results: dict[int, dict[int, object]], expected: list, configs: list[GenerationConfig]):
+    """Every request's sequences are the Generator's: tokens and finish reasons exactly, beam scores
+    within SCORE_ATOL."""
+    for index, config in enumerate(configs):
+        got = [results[index][s] for s in range(config.num_return_sequences)]
+        assert [g.token_ids for g in got] == [e.token_ids for e in expected[index]], index
+        assert [g.finish_reason for g in got] == [e.finish_reason for e in expected[index]], index
+        if config.num_beams > 1:
+            np.testing.assert_allclose([g.score for g in got], [e.score for e in expected[index]], atol=SCORE_ATOL)
+
+
 def test_beam_groups_share_the_step_with_other_rows_and_answer_as_the_generator(model):
     """Eight slots, seven requests: a 3-beam group (early_stopping=True, min_new_tokens, two answers),
     a 2-beam group with length penalty 2 that ends while the others run, a greedy and a sampled row;
@@ -81,31 +119,8 @@ def test_beam_groups_share_the_step_with_other_rows_and_answer_as_the_generator(
         joined.append(prompts.index(job.prompt_ids))
         join(job, rows)
     scheduler._join = record_join
-    results: dict[int, dict[int, object]] = {}
-    done = threading.Event()
-    total = sum(c.num_return_sequences for c in configs)
-
-    def sink(index):
-        def receive(kind, sequence, payload):
-            assert kind != "error", payload
-            if kind == "finish":
-                results.setdefault(index, {})[sequence] = payload
-                finished.append(index)
-                if len(finished) == total:
-                    done.set()
-        return receive
-    for index, (prompt, config) in enumerate(zip(prompts, configs)):
-        scheduler.submit(Job(prompt, config, config.seed, sink(index)))
-    scheduler.start()
-    assert done.wait(120)
-    scheduler.stop(30)
-
-    for index, config in enumerate(configs):
-        got = [results[index][s] for s in range(config.num_return_sequences)]
-        assert [g.token_ids for g in got] == [e.token_ids for e in expected[index]], index
-        assert [g.finish_reason for g in got] == [e.finish_reason for e in expected[index]], index
-        if config.num_beams > 1:
-            np.testing.assert_allclose([g.score for g in got], [e.score for e in expected[index]], atol=SCORE_ATOL)
+    results = serve_all(scheduler, prompts, configs, finished)
+    assert_answers_equal(results, expected, configs)
     assert len(results[4][0].token_ids) > REORDER_CHUNK       # its beams' caches moved in more than one chunk
     reasons = {results[i][0].finish_reason for i in (0, 1, 4)}
     assert reasons == {"stop", "length"}             # the stop id ended some beams, max_new_tokens others
@@ -113,3 +128,29 @@ def test_beam_groups_share_the_step_with_other_rows_and_answer_as_the_generator(
     # FIFO: the 2-beam request waited for two slots and the greedy one behind it waited too
     assert joined == list(range(len(configs)))
     assert scheduler.busy_rows == 0
+
+
+def test_bad_words_decode_in_the_slots_and_answer_as_the_generator(model):
+    """Greedy, sampled and 2-beam requests with bad words (one- and two-token words taken from
+    each request's own free run, so they bite) decode in the slot batch, each equal to the
+    Generator's answer alone; a request past the table's caps (17 words) runs whole through the
+    Generator, with the same answer."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 97, size=n).tolist() for n in (6, 9, 4, 7)]
+    generator = Generator(model, compile_mode="eager")
+    free = [GenerationConfig(max_new_tokens=8), GenerationConfig(max_new_tokens=8, do_sample=True, seed=7),
+            GenerationConfig(max_new_tokens=8, num_beams=2), GenerationConfig(max_new_tokens=8)]
+    configs = []
+    for prompt, config in zip(prompts, free):
+        run = generator.generate([prompt], config, seeds=[config.seed])[0].token_ids
+        words = ((run[5],), (run[2], run[3]))
+        if config is free[3]:
+            words += tuple((90, 91 + i % 5, i) for i in range(15))      # 17 words: past MAX_BAD_WORDS
+        configs.append(replace(config, bad_words_ids=words))
+    expected = [generator.generate([p], c, seeds=[c.seed]) for p, c in zip(prompts, configs)]
+    for config, answer, prompt in zip(free, expected, prompts):
+        assert answer[0].token_ids != generator.generate([prompt], config, seeds=[config.seed])[0].token_ids
+
+    scheduler = Scheduler(model, slots=8, cache_length=64, compile_mode="graph", steps_per_call=3, max_beams=2)
+    assert [scheduler.rows_needed(Job(p, c, c.seed, None)) for p, c in zip(prompts, configs)] == [1, 1, 2, 0]
+    assert_answers_equal(serve_all(scheduler, prompts, configs), expected, configs)

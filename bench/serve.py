@@ -19,10 +19,13 @@ steps, prefills, host work, compilation); then the continuous/static ratios. Tar
 continuous >= 1.5x static tokens/s at concurrency 16, and a lower p99.
 
 With --beams k the load is beam search instead (MLPerf GPT-J's queries are 4-beam searches):
-the same requests with num_beams=k, served by a server of --groups x k slots (k beam groups
-decoding together) and by one of k slots (one group at a time: serial service), rounds
-alternating; reported as above, then the concurrent/serial ratio. Target: >= 2x tokens/s with
-8 groups (8 slots per beam width, 32 slots for 4 beams).
+the same requests with num_beams=k, served by three servers, rounds alternating: one of
+--groups x k slots (groups beam groups decoding together: "concurrent"); one of k slots, one
+group at a time with the same code ("serial slots"); and one that runs each beam search whole
+through the Generator, one at a time, as every beam request was served before beam groups
+took slots ("whole"; each of its prompt and length shapes compiled once before it is
+measured). Reported as above, then concurrent's ratios to both. Target: >= 2x tokens/s with
+8 groups (8 slots per beam width, 32 slots for 4 beams) over serial service.
 """
 from __future__ import annotations
 
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.beams > 1:
         # the servers to compare: k beam groups at once, and one at a time (serial service)
         variants = {"concurrent": dict(slots=args.groups * args.beams, batching="continuous"),
-                    "serial": dict(slots=args.beams, batching="continuous")}
+                    "serial slots": dict(slots=args.beams, batching="continuous"),
+                    "whole": dict(slots=args.beams, batching="continuous", slot_beams=False)}
         extra = {"num_beams": args.beams}
     else:
         variants = {mode: dict(slots=args.slots, batching=mode) for mode in MODES}
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, variant in variants.items():
         server = build_server(model, tokenizer, variant["slots"], variant["batching"], limits, max_queue=1024,
                               max_wait=0.02, compile_mode=args.compile, steps_per_call=args.steps_per_call,
-                              warm_up=True)
+                              warm_up=True, slot_beams=variant.get("slot_beams", True))
         print(f"{mode}: compiled {server.scheduler.profile.warm_up:.1f} s before serving", flush=True)
         uv, thread, url = serve_in_thread(server)
         servers[mode] = (server.scheduler, url)
@@ -145,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs = jobs_of(c * args.requests_per_client, c)
         rounds: dict[str, list[dict]] = {mode: [] for mode in variants}
         profiles: dict[str, LoopProfile] = {}
+        for mode, variant in variants.items():
+            if not variant.get("slot_beams", True):               # the Generator compiles per shape: not timed
+                start = time.perf_counter()
+                load(servers[mode][1], jobs, c)
+                print(f"{mode}: compiled its shapes for c={c} in {time.perf_counter() - start:.1f} s", flush=True)
         for _ in range(args.rounds):                                # modes alternate: a busy spell hits both
             for mode in variants:
                 scheduler, url = servers[mode]
@@ -156,20 +165,21 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
         for mode in variants:
             r = results[(mode, c)] = combine(rounds[mode])
-            print(f"{mode:10s} c={c:3d}  {r['requests/s']:7.2f} req/s  {r['tokens/s']:8.1f} tok/s  "
+            print(f"{mode:12s} c={c:3d}  {r['requests/s']:7.2f} req/s  {r['tokens/s']:8.1f} tok/s  "
                   f"p50 {r['p50 s']:6.2f}s  p99 {r['p99 s']:6.2f}s", flush=True)
-            print(f"{'':10s}        last round: {profiles[mode].summary(variants[mode]['slots'])}", flush=True)
+            print(f"{'':12s}        last round: {profiles[mode].summary(variants[mode]['slots'])}", flush=True)
     clients.shutdown()
     for uv, thread, server in running:
         uv.should_exit = True
         thread.join(60)
         server.scheduler.stop(60)
-    first, second = variants
-    print(f"\n{first} / {second}:")
-    for c in levels:
-        a, b = results[(first, c)], results[(second, c)]
-        print(f"  c={c:3d}  tokens/s x{a['tokens/s'] / b['tokens/s']:.2f}   p99 x{a['p99 s'] / b['p99 s']:.2f}"
-              " (lower is better)")
+    first, *others = variants
+    for other in others:
+        print(f"\n{first} / {other}:")
+        for c in levels:
+            a, b = results[(first, c)], results[(other, c)]
+            print(f"  c={c:3d}  tokens/s x{a['tokens/s'] / b['tokens/s']:.2f}   p99 x{a['p99 s'] / b['p99 s']:.2f}"
+                  " (lower is better)")
     return 0
 
 

@@ -113,7 +113,8 @@ def memory_estimate(job: PredictJob, model_config: ModelParams) -> Estimate:
     cache_length = round_up(prompt_slots + config.max_new_tokens, LENGTH_MULTIPLE)
 
     def decoding(count: int) -> Decoding:          # beams expand after the prefill; samples are rows from the start
-        return Decoding(count * per_prompt, cache_length, prompt_slots, count * (1 if beams else per_prompt))
+        return Decoding(count * per_prompt, cache_length, prompt_slots, count * (1 if beams else per_prompt),
+                        reorders=beams)
     return generation_estimate("run.py --mode predict", model_config, job.weight_format, decoding, prompts,
                                job.compile_mode, loader="direct", compile_flag="--generation-compile",
                                slots_flag="--batch-size")

@@ -333,7 +333,7 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
     def decoding(count: int) -> Decoding:
         return Decoding(rows=max(limits.max_beams, limits.max_n), cache_length=length,
                         prompt_slots=round_up(limits.max_prompt_tokens, bucket), prefill_rows=1, slot_rows=count,
-                        prefill_programs=buckets)
+                        prefill_programs=buckets, reorders=limits.max_beams > 1)
     return generation_estimate("serving.server", model_config, weight_format, decoding, slots, compile_mode,
                                loader="direct", compile_flag="--compile", slots_flag="--max-batch")
 
@@ -341,16 +341,18 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
 def build_server(model, tokenizer: GptTokenizer, slots: int = 8, batching: str = "continuous",
                  limits: Limits = Limits(), max_queue: int = 64, max_wait: float = 0.02,
                  compile_mode: str = "xla", model_name: str = SERVED_MODEL_NAME, steps_per_call: int = 8,
-                 warm_up: bool = False) -> Server:
+                 warm_up: bool = False, slot_beams: bool = True) -> Server:
     """A Server whose cache fits the longest prompt and output the limits allow; with warm_up,
-    every prompt bucket is compiled before it listens."""
+    every prompt bucket is compiled before it listens. slot_beams=False runs every beam search
+    as a whole request through the Generator, one at a time (the path before beam groups took
+    slots; bench.serve's peer)."""
     from serving.scheduler import Scheduler
     max_positions = model.config.max_position_embeddings
     cache_length = slot_cache_length(limits, max_positions)
     metrics = Metrics()
     scheduler = Scheduler(model, slots, cache_length, batching, max_queue, max_wait, compile_mode,
                           length_multiple=limits.prompt_bucket, metrics=metrics, steps_per_call=steps_per_call,
-                          max_beams=limits.max_beams)
+                          max_beams=limits.max_beams if slot_beams else 1)
     if warm_up:
         scheduler.warm_up(limits.max_prompt_tokens)
     scheduler.start()

@@ -44,7 +44,8 @@ def memory_estimate(model_config, limits, max_batch: int, weight_format: str, co
     cache_length = round_up(prompt_slots + limits.max_tokens, LENGTH_MULTIPLE)
 
     def decoding(count: int) -> Decoding:          # beams expand after the prefill
-        return Decoding(count * limits.max_beams, cache_length, prompt_slots, prefill_rows=count)
+        return Decoding(count * limits.max_beams, cache_length, prompt_slots, prefill_rows=count,
+                        reorders=limits.max_beams > 1)
     return generation_estimate("serving.triton", model_config, weight_format, decoding, max_batch, compile_mode,
                                loader="direct", compile_flag="--compile", slots_flag="--max-batch")
 

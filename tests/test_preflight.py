@@ -157,7 +157,8 @@ def test_serving_refuses_a_max_batch_whose_cache_does_not_fit_and_names_the_larg
     available = preflight.Available(8 * GiB, "MemAvailable")
     estimate = memory_estimate(TINY, limits, 1 << 20, "float32", "xla")
     per_slot = memory_model.kv_cache_bytes(TINY, 1, 768, 4)                   # L = 512 + 256
-    assert dict(estimate.terms)["KV cache"] == (1 << 20) * per_slot + 2 * 4 * per_slot   # + a 4-beam request
+    # + a 4-beam sampling request through the Generator: its cache in, in its loop, and gathered
+    assert dict(estimate.terms)["KV cache"] == (1 << 20) * per_slot + 3 * 4 * per_slot
     with pytest.raises(preflight.NotEnoughMemoryError) as caught:
         preflight.check(estimate, skip=False, available=available)
     fitting = [n for n in (1 << k for k in range(20)) if memory_estimate(TINY, limits, n, "float32", "xla").total
@@ -300,8 +301,10 @@ def test_predict_counts_samples_as_rows_and_beams_after_the_prefill():
         job = predict.PredictJob(None, requests, config, 4, "graph", "float32", longest_prompt=70)
         terms = dict(predict.memory_estimate(job, TINY).terms)
         length = 96 + 40 + 24                                                    # round_up(round_up(70) + 40)
-        assert terms["KV cache"] == 2 * memory_model.kv_cache_bytes(TINY, rows, length, 4)
+        copies = 3 if config.num_beams > 1 else 2          # beam search's reorder gathers a third copy
+        assert terms["KV cache"] == copies * memory_model.kv_cache_bytes(TINY, rows, length, 4)
         assert terms["prefill activations"] == memory_model.prefill_bytes(TINY, prefill, 96, length, 4)
-        halved = peak_memory.generation_terms(TINY, "float32", Decoding(rows // 2, length, 96, prefill // 2), "graph",
+        halved = peak_memory.generation_terms(TINY, "float32", Decoding(rows // 2, length, 96, prefill // 2,
+                                                                        reorders=config.num_beams > 1), "graph",
                                                  loader="direct")
         assert ("--batch-size 2", peak_memory.total_of(halved)) in predict.memory_estimate(job, TINY).fixes

@@ -36,7 +36,7 @@ def memory_estimate(model_config, args, prompt_lengths):
 
         def decoding(count: int) -> Decoding:
             return Decoding(count * MLPERF.num_beams, length, prompt_slots, prefill_rows=count,
-                            slot_rows=0 if generator else 1, prefill_programs=2 * shapes - 1)
+                            slot_rows=0 if generator else 1, prefill_programs=2 * shapes - 1, reorders=generator)
         return generation_estimate("bench.mlperf.run", model, weight_format, decoding,
                                    args.batch_size if generator else 1, args.compile, loader="direct",
                                    slots_flag="--batch-size" if generator else None)

@@ -252,7 +252,8 @@ def memory_estimate(model_config, config, args) -> Estimate:
     cache_length = round_up(prompt_slots + config.max_new_tokens, args.length_multiple)
 
     def decoding(count: int) -> Decoding:
-        return Decoding(count * config.num_beams, cache_length, prompt_slots, prefill_rows=count)
+        return Decoding(count * config.num_beams, cache_length, prompt_slots, prefill_rows=count,
+                        reorders=config.num_beams > 1)
     return generation_estimate("fine_tuning.abstractive_summarization.evaluate", model_config, "float32", decoding,
                                args.batch_size, args.generation_compile, format_flag=None, slots_flag="--batch-size")
 

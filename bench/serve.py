@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs per mode and level, the modes alternating; rates are the median")
     parser.add_argument("--compile", choices=("xla", "graph"), default="xla", help="how the decode step runs")
     parser.add_argument("--beams", type=int, default=1,
-                        help="k > 1: a beam-search load, concurrent groups against one group at a time")
+                        help="k > 1: a beam-search load, concurrent groups against one group at a time in "
+                             "slots and against each search whole through the Generator")
     parser.add_argument("--groups", type=int, default=8, help="--beams: beam groups decoding together (slots / k)")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)

@@ -41,6 +41,12 @@ def repetition_penalty(scores: tf.Tensor, history: tf.Tensor, history_valid: tf.
     return tf.where(present, penalized, scores)
 
 
+def table_fits(bad_words_ids: tuple[tuple[int, ...], ...], words: int, prefix_length: int) -> bool:
+    """Whether bad_words_table can lay these words out in a table of `words` words whose prefixes
+    hold `prefix_length` tokens (each word's tokens before its last)."""
+    return len(bad_words_ids) <= words and all(len(w) - 1 <= prefix_length for w in bad_words_ids)
+
+
 def bad_words_table(bad_words_ids: tuple[tuple[int, ...], ...], words: int | None = None,
                     prefix_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tables for `banned_by_table`: prefixes [W, M] right-aligned and filled with -1 (matches
@@ -50,7 +56,7 @@ def bad_words_table(bad_words_ids: tuple[tuple[int, ...], ...], words: int | Non
     longest = max((len(w) - 1 for w in bad_words_ids), default=0)
     words = len(bad_words_ids) if words is None else words
     prefix_length = longest if prefix_length is None else prefix_length
-    if len(bad_words_ids) > words or longest > prefix_length:
+    if not table_fits(bad_words_ids, words, prefix_length):
         raise ValueError(f"{len(bad_words_ids)} bad words of up to {longest + 1} tokens do not fit a table of "
                          f"{words} words of up to {prefix_length + 1} tokens")
     prefixes = np.full([words, prefix_length], -1, np.int32)

@@ -322,8 +322,8 @@ def slot_cache_length(limits: Limits, max_positions: int) -> int:
 def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str, compile_mode: str) -> Estimate:
     """The server's peak memory (runtime/peak_memory.py): the weights in their format, `slots`
     cache rows of the slot length, and a whole request's rows (beam sampling, or settings past a
-    row's caps: up to max_beams or max_n) decoded beside them by the Generator; a `--max-batch` whose cache does not fit is
-    refused, naming the largest that does."""
+    row's caps: up to max_beams or max_n) decoded beside them by the Generator; a `--max-batch`
+    whose cache does not fit is refused, naming the largest that does."""
     length = slot_cache_length(limits, model_config.max_position_embeddings)
     # one compiled prefill per prompt bucket (serving.scheduler.Scheduler.warm_up: multiples of
     # --prompt-bucket below the cache length), compiled at start or as prompts of each length arrive

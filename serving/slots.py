@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from generation.batch import key_valid
 from generation.config import GenerationConfig
-from generation.processors import bad_words_table, banned_by_table, repetition_penalty, suppress
+from generation.processors import bad_words_table, banned_by_table, repetition_penalty, suppress, table_fits
 from generation.sampling import greedy_tokens
 from model import GPTJModel
 from serving.beam_rows import BeamRows, BeamSettings, step_beams
@@ -93,8 +93,7 @@ def supports(config: GenerationConfig, max_beams: int) -> bool:
     MAX_BAD_WORD_TOKENS tokens (beam sampling, and settings past those caps, run as whole requests
     through the Generator instead)."""
     beams_fit = config.num_beams == 1 or (not config.do_sample and config.num_beams <= max_beams)
-    words = config.effective_bad_words
-    words_fit = len(words) <= MAX_BAD_WORDS and all(len(w) <= MAX_BAD_WORD_TOKENS for w in words)
+    words_fit = table_fits(config.effective_bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS - 1)
     return beams_fit and words_fit and len(config.stop_token_ids) <= MAX_STOP_IDS
 
 

@@ -167,6 +167,23 @@ def test_serving_refuses_a_max_batch_whose_cache_does_not_fit_and_names_the_larg
     assert memory_estimate(TINY, limits, 2 * max(fitting), "float32", "xla").total > available.bytes
 
 
+def test_the_serving_estimate_counts_the_larger_whole_request_beams_or_samples():
+    """A whole request beside the slots is a beam search (k rows, three caches while its step
+    reorders them) or max_n sampled rows (two caches): the estimate counts the larger, not
+    three caches of max(k, n) rows."""
+    from serving.server import Limits, memory_estimate
+    per_slot = memory_model.kv_cache_bytes(TINY, 1, 768, 4)                   # L = 512 + 256
+
+    def whole_rows(**limits) -> float:
+        kv = dict(memory_estimate(TINY, Limits(max_prompt_tokens=512, max_tokens=256, **limits), 2, "float32",
+                                  "xla").terms)["KV cache"]
+        return (kv - 2 * per_slot) / per_slot
+    assert whole_rows(max_beams=4, max_n=4) == 3 * 4
+    assert whole_rows(max_beams=4, max_n=6) == 3 * 4        # 12 >= 2 x 6
+    assert whole_rows(max_beams=4, max_n=16) == 2 * 16
+    assert whole_rows(max_beams=1, max_n=4) == 2 * 4
+
+
 # ---- commands refused before they build anything -------------------------------------------------
 
 def run_python(code: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:

@@ -124,6 +124,12 @@ class Decoding:
     prefill_programs: int = 1
     reorders: bool = False
 
+    @property
+    def copies(self) -> int:
+        """Copies of the rows' cache alive at once: the call's input and its loop's, and a beam
+        step's gather."""
+        return 3 if self.reorders else 2
+
 
 def generation_peak(model: ModelParams, weight_format: str, decoding: Decoding, compile_mode: str = "xla",
                     loader: str = "restore") -> dict[str, float]:
@@ -166,7 +172,7 @@ def generation_peak(model: ModelParams, weight_format: str, decoding: Decoding, 
                  "one tensor loading (freed, held by the allocator)": loading_transient(model, weight_format)}
     compute = cache_dtype_bytes(model, weight_format)
     d = decoding
-    terms["KV cache"] = ((3 if d.reorders else 2) * kv_cache_bytes(model, d.rows, d.cache_length, compute)
+    terms["KV cache"] = (d.copies * kv_cache_bytes(model, d.rows, d.cache_length, compute)
                          + kv_cache_bytes(model, d.slot_rows, d.cache_length, compute))
     terms["prefill activations"] = prefill_bytes(model, d.prefill_rows, d.prompt_slots, d.cache_length, compute)
     if packs:

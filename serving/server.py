@@ -330,14 +330,14 @@ def memory_estimate(model_config, limits: Limits, slots: int, weight_format: str
     bucket = limits.prompt_bucket
     buckets = len(prompt_buckets(limits.max_prompt_tokens, bucket, length))
 
-    # The larger whole request: a beam search's rows, whose reorder holds three caches, or
-    # max_n sampled rows, two (the input and the loop's).
-    beams = limits.max_beams > 1 and 3 * limits.max_beams >= 2 * limits.max_n
-
     def decoding(count: int) -> Decoding:
-        return Decoding(rows=limits.max_beams if beams else limits.max_n, cache_length=length,
-                        prompt_slots=round_up(limits.max_prompt_tokens, bucket), prefill_rows=1, slot_rows=count,
-                        prefill_programs=buckets, reorders=beams)
+        # the larger whole request beside the slots: a beam search (its step reorders the rows'
+        # cache) or max_n sampled rows
+        shared = dict(cache_length=length, prompt_slots=round_up(limits.max_prompt_tokens, bucket), prefill_rows=1,
+                      slot_rows=count, prefill_programs=buckets)
+        beams = Decoding(rows=limits.max_beams, reorders=limits.max_beams > 1, **shared)
+        samples = Decoding(rows=limits.max_n, **shared)
+        return max(beams, samples, key=lambda d: d.rows * d.copies)
     return generation_estimate("serving.server", model_config, weight_format, decoding, slots, compile_mode,
                                loader="direct", compile_flag="--compile", slots_flag="--max-batch")
 

@@ -31,23 +31,31 @@ def model():
 
 
 def test_follow_sources_copies_each_rows_new_slots_from_its_source():
-    """Rows 0-2 a group (0 and 1 swap, 2 follows 0), row 3 alone; slots from first_new to end come
-    from the source row, in two blocks; slots before first_new stay (a copy: exact). The blocks
-    start before first_new (slot 5 is in block 0), so slots 0-4 may take the source's values:
-    in a beam group those are its prompt's, alike in every row; here they are compared only
-    where they are not copied."""
+    """Rows 0-2 a group (0 and 1 swap, 2 follows 0), rows 3-4 a group whose beams stayed, rows 5-6
+    a group over more blocks (6 follows 5), row 7 alone. Slots from first_new to end come from
+    the source row, in one to three blocks; the rest stays (a copy: exact). The blocks start
+    before first_new (slot 5 is in block 0), so slots 0-4 may take the source's values: in a beam
+    group those are its prompt's, alike in every row; here they are compared only where they
+    are not copied. Slots past end may take the source's values too (never attended before
+    being written)."""
     rng = np.random.default_rng(0)
-    cache = ((tf.constant(rng.normal(size=[4, 2, 48, 3]), tf.float32),
-              tf.constant(rng.normal(size=[4, 2, 48, 3]), tf.float32)),)
-    source, first_new, end = [1, 0, 0, 3], [5, 5, 5, 9], [5 + REORDER_CHUNK + 3] * 3 + [30]
-    got = follow_sources(cache, tf.constant(source), tf.constant(first_new), tf.constant(end))
+    cache = ((tf.constant(rng.normal(size=[8, 2, 64, 3]), tf.float32),
+              tf.constant(rng.normal(size=[8, 2, 64, 3]), tf.float32)),)
+    source = [1, 0, 0, 3, 4, 5, 5, 7]
+    members = [[0, 1, 2]] * 3 + [[3, 4, 4]] * 2 + [[5, 6, 6]] * 2 + [[7, 7, 7]]
+    first_new = [5] * 3 + [9] * 2 + [20] * 2 + [9]
+    end = [5 + REORDER_CHUNK + 3] * 3 + [30] * 2 + [20 + 2 * REORDER_CHUNK + 1] * 2 + [30]
+    got = follow_sources(cache, tf.constant(source), tf.constant(members), tf.constant(first_new),
+                         tf.constant(end))
     for before, after in zip(tf.nest.flatten(cache), tf.nest.flatten(got)):
-        expected = before.numpy().copy()
-        for row in range(4):
-            expected[row, :, first_new[row]:end[row]] = before.numpy()[source[row], :, first_new[row]:end[row]]
-        # slots past end may take the source's values too (never attended before being written)
-        np.testing.assert_array_equal(after.numpy()[:, :, first_new[0]:end[0]], expected[:, :, first_new[0]:end[0]])
-        np.testing.assert_array_equal(after.numpy()[3], before.numpy()[3])
+        before, after = before.numpy(), after.numpy()
+        for row in range(8):
+            new = slice(first_new[row], end[row])
+            np.testing.assert_array_equal(after[row, :, new], before[source[row], :, new])
+            np.testing.assert_array_equal(after[row, :, :first_new[row] // REORDER_CHUNK * REORDER_CHUNK],
+                                          before[row, :, :first_new[row] // REORDER_CHUNK * REORDER_CHUNK])
+        for row in (3, 4, 7):        # no beam of theirs moved: untouched
+            np.testing.assert_array_equal(after[row], before[row])
 
 
 def serve_all(scheduler: Scheduler, prompts: list[list[int]], configs: list[GenerationConfig],

@@ -26,8 +26,8 @@ through the Generator, one at a time, as every beam request was served before be
 took slots ("whole"; each of its prompt and length shapes compiled once before it is
 measured). Reported as above, then concurrent's ratios to both. Target: >= 2x tokens/s with
 8 groups (8 slots per beam width, 32 slots for 4 beams) over serial service. `--hidden 4096
---layers 2` gives the layers GPT-J-6B's width (about 30 minutes at --concurrency 16
---requests-per-client 4 --rounds 2 on 2 cores; docs/serving.md has the figures).
+--layers 2` gives the layers GPT-J-6B's width; the target run is `--concurrency 16
+--requests-per-client 8 --rounds 1` (about 37 minutes on 2 cores; docs/serving.md has the figures).
 """
 from __future__ import annotations
 
